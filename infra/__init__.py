@@ -1,0 +1,1 @@
+"""Infrastructure as code for the endpoint stack (issue 6)."""

@@ -1,0 +1,112 @@
+"""The SageMaker container contract: where a job's paths come from, and how outputs are published.
+
+Paths default from the ``SM_*`` environment that SageMaker sets in training containers; for
+processing jobs the pipeline definition passes ``/opt/ml/processing/...`` as arguments. A
+path is never taken from a constant in a step's logic.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Iterator
+
+from .errors import StepError
+
+COMPLETE_MARKER = "_SUCCESS"
+
+
+def env_path(*env_vars: str) -> str | None:
+    """The first of ``env_vars`` that is set, e.g. ``env_path("SM_CHANNEL_TRAIN")``; else None.
+
+    Used as an argparse default, so that ``--help`` shows where a path comes from and a
+    missing one becomes a clear 'required' error instead of a guess.
+    """
+    for name in env_vars:
+        value = os.environ.get(name)
+        if value:
+            return value
+    return None
+
+
+def path_help(text: str, *env_vars: str) -> str:
+    return f"{text} (default: ${' or $'.join(env_vars)})" if env_vars else text
+
+
+def require_path(value: str | None, flag: str, *env_vars: str) -> Path:
+    if not value:
+        hint = f" or set {' / '.join(env_vars)}" if env_vars else ""
+        raise StepError(f"{flag} is required{hint}")
+    return Path(value)
+
+
+def is_complete(folder: str | Path) -> bool:
+    """True when a step published this folder completely (see :func:`atomic_output_dir`)."""
+    return (Path(folder) / COMPLETE_MARKER).is_file()
+
+
+def ensure_input_dir(folder: str | Path, flag: str, must_contain: tuple[str, ...] = ()) -> Path:
+    """Check that an input folder exists and holds what the step needs, or say what is missing."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StepError(f"{flag} {folder}: no such folder")
+    missing = [name for name in must_contain if not (folder / name).exists()]
+    if missing:
+        raise StepError(
+            f"{flag} {folder}: missing {', '.join(missing)}; "
+            "is this the output folder of the step that makes it?"
+        )
+    return folder
+
+
+@contextlib.contextmanager
+def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a staging folder; publish it as ``target`` only if the block finishes.
+
+    The staging folder is a sibling of ``target`` (same file system, so publishing is a
+    rename). A crash or Ctrl-C leaves ``target`` untouched and removes the staging folder; a
+    SIGKILL can leave only a hidden ``.<name>.partial-*`` folder, never a ``target`` that
+    looks complete. ``_SUCCESS`` is written last, so readers can tell a finished folder.
+
+    An existing non-empty ``target`` is never deleted unless ``overwrite`` is set (SageMaker
+    pre-creates empty output folders, which are fine).
+    """
+    target = Path(target).absolute()
+    if target.exists() and not target.is_dir():
+        raise StepError(f"output {target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise StepError(
+            f"output folder {target} is not empty; choose another --output-dir or pass --overwrite"
+        )
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+    except OSError as err:
+        raise StepError(f"cannot create output folder next to {target}: {err.strerror}") from err
+    try:
+        yield staging
+        (staging / COMPLETE_MARKER).write_text("")
+        _publish(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def _publish(staging: Path, target: Path) -> None:
+    if target.is_dir() and any(target.iterdir()):  # overwrite: keep the old one until the swap
+        retired = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, retired)
+        os.rename(staging, target)
+        shutil.rmtree(retired, ignore_errors=True)
+        return
+    try:
+        os.replace(staging, target)  # replaces an empty folder atomically
+    except OSError:
+        # target is a mount point (as /opt/ml/model can be): move entries in, marker last.
+        entries = sorted(staging.iterdir(), key=lambda p: p.name == COMPLETE_MARKER)
+        for entry in entries:
+            os.replace(entry, target / entry.name)
+        staging.rmdir()

@@ -1,0 +1,85 @@
+"""Loading and saving model folders: ``save_pretrained`` weights + tokenizer + ``model_card.json``."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import StepError
+
+MODEL_CARD = "model_card.json"
+SUPPORTED_MODEL_TYPES = ("t5",)
+
+
+def configure_torch_threads() -> None:
+    """Use every core we were given (SM_NUM_CPUS on SageMaker) and no more."""
+    import torch
+
+    cpus = int(os.environ.get("SM_NUM_CPUS") or os.cpu_count() or 1)
+    torch.set_num_threads(max(1, cpus))
+
+
+def read_model_card(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / MODEL_CARD
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise StepError(f"{path}: invalid JSON ({err.msg}, line {err.lineno})") from None
+
+
+def write_model_card(model_dir: str | Path, card: dict[str, Any]) -> None:
+    Path(model_dir, MODEL_CARD).write_text(json.dumps(card, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def check_model_dir(model_dir: str | Path, flag: str = "--model-dir") -> Path:
+    """A local ``save_pretrained`` folder of a T5-family model, or a clear error saying what is off."""
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise StepError(f"{flag} {folder}: no such folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise StepError(f"{flag} {folder}: no config.json; expected a folder written by select_model.py or save_pretrained")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StepError(f"{config_path}: not valid JSON ({err})") from None
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise StepError(
+            f"{flag} {folder}: model_type {model_type!r} is not supported; flanops works with the "
+            f"T5 family ({', '.join(SUPPORTED_MODEL_TYPES)}), e.g. google/flan-t5-base"
+        )
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+        raise StepError(f"{flag} {folder}: no weights (*.safetensors) found")
+    if not (folder / "tokenizer_config.json").is_file():
+        raise StepError(f"{flag} {folder}: no tokenizer (tokenizer_config.json) found")
+    return folder
+
+
+def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
+    """Load a seq2seq model and its tokenizer from a local folder, with errors that name the folder."""
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    folder = check_model_dir(model_dir, flag)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+    except (OSError, ValueError, RuntimeError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise StepError(f"{flag} {folder}: cannot load the model ({first_line}); is a file corrupted or truncated?") from None
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, folder: str | Path, card: dict[str, Any]) -> None:
+    """Write weights (safetensors), tokenizer and model card; the card gets the parameter count."""
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+    card = {"parameters": count_parameters(model), **card}
+    write_model_card(folder, card)
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,74 @@
+"""The data contract between steps: three JSONL splits of dialogue → summary records.
+
+Every record has ``id``, ``dialogue``, ``summary`` (the first reference) and ``references``
+(all references, ``summary`` first). Synthetic data adds ``facts``: the speaker names and
+slot values (dates, times, amounts) that a correct summary must state.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .errors import StepError
+
+SPLITS = ("train", "validation", "test")
+DATA_CARD = "data_card.json"
+REQUIRED_FIELDS = ("id", "dialogue", "summary", "references")
+
+
+def split_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"{split}.jsonl"
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    count = 0
+    with open(path, "w", encoding="utf-8") as out:
+        for row in rows:
+            out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
+    return count
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield ``(line_number, object)`` for each non-blank line, with errors that name the line."""
+    path = Path(path)
+    try:
+        with open(path, encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise StepError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
+                if not isinstance(row, dict):
+                    raise StepError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+                yield number, row
+    except UnicodeDecodeError as err:
+        line_no = _line_of_byte(path, err.start)
+        raise StepError(
+            f"{path}:{line_no}: not UTF-8 (byte 0x{err.object[err.start]:02x}); re-encode the file as UTF-8"
+        ) from None
+
+
+def _line_of_byte(path: Path, offset: int) -> int:
+    """1-based line number of a byte offset, for decode errors raised mid-file."""
+    with open(path, "rb") as raw:
+        return raw.read(offset).count(b"\n") + 1
+
+
+def read_split(data_dir: str | Path, split: str) -> list[dict]:
+    """Read one prepared split, checking the contract so later steps fail early and clearly."""
+    path = split_path(data_dir, split)
+    if not path.is_file():
+        raise StepError(f"{path}: missing; --data-dir should be the output folder of prepare_data.py")
+    rows = []
+    for number, row in iter_jsonl(path):
+        missing = [field for field in REQUIRED_FIELDS if field not in row]
+        if missing:
+            raise StepError(f"{path}:{number}: missing field(s) {', '.join(missing)}")
+        rows.append(row)
+    if not rows:
+        raise StepError(f"{path}: the {split} split is empty")
+    return rows

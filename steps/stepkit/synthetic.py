@@ -1,0 +1,430 @@
+"""A seeded generator of DialogSum-style dialogues with summaries whose facts are known.
+
+Each example is one scenario (topic + intent) filled with slots: two speaker names, a day, a
+time, an amount, an item or place. Dialogues vary in length (small talk, clarifications,
+a rejected first offer as a distractor value) and summaries come in several phrasings, all
+of which are kept as references. ``facts`` lists the slot values the summary states, so an
+evaluation can check whether a model got the speakers and values right, not just the template.
+
+Held-out combinations: a fixed share of (intent, day) pairs and of first names never occur
+in the train split; the validation and test splits are drawn with them, so they contain
+combinations the model has never seen.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Callable
+
+FIRST_NAMES = (
+    "Anna", "Ben", "Carla", "David", "Elena", "Frank", "Grace", "Hugo", "Irene", "Jack",
+    "Karen", "Leo", "Maria", "Nick", "Olivia", "Paul", "Quinn", "Rosa", "Sam", "Tina",
+    "Umar", "Vera", "Will", "Xena", "Yusuf", "Zoe", "Amir", "Bella", "Chen", "Dana",
+    "Emil", "Fiona", "Gita", "Hank", "Ines", "Jonas", "Kira", "Lars", "Mei", "Nora",
+    "Oscar", "Priya", "Raj", "Sofia", "Tom", "Uma", "Victor", "Wendy", "Yara", "Ziggy",
+)
+DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
+HOURS = ("8", "9", "10", "11", "12", "1", "2", "3", "4", "5", "6", "7")
+MINUTES = ("00", "15", "30", "45")
+RESTAURANTS = ("Luigi's", "the Golden Dragon", "Blue Harbor", "Casa Verde", "the Corner Bistro")
+ITEMS = ("jacket", "laptop", "coffee maker", "pair of shoes", "phone", "lamp", "backpack", "watch")
+CITIES = ("Boston", "Denver", "Chicago", "Seattle", "Madrid", "Tokyo", "Lisbon", "Toronto")
+SUBJECTS = ("history", "chemistry", "math", "biology", "economics", "French")
+REPAIRS = ("heater", "kitchen sink", "front door lock", "washing machine", "window")
+COUNTS = ("two", "three", "four", "five", "six")
+
+SMALL_TALK = (
+    ("Hello, do you have a minute?", "Sure, go ahead."),
+    ("Lovely weather today, isn't it?", "Yes, finally some sun."),
+    ("Sorry to call so early.", "No problem, I was up anyway."),
+    ("Did you have a good weekend?", "It was quiet, which was nice."),
+    ("Thanks for picking up.", "Of course, what can I do for you?"),
+)
+CLOSINGS = (
+    ("Great, thank you so much.", "You're welcome. Have a nice day."),
+    ("Perfect. See you then.", "See you."),
+    ("Thanks, that's all I needed.", "Glad I could help. Bye."),
+)
+
+Slots = dict[str, str]
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One intent: how its dialogue goes and how its summary is phrased."""
+
+    topic: str
+    intent: str
+    fact_slots: tuple[str, ...]  # slots a summary states (beside the two names)
+    turns: Callable[[Slots, random.Random], list[tuple[int, str]]]  # (speaker 1|2, text)
+    summaries: tuple[str, ...]
+
+
+def _pick(rng: random.Random, *options: str) -> str:
+    return rng.choice(options)
+
+
+def _exchange(rng: random.Random, *pairs: tuple[str, str], first_speaker: int = 1) -> list[tuple[int, str]]:
+    """One question and its matching answer, picked together."""
+    question, answer = rng.choice(pairs)
+    return [(first_speaker, question), (3 - first_speaker, answer)]
+
+
+def _offer_then_settle(rng: random.Random, s: Slots, ask: str) -> list[tuple[int, str]]:
+    """Person2 first proposes the rejected day (a distractor), then they settle on the real one."""
+    if "other_day" not in s:
+        return []
+    return [
+        (2, f"We could do {s['other_day']}{ask}"),
+        (1, _pick(rng, f"{s['other_day']} doesn't work for me.", f"Sorry, I'm busy on {s['other_day']}.")),
+    ]
+
+
+def _restaurant_booking(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (2, f"Good evening, {s['place']}, this is {s['name2']} speaking."),
+        (1, f"Hi {s['name2']}, my name is {s['name1']}. I'd like to book a table for {s['count']}."),
+        (2, "Certainly. For which day?"),
+        *_offer_then_settle(rng, s, "? We have a few tables left."),
+        (1, f"{s['day']}, please, at {s['time']}."),
+        (2, f"A table for {s['count']} on {s['day']} at {s['time']}. That's booked, {s['name1']}."),
+    ]
+
+
+def _restaurant_cancel(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"Hello, is this {s['place']}? It's {s['name1']} here."),
+        (2, f"Yes, {s['name2']} speaking. How can I help?"),
+        (1, f"I need to cancel my reservation for {s['day']} at {s['time']}."),
+        (2, _pick(rng, "Would you like to move it to another day instead?", "May I ask why?")),
+        (1, _pick(rng, "We'll be out of town, I'm afraid.", "Something came up at work.")),
+        (2, f"All right, your {s['day']} reservation is cancelled."),
+    ]
+
+
+def _doctor_appointment(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (2, f"Dr. {s['name2']}'s office, good morning."),
+        (1, f"Good morning. This is {s['name1']}. I'd like to see the doctor about my {s['ailment']}."),
+        (2, "How long have you had it?"),
+        (1, _pick(rng, "About a week now.", "Since last month.", "A few days.")),
+        *_offer_then_settle(rng, s, "?"),
+        (2, f"The doctor can see you on {s['day']} at {s['time']}."),
+        (1, f"{s['day']} at {s['time']} is fine."),
+        (2, f"The visit is {s['amount']} without insurance."),
+    ]
+
+
+def _shopping_buy(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (2, f"Hi, I'm {s['name2']}. Can I help you find anything?"),
+        (1, f"Yes, I'm {s['name1']}. I'm looking for a {s['item']}."),
+        (2, f"This {s['item']} is on sale for {s['amount']}."),
+        *_exchange(rng, ("Does it come with a warranty?", "Yes, one year."),
+                   ("Do you have it in another color?", "Only in black, I'm afraid.")),
+        (1, f"OK, I'll take it. Can you deliver it on {s['day']}?"),
+        (2, f"Sure, it will arrive on {s['day']}."),
+    ]
+
+
+def _shopping_return(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"Hello, my name is {s['name1']}. I want to return this {s['item']}."),
+        (2, f"I'm {s['name2']}, I can help. What's wrong with it?"),
+        (1, _pick(rng, "It stopped working after two days.", "It's not what I expected.", "It arrived damaged.")),
+        (2, "Do you have the receipt?"),
+        (1, f"Yes, I bought it on {s['day']} for {s['amount']}."),
+        (2, f"Then I'll refund the {s['amount']} to your card."),
+    ]
+
+
+def _flight_booking(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (2, f"Sky Travel, {s['name2']} speaking."),
+        (1, f"Hi, this is {s['name1']}. I need a flight to {s['city']}."),
+        (2, "When would you like to leave?"),
+        *_offer_then_settle(rng, s, ", there's a cheap seat."),
+        (1, f"On {s['day']}, in the morning if possible."),
+        (2, f"There's a flight on {s['day']} at {s['time']} for {s['amount']}."),
+        (1, "Book it, please."),
+    ]
+
+
+def _flight_change(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"Hello, I'm {s['name1']}. I'd like to change my flight to {s['city']}."),
+        (2, f"Of course, this is {s['name2']}. What date would you prefer?"),
+        (1, f"{s['day']}, please."),
+        (2, f"I can move you to {s['day']} at {s['time']}. The change fee is {s['amount']}."),
+        (1, _pick(rng, "That's fine.", "Expensive, but OK.")),
+    ]
+
+
+def _meeting(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"{s['name2']}, do you have time this week to go over the {s['project']} project?"),
+        (2, f"Sure, {s['name1']}. When suits you?"),
+        *_offer_then_settle(rng, s, " afternoon?"),
+        (1, f"How about {s['day']} at {s['time']}?"),
+        (2, f"{s['day']} at {s['time']} works. I'll book a room."),
+    ]
+
+
+def _day_off(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"{s['name2']}, could I take {s['day']} off?"),
+        (2, f"What's the occasion, {s['name1']}?"),
+        (1, _pick(rng, "My sister is getting married.", "I have to move house.", "I have a doctor's appointment.")),
+        (2, f"That's fine, but please finish the {s['project']} report first."),
+        (1, "I will. Thank you."),
+    ]
+
+
+def _apartment(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"Hi, I'm {s['name1']}. I'm calling about the apartment for rent."),
+        (2, f"Hello {s['name1']}, I'm {s['name2']}, the landlord. The rent is {s['amount']} a month."),
+        *_exchange(rng, ("Are utilities included?", "Water is, electricity is not."),
+                   ("Is it close to the subway?", "Yes, five minutes on foot.")),
+        *_offer_then_settle(rng, s, " for a viewing?"),
+        (1, f"Could I see it on {s['day']} at {s['time']}?"),
+        (2, f"Sure, see you on {s['day']}."),
+    ]
+
+
+def _repair(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"{s['name2']}, it's {s['name1']} from apartment {s['count']}. The {s['repair']} is broken again."),
+        (2, "I'm sorry to hear that. I'll send someone."),
+        (1, "When can they come?"),
+        (2, f"The repairman can come on {s['day']} at {s['time']}."),
+        (1, "OK, I'll be home."),
+    ]
+
+
+def _bank_transfer(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (2, f"Welcome to City Bank, I'm {s['name2']}."),
+        (1, f"Hello, I'm {s['name1']}. I'd like to transfer {s['amount']} to my landlord."),
+        (2, "Do you have the account number?"),
+        (1, "Yes, here it is."),
+        (2, f"The transfer will arrive on {s['day']}."),
+    ]
+
+
+def _exam(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"{s['name2']}, do you know when the {s['subject']} exam is?"),
+        (2, f"It's on {s['day']} at {s['time']}, {s['name1']}."),
+        (1, _pick(rng, "I haven't started studying yet.", "I'm so nervous about it.")),
+        (2, "We could study together if you like."),
+        (1, "That would be great."),
+    ]
+
+
+def _party(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (1, f"{s['name2']}, I'm having a birthday party at {s['place']}. Would you like to come?"),
+        (2, f"I'd love to, {s['name1']}! When is it?"),
+        (1, f"On {s['day']} at {s['time']}."),
+        *_exchange(rng, ("Should I bring anything?", "Just yourself."),
+                   ("Can I bring a friend?", "Sure, the more the merrier."), first_speaker=2),
+    ]
+
+
+def _car_repair(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (2, f"Hi, {s['name2']} from the garage. We checked your car."),
+        (1, f"Thanks, this is {s['name1']}. What's wrong with it?"),
+        (2, _pick(rng, "The brakes need new pads.", "The battery is dead.", "There's an oil leak.")),
+        (1, "How much will it cost?"),
+        (2, f"About {s['amount']}. It'll be ready on {s['day']} at {s['time']}."),
+        (1, "OK, go ahead."),
+    ]
+
+
+def _hotel(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    return [
+        (2, f"Grand Hotel {s['city']}, {s['name2']} speaking."),
+        (1, f"Hi, this is {s['name1']}. Do you have a room for {s['count']} nights from {s['day']}?"),
+        (2, f"Yes, a double room is {s['amount']} per night."),
+        *_exchange(rng, ("Is breakfast included?", "Yes, it is."), ("Does it have a view?", "It faces the park.")),
+        (1, "I'll take it."),
+    ]
+
+
+SCENARIOS = (
+    Scenario("restaurant", "book_table", ("day", "time"), _restaurant_booking, (
+        "{name1} books a table for {count} at {place} on {day} at {time}.",
+        "{name1} calls {place} and {name2} reserves a table for {count} on {day} at {time}.",
+    )),
+    Scenario("restaurant", "cancel_reservation", ("day", "time"), _restaurant_cancel, (
+        "{name1} cancels the reservation at {place} for {day} at {time}.",
+        "{name1} asks {name2} to cancel the {day} reservation at {time}.",
+    )),
+    Scenario("health", "doctor_appointment", ("day", "time", "amount"), _doctor_appointment, (
+        "{name1} makes an appointment with Dr. {name2} on {day} at {time} about the {ailment}. It costs {amount}.",
+        "{name1} will see Dr. {name2} on {day} at {time} for the {ailment}; the visit is {amount}.",
+    )),
+    Scenario("shopping", "buy_item", ("amount", "day"), _shopping_buy, (
+        "{name1} buys a {item} for {amount} from {name2}. It will be delivered on {day}.",
+        "{name2} sells {name1} a {item} for {amount}, delivered on {day}.",
+    )),
+    Scenario("shopping", "return_item", ("day", "amount"), _shopping_return, (
+        "{name1} returns a {item} bought on {day} and {name2} refunds {amount}.",
+        "{name2} refunds {name1} {amount} for the {item} bought on {day}.",
+    )),
+    Scenario("travel", "book_flight", ("day", "time", "amount"), _flight_booking, (
+        "{name1} books a flight to {city} on {day} at {time} for {amount} with {name2}.",
+        "{name2} books {name1} a flight to {city} on {day} at {time}; it costs {amount}.",
+    )),
+    Scenario("travel", "change_flight", ("day", "time", "amount"), _flight_change, (
+        "{name1} changes the flight to {city} to {day} at {time}. {name2} charges a {amount} fee.",
+        "{name2} moves {name1}'s flight to {city} to {day} at {time} for a fee of {amount}.",
+    )),
+    Scenario("work", "schedule_meeting", ("day", "time"), _meeting, (
+        "{name1} and {name2} will meet on {day} at {time} to discuss the {project} project.",
+        "{name1} schedules a meeting with {name2} about the {project} project on {day} at {time}.",
+    )),
+    Scenario("work", "day_off", ("day",), _day_off, (
+        "{name1} asks {name2} for {day} off. {name2} agrees if the {project} report is finished first.",
+        "{name2} lets {name1} take {day} off after finishing the {project} report.",
+    )),
+    Scenario("housing", "rent_apartment", ("amount", "day", "time"), _apartment, (
+        "{name1} asks {name2} about the apartment for {amount} a month and will see it on {day} at {time}.",
+        "{name1} will view {name2}'s apartment on {day} at {time}. The rent is {amount} a month.",
+    )),
+    Scenario("housing", "report_repair", ("day", "time"), _repair, (
+        "{name1} tells {name2} that the {repair} is broken. A repairman will come on {day} at {time}.",
+        "{name2} will send a repairman to fix {name1}'s {repair} on {day} at {time}.",
+    )),
+    Scenario("bank", "transfer_money", ("amount", "day"), _bank_transfer, (
+        "{name1} transfers {amount} with {name2}'s help. It will arrive on {day}.",
+        "{name2} helps {name1} transfer {amount}, which will arrive on {day}.",
+    )),
+    Scenario("school", "exam_date", ("day", "time"), _exam, (
+        "{name2} tells {name1} the {subject} exam is on {day} at {time}. They will study together.",
+        "{name1} and {name2} will study for the {subject} exam on {day} at {time}.",
+    )),
+    Scenario("social", "invite_party", ("day", "time"), _party, (
+        "{name1} invites {name2} to a birthday party at {place} on {day} at {time}.",
+        "{name2} will come to {name1}'s birthday party at {place} on {day} at {time}.",
+    )),
+    Scenario("car", "repair_quote", ("amount", "day", "time"), _car_repair, (
+        "{name2} tells {name1} the car repair costs {amount}. The car will be ready on {day} at {time}.",
+        "{name1}'s car will be repaired for {amount} and ready on {day} at {time}, says {name2}.",
+    )),
+    Scenario("travel", "book_hotel", ("count", "day", "amount"), _hotel, (
+        "{name1} books a room in {city} with {name2} for {count} nights from {day} at {amount} per night.",
+        "{name2} books {name1} a room for {count} nights from {day}; it is {amount} per night.",
+    )),
+)
+
+AILMENTS = ("back pain", "cough", "headaches", "sore knee", "rash")
+PROJECTS = ("budget", "website", "marketing", "hiring", "Alpha", "data")
+
+
+def _amount(rng: random.Random) -> str:
+    whole = rng.choice((rng.randint(5, 99), rng.randint(100, 999), rng.randint(1000, 2500)))
+    return f"${whole}" if rng.random() < 0.6 else f"${whole}.{rng.choice(('50', '99', '25', '75'))}"
+
+
+def _time(rng: random.Random) -> str:
+    hour = rng.choice(HOURS)
+    suffix = "am" if hour in ("8", "9", "10", "11") else "pm"
+    minute = rng.choice(MINUTES)
+    return f"{hour} {suffix}" if minute == "00" else f"{hour}:{minute} {suffix}"
+
+
+@dataclass(frozen=True)
+class HoldOut:
+    """What the train split never sees: some (intent, day) pairs and some first names."""
+
+    pairs: frozenset[tuple[str, str]]
+    names: frozenset[str]
+
+    @classmethod
+    def draw(cls, rng: random.Random, pair_share: float = 0.2, name_share: float = 0.15) -> "HoldOut":
+        pairs = sorted((sc.intent, day) for sc in SCENARIOS for day in DAYS)
+        held_pairs = rng.sample(pairs, max(1, round(len(pairs) * pair_share)))
+        held_names = rng.sample(FIRST_NAMES, max(1, round(len(FIRST_NAMES) * name_share)))
+        return cls(frozenset(held_pairs), frozenset(held_names))
+
+
+def _slots(rng: random.Random, names: list[str], days: list[str]) -> Slots:
+    name1, name2 = rng.sample(names, 2)
+    day = rng.choice(days)
+    slots = {
+        "name1": name1, "name2": name2, "day": day, "time": _time(rng), "amount": _amount(rng),
+        "count": rng.choice(COUNTS), "place": rng.choice(RESTAURANTS), "item": rng.choice(ITEMS),
+        "city": rng.choice(CITIES), "subject": rng.choice(SUBJECTS), "repair": rng.choice(REPAIRS),
+        "ailment": rng.choice(AILMENTS), "project": rng.choice(PROJECTS),
+    }
+    if rng.random() < 0.4:  # a rejected first offer: a distractor day the summary must not use
+        slots["other_day"] = rng.choice([d for d in DAYS if d != day])
+    return slots
+
+
+def _render(scenario: Scenario, slots: Slots, rng: random.Random) -> tuple[str, list[str]]:
+    turns = scenario.turns(slots, rng)
+    if rng.random() < 0.5:
+        opener, reply = rng.choice(SMALL_TALK)
+        turns = [(1, opener), (2, reply)] + turns
+    if rng.random() < 0.5:
+        thanks, bye = rng.choice(CLOSINGS)
+        turns = turns + [(1, thanks), (2, bye)]
+    dialogue = "\n".join(f"#Person{speaker}#: {text}" for speaker, text in turns)
+    summaries = [template.format(**slots) for template in scenario.summaries]
+    first = rng.randrange(len(summaries))  # which phrasing is "the" summary varies
+    return dialogue, summaries[first:] + summaries[:first]
+
+
+def generate_example(rng: random.Random, example_id: str, names: list[str], days_for: Callable[[str], list[str]]) -> dict:
+    scenario = rng.choice(SCENARIOS)
+    slots = _slots(rng, names, days_for(scenario.intent))
+    dialogue, references = _render(scenario, slots, rng)
+    facts = {"speakers": [slots["name1"], slots["name2"]]}
+    facts.update({slot: slots[slot] for slot in scenario.fact_slots})
+    return {
+        "id": example_id,
+        "dialogue": dialogue,
+        "summary": references[0],
+        "references": references,
+        "topic": scenario.topic,
+        "intent": scenario.intent,
+        "facts": facts,
+    }
+
+
+def generate_splits(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
+    """Generate every split; train avoids the held-out pairs and names, the others favour them.
+
+    Validation and test draw half their examples from held-out (intent, day) pairs and use the
+    full name pool, so they contain combinations never seen in training.
+    """
+    rng = random.Random(seed)
+    hold_out = HoldOut.draw(rng)
+    train_names = [n for n in FIRST_NAMES if n not in hold_out.names]
+
+    def train_days(intent: str) -> list[str]:
+        return [d for d in DAYS if (intent, d) not in hold_out.pairs] or list(DAYS)
+
+    def held_days(intent: str) -> list[str]:
+        held = [d for d in DAYS if (intent, d) in hold_out.pairs]
+        return held if held and rng.random() < 0.5 else list(DAYS)
+
+    splits: dict[str, list[dict]] = {}
+    for split, size in sizes.items():
+        names, days = (train_names, train_days) if split == "train" else (list(FIRST_NAMES), held_days)
+        splits[split] = [generate_example(rng, f"synthetic-{split}-{i:05d}", names, days) for i in range(size)]
+    return splits
+
+
+def unseen_combination_share(train: list[dict], held_out: list[dict]) -> float:
+    """Share of held-out examples whose (intent, day, speaker pair) never occurs in train."""
+
+    def key(row: dict) -> tuple:
+        return (row.get("intent"), row["facts"].get("day"), tuple(sorted(row["facts"]["speakers"])))
+
+    seen = {key(row) for row in train}
+    return sum(key(row) not in seen for row in held_out) / max(1, len(held_out))
