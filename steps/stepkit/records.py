@@ -52,6 +52,18 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
         ) from None
 
 
+def read_text(path: str | Path) -> str:
+    """A whole UTF-8 text file (a leading BOM is dropped), with a decode error that names the line."""
+    path = Path(path)
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line_no = err.object[: err.start].count(b"\n") + 1
+        raise StepError(
+            f"{path}:{line_no}: not UTF-8 (byte 0x{err.object[err.start]:02x}); re-encode the file as UTF-8"
+        ) from None
+
+
 def _line_of_byte(path: Path, offset: int) -> int:
     """1-based line number of a byte offset, for decode errors raised mid-file."""
     with open(path, "rb") as raw:
