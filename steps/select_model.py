@@ -1,0 +1,494 @@
+"""Select the foundation model: fetch or build it and write it as a model folder with a card.
+
+Where ``--model`` can point (first match wins):
+
+  tiny                         the offline stand-in, built from the prepared data (--data-dir)
+  flan-t5-base                 a catalog name or hub id (google/flan-t5-base): downloaded from
+                               the Hugging Face Hub, or built with random weights (--random-weights)
+  s3://bucket/prefix/          a save_pretrained folder in S3, or a prefix holding model.tar.gz
+  s3://bucket/.../model.tar.gz a SageMaker model artifact; this includes JumpStart artifacts:
+                               pass the s3:// URI of the JumpStart model tarball or of its
+                               uncompressed prefix (what the JumpStart model's model_data points to)
+  ./folder or model.tar.gz     the same, on local disk
+
+Without ``--model``, a budget (--max-params, --max-memory-gb, --inference-instance) chooses the
+largest Flan-T5 size that fits and the step prints why. ``--list`` prints the catalog.
+
+The output folder holds safetensors weights, the tokenizer and ``model_card.json`` (base
+model, source, parameter count, architecture, memory, recommended instances, selection reason).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tarfile
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from stepkit import catalog
+from stepkit.catalog import GIB, Budget, CatalogEntry
+from stepkit.contract import atomic_output_dir, ensure_input_dir, env_path, path_help, require_path
+from stepkit.errors import StepError, run_step
+from stepkit.modeling import (check_model_dir, configure_torch_threads, count_parameters, load_model_and_tokenizer,
+                              read_model_card, save_model)
+
+ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+RUNTIME_BASELINE_GIB = 1.0  # python + torch + transformers before any weights exist
+BUILD_OVERHEAD = 1.2  # measured peak RSS while building and saving is ~1.15x the weights
+STAND_IN_NOTE = (
+    "Random weights and a byte-level stand-in tokenizer: for size, latency and FLOPs benchmarks "
+    "only. Outputs are meaningless; do not fine-tune or evaluate quality with this model."
+)
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "hub", "random", "tiny", "local", "s3"
+    uri: str
+    entry: CatalogEntry | None = None
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Select the Flan-T5 foundation model and write it as a model folder with a model card.",
+        epilog="Sources for --model: a catalog name or hub id (see --list), 'tiny', a local folder or "
+        "model.tar.gz, or an s3:// folder, prefix with model.tar.gz, or tarball (JumpStart artifacts too).",
+    )
+    parser.add_argument("--model", help="catalog name/hub id (flan-t5-base), 'tiny', a local folder or model.tar.gz, "
+                        "or an s3:// URI; omit it to choose by budget")
+    parser.add_argument("--random-weights", action="store_true",
+                        help="build a catalog size with its real architecture and random weights (benchmarks only)")
+    parser.add_argument("--tokenizer", help="with --random-weights: a tokenizer folder to ship instead of the "
+                        "byte-level stand-in (e.g. a real Flan-T5 tokenizer copied to this machine)")
+    parser.add_argument("--dtype", choices=sorted(catalog.BYTES_PER_PARAM), default="float32",
+                        help="weight dtype to save, and to assume in memory budgets (default: float32)")
+    parser.add_argument("--output-dir", default=env_path("SM_MODEL_DIR"),
+                        help=path_help("where to write the model folder", "SM_MODEL_DIR"))
+    parser.add_argument("--data-dir", default=env_path("SM_CHANNEL_TRAIN"),
+                        help=path_help("prepared data (prepare_data.py output); only for --model tiny", "SM_CHANNEL_TRAIN"))
+    parser.add_argument("--seed", type=int, default=0, help="seed for random weights and the tiny model (default: 0)")
+    parser.add_argument("--warmup-steps", type=int, help="--model tiny: warm-up steps (default: stepkit.tiny's)")
+    budget = parser.add_argument_group("budget (choose the largest Flan-T5 size that fits every limit given)")
+    budget.add_argument("--max-params", type=_count, help="parameter budget, e.g. 300M or 3B")
+    budget.add_argument("--max-memory-gb", type=float, help="budget for the weights in --dtype, in GiB (2^30 bytes)")
+    budget.add_argument("--inference-instance", choices=sorted(catalog.INSTANCES), metavar="TYPE",
+                        help="SageMaker instance type to serve on, e.g. ml.g5.xlarge: the model must fit its "
+                        "accelerator memory (host memory for CPU types)")
+    parser.add_argument("--dry-run", action="store_true", help="print what would be selected and why; write nothing")
+    parser.add_argument("--list", action="store_true", help="print the catalog and the instance table, then exit")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    return parser.parse_args(argv)
+
+
+def _count(text: str) -> int:
+    try:
+        return catalog.parse_count(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
+# ---------------------------------------------------------------- catalog listing
+
+
+def catalog_table() -> str:
+    header = ("name", "hub id", "params", "fp32 GiB", "bf16 GiB", "d_model", "d_ff", "heads", "layers", "train on", "serve on")
+    rows = [header]
+    for entry in catalog.CATALOG.values():
+        dims = entry.dims
+        rows.append((
+            entry.name, entry.hub_id or "-",
+            catalog.human_count(entry.parameters) if dims else "-",
+            f"{entry.weights_gib('float32'):.2f}" if dims else "-",
+            f"{entry.weights_gib('bfloat16'):.2f}" if dims else "-",
+            *((str(dims.d_model), str(dims.d_ff), str(dims.num_heads), f"{dims.num_layers}+{dims.num_decoder_layers}")
+              if dims else ("-",) * 4),
+            entry.train_instance, entry.inference_instance,
+        ))
+    lines = [_format_rows(rows), "", "tiny: " + catalog.TINY.description, ""]
+    instance_rows = [("instance", "GPUs", "accelerator GiB", "vCPUs", "host GiB")]
+    for name, spec in catalog.INSTANCES.items():
+        gpus = f"{spec.gpus} x {spec.gpu}" if spec.gpus else "-"
+        instance_rows.append((name, gpus, str(spec.accelerator_gib or "-"), str(spec.vcpus), str(spec.host_gib)))
+    lines.append(_format_rows(instance_rows))
+    return "\n".join(lines)
+
+
+def _format_rows(rows: list[tuple[str, ...]]) -> str:
+    widths = [max(len(row[col]) for row in rows) for col in range(len(rows[0]))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows)
+
+
+# ---------------------------------------------------------------- where the model comes from
+
+
+def resolve_source(model: str, random_weights: bool) -> Source:
+    """Decide what ``--model`` names, with cheap checks only (nothing is downloaded or built here)."""
+    if model.startswith("s3://"):
+        parse_s3_uri(model)
+        source = Source("s3", model)
+    elif (entry := catalog.lookup(model)) is not None:
+        if entry is catalog.TINY:
+            source = Source("tiny", "tiny", entry)
+        else:
+            source = Source("random" if random_weights else "hub", entry.hub_id, entry)
+    elif Path(model).exists():
+        path = Path(model)
+        if path.is_file() and not path.name.endswith(ARCHIVE_SUFFIXES):
+            raise StepError(f"--model {path}: a file that is not a model archive; expected a folder or model.tar.gz")
+        if path.is_dir():
+            check_model_dir(path, "--model")
+        source = Source("local", str(path.absolute()))
+    elif model.startswith("huggingface-text2text-") or model.startswith("huggingface-"):
+        raise StepError(
+            f"--model {model}: this looks like a JumpStart model id; pass the s3:// URI of its model artifact "
+            "(the tarball or uncompressed prefix its model_data points to) instead"
+        )
+    else:
+        known = ", ".join(e.name for e in catalog.CATALOG.values())
+        what = "not a Flan-T5 catalog id" if "/" in model and not model.startswith((".", "/")) else "not in the catalog and no such path"
+        raise StepError(f"--model {model}: {what}; use one of {known} (or google/<name>), a local model folder, "
+                        "a model.tar.gz, or an s3:// URI (see --list)")
+    if random_weights and source.kind != "random":
+        raise StepError(f"--random-weights builds a catalog architecture; --model {model} is a {source.kind} model. "
+                        "Pass a catalog name such as flan-t5-base")
+    return source
+
+
+def check_budget_fits(name: str, parameters: int, budget: Budget) -> str:
+    """A sentence saying why the model fits, or a StepError saying why it does not."""
+    fits, fails = catalog.budget_check(parameters, budget)
+    if fails:
+        suggestion = ""
+        try:
+            chosen, _ = catalog.choose_by_budget(budget)
+            suggestion = f"; the largest Flan-T5 size that fits is {chosen.name}"
+        except StepError:
+            pass
+        raise StepError(f"{name} does not fit the budget: {'; '.join(fails)}{suggestion}")
+    return f"{name} fits the budget: {'; '.join(fits)}" if fits else ""
+
+
+def check_room_to_build(entry: CatalogEntry, dtype: str, action: str) -> None:
+    """Refuse early, with numbers, when the weights cannot fit in this machine's memory."""
+    weights = entry.dims.weights_bytes(dtype)
+    needed = weights * BUILD_OVERHEAD + RUNTIME_BASELINE_GIB * GIB
+    available = catalog.available_memory_bytes()
+    if needed > available:
+        half = " (--dtype bfloat16 halves it)" if dtype == "float32" else ""
+        raise StepError(
+            f"{action} {entry.hub_id} in {dtype} needs about {needed / GIB:.1f} GiB of memory "
+            f"({weights / GIB:.1f} GiB of weights){half}; only {available / GIB:.1f} GiB is available here. "
+            "Choose a smaller size or a machine with more memory"
+        )
+
+
+def check_disk(folder: Path, needed_bytes: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > free:
+        raise StepError(f"{folder}: needs {needed_bytes / GIB:.1f} GiB of disk for the weights, "
+                        f"only {free / GIB:.1f} GiB is free")
+
+
+# ---------------------------------------------------------------- building and fetching
+
+
+def byte_level_tokenizer(model_max_length: int = 512):
+    """A stand-in tokenizer that any text goes through: T5's special ids, 256 bytes, 100 sentinels.
+
+    No Flan-T5 tokenizer is available offline and no data can train a 32k vocabulary
+    honestly, so random-weight models ship this one. Its ids fit every Flan-T5 vocabulary
+    (359 of 32128), but texts become 3-4x more tokens than with Flan-T5's SentencePiece
+    vocabulary: pass real token counts when benchmarking sequence lengths.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
+    byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate(specials + byte_symbols)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
+                                                        special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        additional_special_tokens=[f"<extra_id_{i}>" for i in range(100)], model_max_length=model_max_length,
+    )
+
+
+def load_tokenizer_folder(path: str, vocab_size: int):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise StepError(f"--tokenizer {path}: cannot load a tokenizer ({_first_line(err)})") from None
+    if len(tokenizer) > vocab_size:
+        raise StepError(f"--tokenizer {path}: {len(tokenizer)} tokens do not fit the model's vocabulary of {vocab_size}")
+    return tokenizer
+
+
+def build_random(entry: CatalogEntry, args: argparse.Namespace):
+    print(f"building {entry.hub_id} with random weights ({catalog.human_count(entry.parameters)} parameters, {args.dtype})")
+    model = catalog.build_random_model(entry, dtype=args.dtype, seed=args.seed)
+    if args.tokenizer:
+        tokenizer = load_tokenizer_folder(args.tokenizer, entry.dims.vocab_size)
+        tokenizer_note = f"loaded from {args.tokenizer} ({len(tokenizer)} tokens)"
+        note = STAND_IN_NOTE.replace("and a byte-level stand-in tokenizer", f"(tokenizer from {args.tokenizer})")
+    else:
+        tokenizer = byte_level_tokenizer()
+        tokenizer_note = (f"byte-level stand-in ({len(tokenizer)} tokens: T5 specials, 256 bytes, 100 sentinels); "
+                          "not the Flan-T5 SentencePiece tokenizer, sequences are ~3-4x longer")
+        note = STAND_IN_NOTE
+    card = {"weights": "random", "seed": args.seed, "tokenizer": tokenizer_note, "benchmark_only": True, "note": note}
+    return model, tokenizer, card
+
+
+def download_from_hub(entry: CatalogEntry, dtype: str):
+    """The real cloud path: ``from_pretrained`` of the hub id (cached under HF_HOME)."""
+    import torch
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    print(f"downloading {entry.hub_id} from the Hugging Face Hub")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(entry.hub_id)
+        model = AutoModelForSeq2SeqLM.from_pretrained(entry.hub_id, dtype=getattr(torch, dtype))
+    except OSError as err:
+        raise StepError(
+            f"cannot download {entry.hub_id}: the Hugging Face Hub is unreachable or refused the request "
+            f"({_first_line(err)}). Offline, use --model tiny, a local model folder or s3:// URI, or "
+            f"--random-weights for benchmarks"
+        ) from None
+    card = {"weights": "pretrained", "tokenizer": f"{entry.hub_id} ({len(tokenizer)} tokens)", "benchmark_only": False}
+    return model, tokenizer, card
+
+
+def build_tiny(args: argparse.Namespace):
+    data_dir = Path(args.data_dir)  # checked before the output folder was created
+    from stepkit.tiny import build_tiny_foundation  # trains a tokenizer and warms up: only when asked
+
+    model, tokenizer, card = build_tiny_foundation(data_dir, seed=args.seed, warmup_steps=args.warmup_steps)
+    return model, tokenizer, {"weights": "warm-up (tiny)", "benchmark_only": False, **card}
+
+
+def load_local(source: Source, work_dir: Path, dtype: str):
+    path = Path(source.uri)
+    if path.is_file():
+        extract_safely(path, work_dir / "extracted", label=f"--model {path}")
+        path = find_model_root(work_dir / "extracted", label=f"--model {source.uri}")
+    return _load_folder(path, source, dtype)
+
+
+def load_s3(source: Source, work_dir: Path, dtype: str):
+    folder = download_s3(source.uri, work_dir)
+    return _load_folder(find_model_root(folder, label=f"--model {source.uri}"), source, dtype)
+
+
+def _load_folder(folder: Path, source: Source, dtype: str):
+    import torch
+
+    flag = "--model" if folder == Path(source.uri) else f"--model {source.uri}, fetched to"
+    model, tokenizer = load_model_and_tokenizer(folder, flag=flag)
+    model = model.to(getattr(torch, dtype))
+    previous = read_model_card(folder)
+    base_model = previous.get("base_model") or getattr(model.config, "_name_or_path", "") or source.uri
+    if str(base_model) == str(folder):  # transformers records the temporary path we loaded from
+        base_model = source.uri
+    card = {"base_model": base_model, "weights": previous.get("weights", "pretrained"),
+            "tokenizer": f"from the source folder ({len(tokenizer)} tokens)",
+            "benchmark_only": bool(previous.get("benchmark_only", False))}
+    if previous:
+        card["source_card"] = previous
+    return model, tokenizer, card
+
+
+# ---------------------------------------------------------------- S3 and archives
+
+
+def parse_s3_uri(uri: str) -> tuple[str, str]:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not bucket:
+        raise StepError(f"--model {uri}: no bucket; write s3://bucket/prefix/")
+    return bucket, key
+
+
+def download_s3(uri: str, work_dir: Path) -> Path:
+    """Fetch a model folder, a prefix holding model.tar.gz, or a tarball; return the local folder."""
+    import boto3
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    bucket, key = parse_s3_uri(uri)
+    local = work_dir / "s3"
+    try:
+        s3 = boto3.client("s3")
+        if key.endswith(ARCHIVE_SUFFIXES):
+            return _download_archive(s3, bucket, key, local, uri)
+        prefix = key if key.endswith("/") or not key else key + "/"
+        keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        if not keys:
+            raise StepError(f"--model {uri}: no objects under s3://{bucket}/{prefix}; check the prefix "
+                            "(it should hold config.json, weights and tokenizer files, or model.tar.gz)")
+        names = {k[len(prefix):] for k in keys}
+        if "config.json" not in names and "model.tar.gz" in names:
+            return _download_archive(s3, bucket, prefix + "model.tar.gz", local, uri)
+        print(f"downloading {len(keys)} objects from s3://{bucket}/{prefix}")
+        for object_key in keys:
+            target = _inside(local, object_key[len(prefix):], f"--model {uri}: object {object_key!r}")
+            target.parent.mkdir(parents=True, exist_ok=True)
+            s3.download_file(bucket, object_key, str(target))
+        return local
+    except NoCredentialsError:
+        raise StepError(f"--model {uri}: no AWS credentials found; configure credentials for the account "
+                        "that holds the bucket") from None
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        raise StepError(f"--model {uri}: S3 refused the request ({error.get('Code')}: {error.get('Message')})") from None
+    except BotoCoreError as err:
+        raise StepError(f"--model {uri}: cannot reach S3 ({err})") from None
+
+
+def _download_archive(s3, bucket: str, key: str, local: Path, uri: str) -> Path:
+    archive = local.parent / "model.tar.gz"
+    print(f"downloading s3://{bucket}/{key}")
+    s3.download_file(bucket, key, str(archive))
+    extract_safely(archive, local, label=f"--model {uri}")
+    archive.unlink()
+    return local
+
+
+def _inside(root: Path, relative: str, label: str) -> Path:
+    """``root/relative``, or a StepError if that would land outside ``root``."""
+    target = (root / relative).resolve()
+    if relative.startswith("/") or not target.is_relative_to(root.resolve()) or target == root.resolve():
+        raise StepError(f"{label} would be written outside the folder it is unpacked into; refusing it")
+    return target
+
+
+def extract_safely(archive: Path, destination: Path, label: str) -> None:
+    """Extract a tarball after checking every member: regular files and folders inside ``destination`` only.
+
+    Checked before anything is written, so a hostile archive leaves nothing behind.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                if member.issym() or member.islnk():
+                    raise StepError(f"{label}: archive member {member.name!r} is a link; refusing to extract "
+                                    "(links can point outside the model folder)")
+                if not (member.isfile() or member.isdir()):
+                    raise StepError(f"{label}: archive member {member.name!r} is not a file or folder; refusing to extract")
+                if member.name in ("", ".", "./") and member.isdir():
+                    continue
+                _inside(destination, member.name, f"{label}: archive member {member.name!r}")
+            tar.extractall(destination, members=members, filter="data")
+    except tarfile.TarError as err:
+        raise StepError(f"{label}: not a readable tar archive ({err})") from None
+
+
+def find_model_root(folder: Path, label: str) -> Path:
+    """The folder holding config.json: the top, or one level down (some archives wrap a folder)."""
+    if (folder / "config.json").is_file():
+        return folder
+    candidates = sorted(path.parent for path in folder.glob("*/config.json"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise StepError(f"{label}: no config.json found; expected a save_pretrained folder or a model.tar.gz holding one")
+    raise StepError(f"{label}: several model folders ({', '.join(p.name for p in candidates)}); point at one of them")
+
+
+# ---------------------------------------------------------------- main
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def describe(model, dtype: str, entry: CatalogEntry | None) -> dict:
+    """Architecture, memory and instance recommendations measured from the model itself."""
+    parameters = count_parameters(model)
+    guide = entry or catalog.recommend_for(parameters)
+    weights = {name: round(parameters * size / GIB, 3) for name, size in catalog.BYTES_PER_PARAM.items()}
+    card = {
+        "parameters": parameters,
+        "architecture": {"model_type": model.config.model_type, **catalog.dims_of_model(model).as_dict()},
+        "dtype": dtype,
+        "memory_gib": {"weights": weights[dtype], **{f"weights_{name}": gib for name, gib in weights.items()},
+                       "serving_estimate": round(weights[dtype] * catalog.SERVING_OVERHEAD, 3)},
+        "recommended_instances": {"training": guide.train_instance, "inference": guide.inference_instance,
+                                  "basis": guide.name if guide is entry else f"size of {guide.name} or smaller"},
+    }
+    return card
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        print(catalog_table())
+        return 0
+    budget = Budget(args.max_params, args.max_memory_gb, args.inference_instance, args.dtype)
+    if args.model is None:
+        if budget.empty:
+            raise StepError("--model is required, or give a budget (--max-params, --max-memory-gb, "
+                            "--inference-instance) to choose a Flan-T5 size; see --list")
+        entry, reason = catalog.choose_by_budget(budget)
+        source = resolve_source(entry.name, args.random_weights)
+    else:
+        source = resolve_source(args.model, args.random_weights)
+        reason = f"chose {source.uri}: named by --model"
+        if source.entry and source.entry.dims and not budget.empty:
+            reason += "; " + check_budget_fits(source.entry.hub_id, source.entry.parameters, budget)
+    print(reason)
+    if args.dry_run:
+        print(f"dry run: would take {source.kind} model {source.uri}")
+        return 0
+
+    output_dir = require_path(args.output_dir, "--output-dir", "SM_MODEL_DIR")
+    if source.kind == "tiny":
+        data_dir = require_path(args.data_dir, "--data-dir", "SM_CHANNEL_TRAIN")
+        ensure_input_dir(data_dir, "--data-dir", must_contain=("train.jsonl", "validation.jsonl"))
+    if source.kind in ("hub", "random"):
+        check_room_to_build(source.entry, args.dtype, "downloading" if source.kind == "hub" else "building")
+    configure_torch_threads()
+    with atomic_output_dir(output_dir, args.overwrite) as staging, \
+            tempfile.TemporaryDirectory(prefix="select-model-") as work:
+        if source.kind in ("hub", "random"):
+            check_disk(staging, source.entry.dims.weights_bytes(args.dtype))
+        if source.kind == "random":
+            model, tokenizer, card = build_random(source.entry, args)
+        elif source.kind == "hub":
+            model, tokenizer, card = download_from_hub(source.entry, args.dtype)
+        elif source.kind == "tiny":
+            model, tokenizer, card = build_tiny(args)
+        elif source.kind == "s3":
+            model, tokenizer, card = load_s3(source, Path(work), args.dtype)
+        else:
+            model, tokenizer, card = load_local(source, Path(work), args.dtype)
+        if source.entry is None or source.entry.dims is None:  # size known only now
+            name = card.get("base_model") or source.uri
+            fit = check_budget_fits(str(name), count_parameters(model), budget)
+            reason += f"; {fit}" if fit else ""
+        card = {
+            **card,
+            "step": "select_model",
+            "base_model": source.entry.hub_id if source.entry and source.entry.hub_id else card.get("base_model", source.uri),
+            "source": {"kind": source.kind, "uri": source.uri},
+            "selection_reason": reason,
+            **describe(model, args.dtype, source.entry),
+            **({"catalog": source.entry.card()} if source.entry else {}),
+        }
+        save_model(model, tokenizer, staging, card)
+    print(f"wrote {output_dir}: {card['base_model']} ({source.kind}, "
+          f"{catalog.human_count(card['parameters'])} parameters, {args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_step(main))
