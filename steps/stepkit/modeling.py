@@ -76,10 +76,53 @@ def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
 def save_model(model, tokenizer, folder: str | Path, card: dict[str, Any]) -> None:
     """Write weights (safetensors), tokenizer and model card; the card gets the parameter count."""
     model.save_pretrained(folder, safe_serialization=True)
+    _record_untied_head(model, Path(folder))
     tokenizer.save_pretrained(folder)
     card = {"parameters": count_parameters(model), **card}
     write_model_card(folder, card)
 
 
+def _record_untied_head(model, folder: Path) -> None:
+    """Write ``tie_word_embeddings: false`` for an untied LM head, as Flan-T5's own configs say.
+
+    transformers 5 always writes ``true`` for T5 (it keeps the real choice in
+    ``scale_decoder_outputs``); transformers 4.x would then tie the head and rescale the
+    decoder output, silently changing the model. ``false`` loads correctly under both.
+    """
+    head = getattr(model, "lm_head", None)
+    shared = getattr(model, "shared", None)
+    if head is None or shared is None or head.weight is shared.weight:
+        return
+    config_path = folder / "config.json"
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["tie_word_embeddings"] = False
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 def count_parameters(model) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def summarize(model, tokenizer, dialogues: list[str], batch_size: int = 32, max_new_tokens: int = 64,
+              num_beams: int = 1, max_source_length: int = 512) -> list[str]:
+    """Generate one summary per dialogue with the shared prompt; batches are length-sorted.
+
+    Sorting by length keeps padding (wasted compute) low; results come back in input order.
+    """
+    import torch
+
+    from .prompt import format_prompt
+
+    prompts = [format_prompt(dialogue) for dialogue in dialogues]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    summaries: list[str] = [""] * len(prompts)
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = order[start:start + batch_size]
+            inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
+                               max_length=max_source_length)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+            for index, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
+                summaries[index] = text.strip()
+    return summaries

@@ -1,0 +1,184 @@
+"""PEFT LoRA fine-tune of a Flan-T5 model on the prepared dialogue → summary splits.
+
+Writes to ``--output-dir`` (SageMaker's model dir, packed as model.tar.gz):
+  the merged model (base + LoRA, a plain save_pretrained folder the next steps load),
+  ``adapter/`` (the LoRA adapter alone), ``training_curve.json`` (loss per step, validation
+  loss per evaluation) and ``model_card.json``.
+
+Checkpoints go to ``--checkpoint-dir`` (SageMaker syncs /opt/ml/checkpoints to S3 when the
+pipeline passes it); a run finding checkpoints there resumes from the latest one.
+
+Example:
+  python steps/finetune_lora.py --model-dir out/model --data-dir out/data --output-dir out/finetuned \\
+      --lora-r 16 --lora-alpha 32 --target-modules all-linear --max-steps 300
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
+from stepkit.errors import StepError, run_step
+from stepkit.modeling import (configure_torch_threads, load_model_and_tokenizer, read_model_card, save_model)
+from stepkit.records import read_split
+from stepkit.training import (TrainSettings, encode_records, evaluation_loss, train_seq2seq, write_curve)
+
+MODEL_ENV = ("SM_CHANNEL_MODEL",)
+DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
+OUTPUT_ENV = ("SM_MODEL_DIR",)
+ADAPTER_DIR = "adapter"
+CURVE_FILE = "training_curve.json"
+T5_LINEAR_MODULES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    paths = parser.add_argument_group("paths")
+    paths.add_argument("--model-dir", default=env_path(*MODEL_ENV), help=path_help("base model folder (select_model.py output)", *MODEL_ENV))
+    paths.add_argument("--data-dir", default=env_path(*DATA_ENV), help=path_help("prepared splits (prepare_data.py output)", *DATA_ENV))
+    paths.add_argument("--output-dir", default=env_path(*OUTPUT_ENV), help=path_help("where the merged model and adapter go", *OUTPUT_ENV))
+    paths.add_argument("--checkpoint-dir", help="checkpoints, resumed from when present (SageMaker: /opt/ml/checkpoints); "
+                                                "default: a temporary folder, no resume")
+    paths.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    lora = parser.add_argument_group("LoRA")
+    lora.add_argument("--lora-r", type=int, default=32, help="adapter rank (default: 32)")
+    lora.add_argument("--lora-alpha", type=int, default=32, help="scaling numerator: updates are scaled by alpha/r (default: 32)")
+    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input (default: 0.05)")
+    lora.add_argument("--target-modules", default="q,v",
+                      help="comma-separated T5 linear layers to adapt (q,k,v,o,wi_0,wi_1,wo) or all-linear (default: q,v)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300); training stops by "
+                                                                  "step count, not time, so results reproduce on a loaded machine")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    train.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
+    train.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up steps (default: 20)")
+    train.add_argument("--eval-steps", type=int, default=50, help="evaluate validation loss every N steps; 0: never (default: 50)")
+    train.add_argument("--early-stopping-patience", type=int, default=3,
+                       help="stop after N evaluations without a better validation loss, keep the best; 0: off (default: 3)")
+    train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                       help="auto: bf16 where the GPU supports it, else fp32; fp16 is not offered (T5 overflows in it)")
+    train.add_argument("--max-source-length", type=int, default=512, help="dialogue prompt tokens kept (default: 512)")
+    train.add_argument("--max-target-length", type=int, default=128, help="summary tokens kept (default: 128)")
+    train.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
+    train.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def target_modules(spec: str) -> str | list[str]:
+    if spec.strip() == "all-linear":
+        return "all-linear"  # peft: every linear layer except the LM head
+    names = [name.strip() for name in spec.split(",") if name.strip()]
+    unknown = [name for name in names if name not in T5_LINEAR_MODULES]
+    if not names or unknown:
+        raise StepError(f"--target-modules {spec!r}: unknown module(s) {', '.join(unknown) or '(none given)'}; "
+                        f"choose from {', '.join(T5_LINEAR_MODULES)} or all-linear")
+    return names
+
+
+def check_lora_args(args: argparse.Namespace) -> None:
+    if args.lora_r < 1:
+        raise StepError(f"--lora-r must be at least 1, got {args.lora_r}")
+    if args.lora_alpha < 1:
+        raise StepError(f"--lora-alpha must be at least 1, got {args.lora_alpha}")
+    if not 0 <= args.lora_dropout < 1:
+        raise StepError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+    if args.max_source_length < 8 or args.max_target_length < 4:
+        raise StepError("--max-source-length must be at least 8 and --max-target-length at least 4")
+
+
+def attach_lora(model, args: argparse.Namespace):
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
+                        target_modules=target_modules(args.target_modules), task_type=TaskType.SEQ_2_SEQ_LM)
+    try:
+        peft_model = get_peft_model(model, config)
+    except ValueError as err:  # e.g. a module name this architecture lacks
+        raise StepError(f"--target-modules {args.target_modules}: {str(err).splitlines()[0]}") from None
+    peft_model.print_trainable_parameters()  # peft's standard "trainable params: … || all params: …" line
+    return peft_model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
+    data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
+    output_dir = require_path(args.output_dir, "--output-dir", *OUTPUT_ENV)
+    check_lora_args(args)
+    settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                             warmup_steps=args.warmup_steps, eval_steps=args.eval_steps,
+                             early_stopping_patience=args.early_stopping_patience if args.eval_steps else 0,
+                             gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
+                             logging_steps=max(1, min(25, args.max_steps // 10)), seed=args.seed)
+    target_modules(args.target_modules)  # fail on a bad name before loading anything
+    train_rows = read_split(data_dir, "train")[: args.max_train_examples]
+    validation_rows = read_split(data_dir, "validation")
+    configure_torch_threads()
+
+    import torch
+    from transformers import set_seed
+
+    set_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(model_dir)
+    base_card = read_model_card(model_dir)
+    train = encode_records(tokenizer, train_rows, args.max_source_length, args.max_target_length)
+    validation = encode_records(tokenizer, validation_rows, args.max_source_length, args.max_target_length)
+    for name, data, rows in (("train", train, train_rows), ("validation", validation, validation_rows)):
+        if data.truncated_sources or data.truncated_targets:
+            print(f"warning: {name}: {data.truncated_sources} of {len(rows)} prompts cut to --max-source-length "
+                  f"{args.max_source_length}, {data.truncated_targets} summaries cut to --max-target-length {args.max_target_length}")
+    if args.gradient_checkpointing:
+        model.config.use_cache = False  # the KV cache and checkpointing don't mix during training
+
+    model = attach_lora(model, args)
+    loss_before = evaluation_loss(model, tokenizer, validation)
+    print(f"validation loss before fine-tuning: {loss_before:.4f}")
+    with tempfile.TemporaryDirectory(prefix="lora-checkpoints-") as scratch:
+        checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(scratch)
+        try:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StepError(f"--checkpoint-dir {checkpoints}: cannot create it ({err.strerror})") from None
+        result = train_seq2seq(model, tokenizer, train, validation, settings, checkpoints, label="lora",
+                               resume=bool(args.checkpoint_dir))
+    loss_after = evaluation_loss(model, tokenizer, validation)
+    print(f"validation loss: {loss_before:.4f} → {loss_after:.4f} after {result.steps} steps "
+          f"({result.seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s)")
+
+    trainable, total = model.get_nb_trainable_parameters()
+    lora_settings = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
+                     "target_modules": args.target_modules, "trainable_parameters": trainable,
+                     "trainable_percent": round(100 * trainable / total, 4)}
+    with atomic_output_dir(output_dir, args.overwrite) as staging:
+        model.save_pretrained(staging / ADAPTER_DIR)
+        tokenizer.save_pretrained(staging / ADAPTER_DIR)
+        merged = model.merge_and_unload()
+        card = {
+            "base_model": base_card.get("base_model", str(model_dir)),
+            "base_model_card": base_card,
+            "method": "lora",
+            "lora": lora_settings,
+            "training": {"steps": result.steps, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                         "stopped_early": result.stopped_early, "learning_rate": args.learning_rate,
+                         "batch_size": args.batch_size, "train_examples": len(train_rows), "seed": args.seed,
+                         "precision": "bf16" if settings.precision == "bf16" or (settings.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "fp32"},
+            "validation_loss": {"before": round(loss_before, 4), "after": round(loss_after, 4),
+                                "best_during_training": result.best_eval_loss},
+            "truncated": {"train_sources": train.truncated_sources, "train_targets": train.truncated_targets},
+        }
+        save_model(merged, tokenizer, staging, card)
+        write_curve(staging / CURVE_FILE, result, label="lora", validation_loss_before=loss_before,
+                    validation_loss_after=loss_after)
+    print(f"wrote the merged model, {ADAPTER_DIR}/ and {CURVE_FILE} to {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    code = run_step(main)
+    print(f"finetune_lora finished in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    sys.exit(code)

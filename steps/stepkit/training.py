@@ -1,0 +1,232 @@
+"""Seq2seq training shared by the tiny model's warm-up, the LoRA fine-tune and later steps.
+
+One place sets up transformers' Seq2SeqTrainer: precision (bf16 where the hardware has it,
+never fp16, which overflows in T5), progress lines with tokens/s, the loss curve as JSON,
+early stopping on validation loss and resuming from a checkpoint folder.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from .errors import StepError
+from .prompt import format_prompt
+
+Progress = Callable[[str], None]
+
+
+@dataclass
+class TrainSettings:
+    max_steps: int
+    learning_rate: float
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "linear"
+    logging_steps: int = 10
+    eval_steps: int = 0  # 0: no evaluation during training
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0: off
+    gradient_checkpointing: bool = False
+    precision: str = "auto"  # auto | bf16 | fp32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_steps < 1:
+            raise StepError(f"--max-steps must be at least 1, got {self.max_steps}")
+        if not 0 < self.learning_rate < 1:
+            raise StepError(f"--learning-rate must be in (0, 1), got {self.learning_rate}")
+        if self.batch_size < 1:
+            raise StepError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise StepError(f"--precision must be auto, bf16 or fp32 (never fp16 for T5), got {self.precision!r}")
+        if self.early_stopping_patience and not self.eval_steps:
+            raise StepError("early stopping needs evaluation: set --eval-steps above 0")
+
+
+@dataclass
+class Encoded:
+    """Tokenized examples and how many of them were cut to the length limits."""
+
+    features: list[dict]
+    truncated_sources: int = 0
+    truncated_targets: int = 0
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    tokens_per_second: float
+    curve: list[dict] = field(default_factory=list)  # one entry per logged train/eval point
+    best_eval_loss: float | None = None
+    stopped_early: bool = False
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def encode_pairs(tokenizer, sources: Sequence[str], targets: Sequence[str], max_source_length: int,
+                 max_target_length: int) -> Encoded:
+    """Tokenize source/target pairs, counting truncations instead of hiding them."""
+    sources_ids = tokenizer(list(sources), add_special_tokens=True)["input_ids"]
+    targets_ids = tokenizer(list(targets), add_special_tokens=True)["input_ids"]
+    encoded = Encoded(features=[])
+    eos = tokenizer.eos_token_id
+    for source, target in zip(sources_ids, targets_ids):
+        if len(source) > max_source_length:
+            encoded.truncated_sources += 1
+            source = source[: max_source_length - 1] + [eos]
+        if len(target) > max_target_length:
+            encoded.truncated_targets += 1
+            target = target[: max_target_length - 1] + [eos]
+        encoded.features.append({"input_ids": source, "attention_mask": [1] * len(source), "labels": target})
+    return encoded
+
+
+def encode_records(tokenizer, rows: Sequence[dict], max_source_length: int, max_target_length: int) -> Encoded:
+    """Prompt + dialogue → first reference summary, for the summarization task."""
+    return encode_pairs(tokenizer, [format_prompt(r["dialogue"]) for r in rows], [r["summary"] for r in rows],
+                        max_source_length, max_target_length)
+
+
+def resolve_bf16(precision: str) -> bool:
+    import torch
+
+    has_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if precision == "bf16" and not has_bf16:
+        raise StepError("--precision bf16 needs a GPU with bf16 support; none found (use auto or fp32)")
+    return precision == "bf16" or (precision == "auto" and has_bf16)
+
+
+def _progress_callback(progress: Progress, label: str, max_steps: int):
+    from transformers import TrainerCallback
+
+    class ProgressLines(TrainerCallback):
+        """Plain lines (no tqdm bars): they read well in CloudWatch logs and in CI."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.perf_counter()
+            self.tokens_at_start = state.num_input_tokens_seen
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            elapsed = max(time.perf_counter() - self.started, 1e-9)
+            rate = (state.num_input_tokens_seen - self.tokens_at_start) / elapsed
+            if "loss" in logs:
+                progress(f"[{label}] epoch {state.epoch:.2f} | step {state.global_step}/{max_steps} | "
+                         f"loss {logs['loss']:.4f} | lr {logs.get('learning_rate', 0):.2e} | {rate:,.0f} tokens/s")
+            if "eval_loss" in logs:
+                progress(f"[{label}] step {state.global_step}/{max_steps} | validation loss {logs['eval_loss']:.4f}")
+
+    return ProgressLines()
+
+
+def train_seq2seq(model, tokenizer, train: Encoded, validation: Encoded | None, settings: TrainSettings,
+                  checkpoint_dir: str | Path, label: str, progress: Progress = print,
+                  resume: bool = True) -> TrainResult:
+    """Train ``model`` in place; checkpoints go to ``checkpoint_dir`` and a run there is resumed."""
+    from transformers import (DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback, Seq2SeqTrainer,
+                              Seq2SeqTrainingArguments)
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not train.features:
+        raise StepError("no training examples")
+    evaluate = bool(settings.eval_steps and validation and validation.features)
+    keep_checkpoints = settings.eval_steps or max(settings.max_steps // 4, 1)
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(checkpoint_dir),
+        max_steps=settings.max_steps,
+        per_device_train_batch_size=settings.batch_size,
+        per_device_eval_batch_size=settings.eval_batch_size,
+        learning_rate=settings.learning_rate,
+        lr_scheduler_type=settings.lr_scheduler,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        logging_steps=settings.logging_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=settings.eval_steps if evaluate else None,
+        save_strategy="steps",
+        save_steps=keep_checkpoints,
+        save_total_limit=2,
+        load_best_model_at_end=evaluate and settings.early_stopping_patience > 0,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        gradient_checkpointing=settings.gradient_checkpointing,
+        bf16=resolve_bf16(settings.precision),
+        seed=settings.seed,
+        data_seed=settings.seed,
+        train_sampling_strategy="group_by_length",  # less padding: long dialogues batch together
+        include_num_input_tokens_seen="non_padding",
+        disable_tqdm=True,
+        report_to="none",
+        log_level="warning",
+        use_cpu=not _cuda_available(),
+        dataloader_num_workers=0,
+    )
+    callbacks = [_progress_callback(progress, label, settings.max_steps)]
+    if args.load_best_model_at_end:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
+    trainer = Seq2SeqTrainer(
+        model=model,
+        args=args,
+        train_dataset=train.features,
+        eval_dataset=validation.features if evaluate else None,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    trainer.remove_callback(PrinterCallback)  # it prints raw log dicts; ProgressLines says it better
+    last = get_last_checkpoint(str(checkpoint_dir)) if resume and Path(checkpoint_dir).is_dir() else None
+    if last:
+        progress(f"[{label}] resuming from checkpoint {last}")
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=last)
+    seconds = time.perf_counter() - started
+    curve = [_curve_point(entry) for entry in trainer.state.log_history if "loss" in entry or "eval_loss" in entry]
+    eval_losses = [point["eval_loss"] for point in curve if "eval_loss" in point]
+    tokens = output.metrics.get("num_input_tokens_seen", trainer.state.num_input_tokens_seen)
+    return TrainResult(
+        steps=trainer.state.global_step,
+        seconds=round(seconds, 2),
+        tokens_per_second=round(tokens / seconds, 1) if seconds > 0 else 0.0,
+        curve=curve,
+        best_eval_loss=min(eval_losses) if eval_losses else None,
+        stopped_early=trainer.state.global_step < settings.max_steps,
+    )
+
+
+def _curve_point(entry: dict) -> dict:
+    keep = ("step", "epoch", "loss", "eval_loss", "learning_rate", "grad_norm")
+    return {k: entry[k] for k in keep if k in entry and not (isinstance(entry[k], float) and math.isnan(entry[k]))}
+
+
+def evaluation_loss(model, tokenizer, data: Encoded, batch_size: int = 64) -> float:
+    """Mean token-level cross-entropy on ``data`` (for before/after comparisons)."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    collate = DataCollatorForSeq2Seq(tokenizer, model=model, label_pad_token_id=-100)
+    model.eval()
+    total_loss, total_tokens = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, len(data.features), batch_size):
+            batch = collate(data.features[start:start + batch_size])
+            tokens = int((batch["labels"] != -100).sum())
+            total_loss += float(model(**batch).loss) * tokens
+            total_tokens += tokens
+    return total_loss / max(total_tokens, 1)
+
+
+def write_curve(path: str | Path, result: TrainResult, **extra) -> None:
+    Path(path).write_text(json.dumps({**extra, **result.to_json()}, indent=2) + "\n", encoding="utf-8")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

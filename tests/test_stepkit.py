@@ -1,0 +1,179 @@
+"""Unit tests of the shared step library: metrics, warm-up noising, atomic outputs, tokenization."""
+from __future__ import annotations
+
+import random
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import STEPS
+from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, is_complete
+from stepkit.errors import StepError
+from stepkit.metrics import best_constant_output, fact_accuracy, rouge
+from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
+from stepkit.synthetic import generate_splits
+from stepkit.tiny import span_corrupt, train_tokenizer
+from stepkit.training import TrainSettings, encode_pairs
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_prediction_equal_to_any_reference_scores_one():
+    references = [["Tom books a table for two on Friday.", "Anna pays $45 on Monday. She is happy."]]
+    for reference in references[0]:
+        scores = rouge([reference], references)
+        assert scores == pytest.approx({"rouge1": 1.0, "rouge2": 1.0, "rougeL": 1.0, "rougeLsum": 1.0})
+
+
+def test_rouge_takes_the_best_reference_not_the_first():
+    prediction = "Anna pays the rent on Monday."
+    alone = rouge([prediction], [["Something unrelated entirely."]])["rougeL"]
+    with_match = rouge([prediction], [["Something unrelated entirely.", "Anna pays the rent on Monday."]])["rougeL"]
+    assert alone < 0.3 and with_match == pytest.approx(1.0)
+
+
+def test_best_constant_output_picks_the_candidate_that_fits_most_references():
+    references = [["Tom books a table on Friday."], ["Tom books a table on Monday."], ["Anna sells a lamp."]]
+    candidates = ["Anna sells a lamp.", "Tom books a table on Sunday.", "Unrelated words here."]
+    best = best_constant_output(candidates, references)
+    assert best["text"] == "Tom books a table on Sunday."
+    assert best["candidates_tried"] == 3
+    assert 0 < best["scores"]["rougeL"] < 1
+
+
+def test_fact_accuracy_matches_whole_values_only():
+    facts = [{"speakers": ["Anna", "Tom"], "amount": "$45", "day": "Friday"}]
+    right = fact_accuracy(["Anna pays Tom $45 on Friday."], facts)
+    assert right["all_facts_right"] == 1.0
+    wrong = fact_accuracy(["Annabel pays Tom $450 on Friday."], facts)
+    assert wrong["per_slot"] == {"amount": 0.0, "day": 1.0, "speakers": 0.0}
+    assert wrong["all_facts_right"] == 0.0
+    assert fact_accuracy(["anything"], [None]) is None
+
+
+# ---------------------------------------------------------------- prompt and data
+
+
+def test_prompt_template_is_flan_style_and_used_once():
+    prompt = format_prompt("  #Person1#: Hi.\n#Person2#: Hello.  ")
+    assert prompt.startswith("Summarize the following conversation.") and prompt.endswith("Summary:")
+    assert "#Person1#: Hi.\n#Person2#: Hello." in prompt
+    uses = [p.name for p in STEPS.rglob("*.py") if "Summarize the following" in p.read_text()]
+    assert uses == ["prompt.py"], f"the prompt template must be defined once, found in {uses}"
+    assert PROMPT_TEMPLATE.count("{dialogue}") == 1
+
+
+def test_synthetic_held_out_splits_contain_unseen_intent_day_pairs():
+    splits = generate_splits({"train": 400, "validation": 50, "test": 80}, seed=3)
+    seen = {(r["intent"], r["facts"].get("day")) for r in splits["train"]}
+    unseen = [r for r in splits["test"] if (r["intent"], r["facts"].get("day")) not in seen]
+    assert len(unseen) >= 10
+    assert generate_splits({"train": 5, "validation": 1, "test": 1}, seed=3) == \
+        generate_splits({"train": 5, "validation": 1, "test": 1}, seed=3)
+
+
+# ---------------------------------------------------------------- tiny model pieces
+
+
+def test_span_corruption_target_restores_the_masked_spans():
+    ids = list(range(10, 60))
+    sentinels = [1000 + i for i in range(32)]
+    source, target = span_corrupt(ids, sentinels, eos_id=1, rng=random.Random(0))
+    assert source[-1] == 1 and target[-1] == 1
+    restored, spans = [], {}
+    current = None
+    for token in target[:-1]:
+        if token in sentinels:
+            current = token
+            spans[current] = []
+        else:
+            spans[current].append(token)
+    for token in source[:-1]:
+        restored.extend(spans[token] if token in sentinels else [token])
+    assert restored == ids
+    masked = sum(len(span) for span in spans.values())
+    assert 0 < masked < len(ids) / 2
+
+
+@pytest.fixture(scope="module")
+def small_tokenizer():
+    texts = [row["dialogue"] + " " + row["summary"] for row in generate_splits({"train": 200}, seed=1)["train"]]
+    return train_tokenizer(texts, vocab_size=400)
+
+
+def test_tiny_tokenizer_keeps_t5_special_ids_and_round_trips_amounts(small_tokenizer):
+    assert (small_tokenizer.pad_token_id, small_tokenizer.eos_token_id, small_tokenizer.unk_token_id) == (0, 1, 2)
+    text = "Anna pays $1248.50 on Friday at 3:45 pm."
+    ids = small_tokenizer(text)["input_ids"]
+    assert ids[-1] == 1
+    assert small_tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_encode_pairs_counts_truncations_instead_of_hiding_them(small_tokenizer):
+    encoded = encode_pairs(small_tokenizer, ["short", "a much longer source text " * 20], ["ok", "fine"],
+                           max_source_length=16, max_target_length=8)
+    assert encoded.truncated_sources == 1 and encoded.truncated_targets == 0
+    assert all(len(f["input_ids"]) <= 16 and f["input_ids"][-1] == 1 for f in encoded.features)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_steps": 0, "learning_rate": 1e-3}, "--max-steps"),
+    ({"max_steps": 5, "learning_rate": 0}, "--learning-rate"),
+    ({"max_steps": 5, "learning_rate": 1e-3, "precision": "fp16"}, "never fp16"),
+    ({"max_steps": 5, "learning_rate": 1e-3, "early_stopping_patience": 2}, "--eval-steps"),
+])
+def test_train_settings_reject_bad_values(kwargs, message):
+    with pytest.raises(StepError, match=message):
+        TrainSettings(**kwargs)
+
+
+# ---------------------------------------------------------------- atomic outputs
+
+
+def test_failed_block_publishes_nothing_and_cleans_up(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(target) as staging:
+            (staging / "half.json").write_text("{")
+            raise RuntimeError("step crashed")
+    assert not target.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_finished_block_is_published_with_marker_into_an_empty_folder(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()  # SageMaker pre-creates output folders
+    with atomic_output_dir(target) as staging:
+        (staging / "result.json").write_text("{}")
+    assert is_complete(target) and (target / "result.json").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_non_empty_output_is_kept_unless_overwrite(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "mine.txt").write_text("user's work")
+    with pytest.raises(StepError, match="not empty"):
+        with atomic_output_dir(target):
+            pass
+    assert (target / "mine.txt").read_text() == "user's work"
+    with atomic_output_dir(target, overwrite=True) as staging:
+        (staging / "new.txt").write_text("new")
+    assert sorted(p.name for p in target.iterdir()) == [COMPLETE_MARKER, "new.txt"]
+
+
+def test_killed_step_leaves_no_folder_that_looks_complete(tmp_path):
+    target = tmp_path / "out"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        sys.path.insert(0, {str(STEPS)!r})
+        from stepkit.contract import atomic_output_dir
+        with atomic_output_dir({str(target)!r}) as staging:
+            (staging / "train.jsonl").write_text("partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True)
+    assert result.returncode == -9
+    assert not target.exists()
+    leftovers = [p.name for p in tmp_path.iterdir()]
+    assert all(name.startswith(".out.partial-") for name in leftovers)
