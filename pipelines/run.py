@@ -24,11 +24,11 @@ class RunSettings:
     seed: int = 0
     train_size: int = 2000
     eval_examples: int = 200
-    warmup_steps: int = 600
+    warmup_steps: int = 400
     lora_r: int = 16
     lora_alpha: int = 16
     target_modules: str = "all-linear"  # on a model this small, q,v alone mostly learns the template
-    max_steps: int = 500
+    max_steps: int = 300
     learning_rate: float = 5e-3
 
 

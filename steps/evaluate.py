@@ -22,7 +22,7 @@ from pathlib import Path
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
 from stepkit.errors import StepError, run_step
 from stepkit.metrics import ROUGE_TYPES, best_constant_output, fact_accuracy, rouge
-from stepkit.modeling import configure_torch_threads, count_parameters, load_model_and_tokenizer, read_model_card, summarize
+from stepkit.modeling import configure_runtime, count_parameters, load_model_and_tokenizer, read_model_card, summarize
 from stepkit.records import read_split, write_jsonl
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         raise StepError("--max-new-tokens, --num-beams and --batch-size must be at least 1")
     rows = read_split(data_dir, args.split)[: args.max_examples]
     train_summaries = [row["summary"] for row in read_split(data_dir, "train")]
-    configure_torch_threads()
+    configure_runtime()
 
     generation = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "batch_size": args.batch_size,
                   "max_source_length": args.max_source_length}

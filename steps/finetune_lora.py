@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
 from stepkit.errors import StepError, run_step
-from stepkit.modeling import (configure_torch_threads, load_model_and_tokenizer, read_model_card, save_model)
+from stepkit.modeling import (configure_runtime, load_model_and_tokenizer, read_model_card, save_model)
 from stepkit.records import read_split
 from stepkit.training import (TrainSettings, encode_records, evaluation_loss, train_seq2seq, write_curve)
 
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     target_modules(args.target_modules)  # fail on a bad name before loading anything
     train_rows = read_split(data_dir, "train")[: args.max_train_examples]
     validation_rows = read_split(data_dir, "validation")
-    configure_torch_threads()
+    configure_runtime()
 
     import torch
     from transformers import set_seed

@@ -35,7 +35,7 @@ from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, env_path, path_
 from stepkit.errors import StepError, run_step
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
 from stepkit.records import DATA_CARD, SPLITS, iter_jsonl, read_text, split_path, write_jsonl
-from stepkit.synthetic import generate_splits, unseen_combination_share
+from stepkit.synthetic import generate_splits, unseen_in_train
 
 SYNTHETIC = "synthetic"
 INPUT_ENV = ("SM_CHANNEL_RAW", "SM_CHANNEL_TRAIN")
@@ -554,8 +554,8 @@ def main(argv: list[str] | None = None) -> int:
             **length_report(splits, counter, args.max_source_length, args.max_target_length),
         }
         if args.input == SYNTHETIC:
-            card["unseen_combination_share"] = {
-                split: round(unseen_combination_share(splits["train"], splits[split]), 4) for split in ("validation", "test")
+            card["unseen_in_train"] = {
+                split: unseen_in_train(splits["train"], splits[split]) for split in ("validation", "test")
             }
         for split in SPLITS:
             write_jsonl(split_path(staging, split), splits[split])

@@ -31,7 +31,7 @@ from stepkit import catalog
 from stepkit.catalog import GIB, Budget, CatalogEntry
 from stepkit.contract import atomic_output_dir, ensure_input_dir, env_path, path_help, require_path
 from stepkit.errors import StepError, run_step
-from stepkit.modeling import (check_model_dir, configure_torch_threads, count_parameters, load_model_and_tokenizer,
+from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
                               read_model_card, save_model)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
@@ -456,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         ensure_input_dir(data_dir, "--data-dir", must_contain=("train.jsonl", "validation.jsonl"))
     if source.kind in ("hub", "random"):
         check_room_to_build(source.entry, args.dtype, "downloading" if source.kind == "hub" else "building")
-    configure_torch_threads()
+    configure_runtime()
     with atomic_output_dir(output_dir, args.overwrite) as staging, \
             tempfile.TemporaryDirectory(prefix="select-model-") as work:
         if source.kind in ("hub", "random"):

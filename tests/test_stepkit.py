@@ -12,7 +12,7 @@ from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, is_complete
 from stepkit.errors import StepError
 from stepkit.metrics import best_constant_output, fact_accuracy, rouge
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
-from stepkit.synthetic import generate_splits
+from stepkit.synthetic import generate_splits, unseen_in_train
 from stepkit.tiny import span_corrupt, train_tokenizer
 from stepkit.training import TrainSettings, encode_pairs
 
@@ -69,6 +69,9 @@ def test_synthetic_held_out_splits_contain_unseen_intent_day_pairs():
     seen = {(r["intent"], r["facts"].get("day")) for r in splits["train"]}
     unseen = [r for r in splits["test"] if (r["intent"], r["facts"].get("day")) not in seen]
     assert len(unseen) >= 10
+    shares = unseen_in_train(splits["train"], splits["test"])
+    assert shares["intent_day_pair"] == pytest.approx(len(unseen) / 80, abs=1e-4)
+    assert 0 < shares["speaker_name"] < 1
     assert generate_splits({"train": 5, "validation": 1, "test": 1}, seed=3) == \
         generate_splits({"train": 5, "validation": 1, "test": 1}, seed=3)
 

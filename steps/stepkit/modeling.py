@@ -12,12 +12,17 @@ MODEL_CARD = "model_card.json"
 SUPPORTED_MODEL_TYPES = ("t5",)
 
 
-def configure_torch_threads() -> None:
-    """Use every core we were given (SM_NUM_CPUS on SageMaker) and no more."""
+def configure_runtime() -> None:
+    """Use every core we were given (SM_NUM_CPUS on SageMaker) and no more; plain log lines.
+
+    transformers 5 draws a progress bar per file loaded or saved; in job logs that is noise.
+    """
     import torch
+    from transformers.utils import logging as transformers_logging
 
     cpus = int(os.environ.get("SM_NUM_CPUS") or os.cpu_count() or 1)
     torch.set_num_threads(max(1, cpus))
+    transformers_logging.disable_progress_bar()
 
 
 def read_model_card(model_dir: str | Path) -> dict[str, Any]:

@@ -420,11 +420,12 @@ def generate_splits(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
     return splits
 
 
-def unseen_combination_share(train: list[dict], held_out: list[dict]) -> float:
-    """Share of held-out examples whose (intent, day, speaker pair) never occurs in train."""
-
-    def key(row: dict) -> tuple:
-        return (row.get("intent"), row["facts"].get("day"), tuple(sorted(row["facts"]["speakers"])))
-
-    seen = {key(row) for row in train}
-    return sum(key(row) not in seen for row in held_out) / max(1, len(held_out))
+def unseen_in_train(train: list[dict], held_out: list[dict]) -> dict[str, float]:
+    """Shares of held-out examples with an (intent, day) pair, or a speaker name, that train never has."""
+    seen_pairs = {(row.get("intent"), row["facts"].get("day")) for row in train}
+    seen_names = {name for row in train for name in row["facts"]["speakers"]}
+    count = max(1, len(held_out))
+    return {
+        "intent_day_pair": round(sum((r.get("intent"), r["facts"].get("day")) not in seen_pairs for r in held_out) / count, 4),
+        "speaker_name": round(sum(any(n not in seen_names for n in r["facts"]["speakers"]) for r in held_out) / count, 4),
+    }

@@ -156,7 +156,9 @@ def train_seq2seq(model, tokenizer, train: Encoded, validation: Encoded | None, 
         load_best_model_at_end=evaluate and settings.early_stopping_patience > 0,
         metric_for_best_model="eval_loss",
         greater_is_better=False,
-        gradient_checkpointing=settings.gradient_checkpointing,
+        # Passed only when on: the name is deprecated in transformers 5 but the Hugging Face
+        # training images (up to 5.3) don't know its successor.
+        **({"gradient_checkpointing": True} if settings.gradient_checkpointing else {}),
         bf16=resolve_bf16(settings.precision),
         seed=settings.seed,
         data_seed=settings.seed,
