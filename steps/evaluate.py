@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
 from stepkit.errors import StepError, run_step

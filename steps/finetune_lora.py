@@ -24,7 +24,8 @@ from stepkit.contract import atomic_output_dir, env_path, path_help, require_pat
 from stepkit.errors import StepError, run_step
 from stepkit.modeling import (configure_runtime, load_model_and_tokenizer, read_model_card, save_model)
 from stepkit.records import read_split
-from stepkit.training import (TrainSettings, encode_records, evaluation_loss, train_seq2seq, write_curve)
+from stepkit.training import (TrainSettings, encode_records, evaluation_loss, resolve_bf16, train_seq2seq,
+                              write_curve)
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -119,7 +120,6 @@ def main(argv: list[str] | None = None) -> int:
     validation_rows = read_split(data_dir, "validation")
     configure_runtime()
 
-    import torch
     from transformers import set_seed
 
     set_seed(args.seed)
@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
             "training": {"steps": result.steps, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                          "stopped_early": result.stopped_early, "learning_rate": args.learning_rate,
                          "batch_size": args.batch_size, "train_examples": len(train_rows), "seed": args.seed,
-                         "precision": "bf16" if settings.precision == "bf16" or (settings.precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()) else "fp32"},
+                         "precision": "bf16" if resolve_bf16(settings.precision) else "fp32"},
             "validation_loss": {"before": round(loss_before, 4), "after": round(loss_after, 4),
                                 "best_during_training": result.best_eval_loss},
             "truncated": {"train_sources": train.truncated_sources, "train_targets": train.truncated_targets},

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Callable
 
 from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, env_path, path_help, require_path
-from stepkit.errors import StepError, run_step
+from stepkit.errors import StepError, first_line, run_step
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
 from stepkit.records import DATA_CARD, SPLITS, iter_jsonl, read_text, split_path, write_jsonl
 from stepkit.synthetic import generate_splits, unseen_in_train
@@ -147,11 +147,6 @@ def split_named_by(name: str) -> str | None:
     words = re.split(r"[^a-z]+", name.lower())
     found = {SPLIT_ALIASES[word] for word in words if word in SPLIT_ALIASES}
     return found.pop() if len(found) == 1 else None
-
-
-def first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def check_content_matches_extension(path: Path) -> None:

@@ -30,7 +30,7 @@ from pathlib import Path
 from stepkit import catalog
 from stepkit.catalog import GIB, Budget, CatalogEntry
 from stepkit.contract import atomic_output_dir, ensure_input_dir, env_path, path_help, require_path
-from stepkit.errors import StepError, run_step
+from stepkit.errors import StepError, first_line, run_step
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
                               read_model_card, save_model)
 
@@ -225,7 +225,7 @@ def load_tokenizer_folder(path: str, vocab_size: int):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise StepError(f"--tokenizer {path}: cannot load a tokenizer ({_first_line(err)})") from None
+        raise StepError(f"--tokenizer {path}: cannot load a tokenizer ({first_line(err)})") from None
     if len(tokenizer) > vocab_size:
         raise StepError(f"--tokenizer {path}: {len(tokenizer)} tokens do not fit the model's vocabulary of {vocab_size}")
     return tokenizer
@@ -259,7 +259,7 @@ def download_from_hub(entry: CatalogEntry, dtype: str):
     except OSError as err:
         raise StepError(
             f"cannot download {entry.hub_id}: the Hugging Face Hub is unreachable or refused the request "
-            f"({_first_line(err)}). Offline, use --model tiny, a local model folder or s3:// URI, or "
+            f"({first_line(err)}). Offline, use --model tiny, a local model folder or s3:// URI, or "
             f"--random-weights for benchmarks"
         ) from None
     card = {"weights": "pretrained", "tokenizer": f"{entry.hub_id} ({len(tokenizer)} tokens)", "benchmark_only": False}
@@ -404,11 +404,6 @@ def find_model_root(folder: Path, label: str) -> Path:
 
 
 # ---------------------------------------------------------------- main
-
-
-def _first_line(err: BaseException) -> str:
-    text = str(err).strip()
-    return text.splitlines()[0] if text else type(err).__name__
 
 
 def describe(model, dtype: str, entry: CatalogEntry | None) -> dict:

@@ -9,6 +9,12 @@ class StepError(Exception):
     """A problem the user can fix: the message says what was wrong, where, and what to do."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of a library's error message: enough to say what failed, without its traceback."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
 def run_step(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a step's ``main`` and turn a StepError into a one-line message and exit code 2.
 

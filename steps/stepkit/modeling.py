@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import StepError
+from .errors import StepError, first_line
 
 MODEL_CARD = "model_card.json"
 SUPPORTED_MODEL_TYPES = ("t5",)
@@ -73,8 +73,8 @@ def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForSeq2SeqLM.from_pretrained(folder)
     except (OSError, ValueError, RuntimeError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StepError(f"{flag} {folder}: cannot load the model ({first_line}); is a file corrupted or truncated?") from None
+        raise StepError(f"{flag} {folder}: cannot load the model ({first_line(err)}); "
+                        "is a file corrupted or truncated?") from None
     return model, tokenizer
 
 

@@ -17,13 +17,14 @@ dates wrong); rebuilding the whole text reached ROUGE-L 72 with the day right 87
 from __future__ import annotations
 
 import random
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from .catalog import untie_lm_head
 from .prompt import PROMPT_TEMPLATE
 from .records import read_split
-from .training import Encoded, TrainSettings, encode_pairs, evaluation_loss, train_seq2seq
+from .training import Encoded, TrainSettings, evaluation_loss, train_seq2seq
 
 # d_model 128, d_ff 512, 2+2 layers, 4 heads: about 1.4M parameters, a usable pace on 2 cores.
 TINY_ARCHITECTURE = {
@@ -160,8 +161,6 @@ def build_tiny_foundation(data_dir: Path, seed: int = 0, warmup_steps: int | Non
     settings = TrainSettings(max_steps=steps, learning_rate=learning_rate, batch_size=batch_size,
                              warmup_steps=min(50, steps // 10), logging_steps=max(steps // 10, 1), seed=seed)
     loss_before = evaluation_loss(model, tokenizer, held_out)
-    import tempfile
-
     with tempfile.TemporaryDirectory(prefix="tiny-warmup-") as checkpoints:
         result = train_seq2seq(model, tokenizer, train, None, settings, checkpoints, label="warm-up",
                                progress=progress, resume=False)
