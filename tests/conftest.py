@@ -1,6 +1,7 @@
 """Shared fixtures. Step scripts import ``stepkit`` as SageMaker would (their folder on sys.path)."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -32,3 +33,37 @@ def dialogsum_dir() -> Path:
     if not (folder / "dialogsum.dev.jsonl").is_file():
         pytest.skip("../shared/data/dialogsum is not present (only on the project's own machines)")
     return folder
+
+
+WARMUP_STEPS = "300"
+LORA_STEPS = "300"
+
+
+@pytest.fixture(scope="session")
+def chain(tmp_path_factory):
+    """prepare → select tiny → LoRA fine-tune → evaluate, once per session (about 4 minutes on 2 cores).
+
+    Later steps' tests (optimize, evaluate) start from its fine-tuned model. While iterating on
+    those tests, ``FLANOPS_TEST_CHAIN=<a flanops run folder>`` reuses that run instead (its
+    folders have the same names); CI never sets it.
+    """
+    reuse = os.environ.get("FLANOPS_TEST_CHAIN")
+    if reuse:
+        root = Path(reuse)
+        return {"root": root, "data": root / "data", "model": root / "model", "tuned": root / "finetuned",
+                "evaluation": root / "evaluation", "finetune_stdout": "", "evaluate_stdout": "",
+                "result": json.loads((root / "evaluation" / "evaluation.json").read_text())}
+    root = tmp_path_factory.mktemp("chain")
+    data, model, tuned, evaluation = (root / name for name in ("data", "model", "finetuned", "evaluation"))
+    run_step("prepare_data.py", "--input", "synthetic", "--output-dir", str(data), "--seed", "0",
+             "--test-size", "100")
+    run_step("select_model.py", "--model", "tiny", "--data-dir", str(data), "--output-dir", str(model),
+             "--warmup-steps", WARMUP_STEPS)
+    finetune = run_step("finetune_lora.py", "--model-dir", str(model), "--data-dir", str(data), "--output-dir", str(tuned),
+                        "--lora-r", "16", "--lora-alpha", "16", "--target-modules", "all-linear",
+                        "--learning-rate", "5e-3", "--max-steps", LORA_STEPS, "--eval-steps", "100")
+    evaluate = run_step("evaluate.py", "--model-dir", str(tuned), "--baseline-dir", str(model), "--data-dir", str(data),
+                        "--output-dir", str(evaluation), "--constant-candidates", "50")
+    return {"root": root, "data": data, "model": model, "tuned": tuned, "evaluation": evaluation,
+            "finetune_stdout": finetune.stdout, "evaluate_stdout": evaluate.stdout,
+            "result": json.loads((evaluation / "evaluation.json").read_text())}

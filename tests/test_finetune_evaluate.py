@@ -1,7 +1,7 @@
 """LoRA fine-tune and evaluation on the tiny model, run as a user runs the steps.
 
-One session fixture runs prepare → select tiny → finetune → evaluate with shortened settings
-(about 3 minutes on 2 cores); the tests read what it wrote.
+The session fixture ``chain`` (conftest.py) runs prepare → select tiny → finetune → evaluate
+with shortened settings; the tests read what it wrote.
 """
 from __future__ import annotations
 
@@ -9,28 +9,7 @@ import json
 import re
 
 import pytest
-from conftest import run_step
-
-WARMUP_STEPS = "300"
-LORA_STEPS = "300"
-
-
-@pytest.fixture(scope="session")
-def chain(tmp_path_factory):
-    root = tmp_path_factory.mktemp("chain")
-    data, model, tuned, evaluation = (root / name for name in ("data", "model", "finetuned", "evaluation"))
-    run_step("prepare_data.py", "--input", "synthetic", "--output-dir", str(data), "--seed", "0",
-             "--test-size", "100")
-    run_step("select_model.py", "--model", "tiny", "--data-dir", str(data), "--output-dir", str(model),
-             "--warmup-steps", WARMUP_STEPS)
-    finetune = run_step("finetune_lora.py", "--model-dir", str(model), "--data-dir", str(data), "--output-dir", str(tuned),
-                        "--lora-r", "16", "--lora-alpha", "16", "--target-modules", "all-linear",
-                        "--learning-rate", "5e-3", "--max-steps", LORA_STEPS, "--eval-steps", "100")
-    evaluate = run_step("evaluate.py", "--model-dir", str(tuned), "--baseline-dir", str(model), "--data-dir", str(data),
-                        "--output-dir", str(evaluation), "--constant-candidates", "50")
-    return {"root": root, "data": data, "model": model, "tuned": tuned, "evaluation": evaluation,
-            "finetune_stdout": finetune.stdout, "evaluate_stdout": evaluate.stdout,
-            "result": json.loads((evaluation / "evaluation.json").read_text())}
+from conftest import LORA_STEPS, run_step
 
 
 def test_finetune_prints_peft_trainable_line_and_progress(chain):
