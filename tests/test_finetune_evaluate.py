@@ -120,3 +120,37 @@ def test_evaluate_rejects_an_empty_test_split(chain, tmp_path):
                       "--data-dir", str(data), "--output-dir", str(tmp_path / "out"), check=False)
     assert result.returncode == 2 and "test split is empty" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_reports_cost_side_by_side_with_quality(chain):
+    metrics = chain["result"]["metrics"]
+    card = json.loads((chain["tuned"] / "model_card.json").read_text())
+    assert metrics["parameters"]["value"] == card["parameters"]
+    assert metrics["weights_bytes"]["value"] == (chain["tuned"] / "model.safetensors").stat().st_size
+    assert 0 < metrics["latency_p50_ms"]["value"] <= metrics["latency_p95_ms"]["value"]
+    assert metrics["throughput_tokens_per_s"]["value"] > 0
+    # Forward FLOPs per generated token: the decoder's weights once per token plus the encoder
+    # pass shared by the tokens; a few times the parameter count for this model and input size.
+    assert 1 < metrics["flops_per_generated_token"]["value"] / card["parameters"] < 20
+    baseline_bytes = chain["result"]["baseline"]["metrics"]["weights_bytes"]["value"]
+    assert metrics["compression_ratio"]["value"] == pytest.approx(baseline_bytes / metrics["weights_bytes"]["value"], rel=1e-3)
+
+
+def test_model_quality_document_matches_the_gate_metrics(chain):
+    document = json.loads((chain["evaluation"] / "model_quality.json").read_text())
+    assert document["dataset"]["item_count"] == 100
+    for name in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        entry = document["summarization_metrics"][name]
+        assert entry["value"] == pytest.approx(chain["result"]["metrics"][name]["value"], abs=1e-5)
+        assert 0 <= entry["standard_deviation"] <= 0.5
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("no-equals-sign", "expected NAME=DIR"),
+    ("baseline=/tmp", "the name 'baseline' is taken"),
+])
+def test_evaluate_rejects_bad_compare_specs(chain, tmp_path, spec, message):
+    result = run_step("evaluate.py", "--model-dir", str(chain["tuned"]), "--baseline-dir", str(chain["model"]),
+                      "--data-dir", str(chain["data"]), "--output-dir", str(tmp_path / "out"), "--compare", spec,
+                      check=False)
+    assert result.returncode == 2 and message in result.stderr and not (tmp_path / "out").exists()

@@ -180,3 +180,12 @@ def test_killed_step_leaves_no_folder_that_looks_complete(tmp_path):
     assert not target.exists()
     leftovers = [p.name for p in tmp_path.iterdir()]
     assert all(name.startswith(".out.partial-") for name in leftovers)
+
+
+def test_percentile_interpolates_like_numpy():
+    from stepkit.cost import _percentile
+
+    values = [10.0, 20.0, 30.0, 40.0]
+    assert _percentile(values, 50) == 25.0
+    assert _percentile(values, 95) == pytest.approx(38.5)
+    assert _percentile([7.0], 95) == 7.0
