@@ -22,6 +22,7 @@ from pathlib import Path
 
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
 from stepkit.errors import StepError, run_step
+from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
 from stepkit.modeling import (configure_runtime, load_model_and_tokenizer, read_model_card, save_model)
 from stepkit.records import read_split
 from stepkit.training import (TrainSettings, encode_records, evaluation_loss, resolve_bf16, train_seq2seq,
@@ -32,7 +33,6 @@ DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
 OUTPUT_ENV = ("SM_MODEL_DIR",)
 ADAPTER_DIR = "adapter"
 CURVE_FILE = "training_curve.json"
-T5_LINEAR_MODULES = ("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -44,12 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     paths.add_argument("--checkpoint-dir", help="checkpoints, resumed from when present (SageMaker: /opt/ml/checkpoints); "
                                                 "default: a temporary folder, no resume")
     paths.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    lora = parser.add_argument_group("LoRA")
-    lora.add_argument("--lora-r", type=int, default=32, help="adapter rank (default: 32)")
-    lora.add_argument("--lora-alpha", type=int, default=32, help="scaling numerator: updates are scaled by alpha/r (default: 32)")
-    lora.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapter input (default: 0.05)")
-    lora.add_argument("--target-modules", default="q,v",
-                      help="comma-separated T5 linear layers to adapt (q,k,v,o,wi_0,wi_1,wo) or all-linear (default: q,v)")
+    add_lora_arguments(parser.add_argument_group("LoRA"), r=32, alpha=32, dropout=0.05, target_modules="q,v")
     train = parser.add_argument_group("training")
     train.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300); training stops by "
                                                                   "step count, not time, so results reproduce on a loaded machine")
@@ -69,39 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def target_modules(spec: str) -> str | list[str]:
-    if spec.strip() == "all-linear":
-        return "all-linear"  # peft: every linear layer except the LM head
-    names = [name.strip() for name in spec.split(",") if name.strip()]
-    unknown = [name for name in names if name not in T5_LINEAR_MODULES]
-    if not names or unknown:
-        raise StepError(f"--target-modules {spec!r}: unknown module(s) {', '.join(unknown) or '(none given)'}; "
-                        f"choose from {', '.join(T5_LINEAR_MODULES)} or all-linear")
-    return names
-
-
-def check_lora_args(args: argparse.Namespace) -> None:
-    if args.lora_r < 1:
-        raise StepError(f"--lora-r must be at least 1, got {args.lora_r}")
-    if args.lora_alpha < 1:
-        raise StepError(f"--lora-alpha must be at least 1, got {args.lora_alpha}")
-    if not 0 <= args.lora_dropout < 1:
-        raise StepError(f"--lora-dropout must be in [0, 1), got {args.lora_dropout}")
+def check_length_args(args: argparse.Namespace) -> None:
     if args.max_source_length < 8 or args.max_target_length < 4:
         raise StepError("--max-source-length must be at least 8 and --max-target-length at least 4")
-
-
-def attach_lora(model, args: argparse.Namespace):
-    from peft import LoraConfig, TaskType, get_peft_model
-
-    config = LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=args.lora_dropout,
-                        target_modules=target_modules(args.target_modules), task_type=TaskType.SEQ_2_SEQ_LM)
-    try:
-        peft_model = get_peft_model(model, config)
-    except ValueError as err:  # e.g. a module name this architecture lacks
-        raise StepError(f"--target-modules {args.target_modules}: {str(err).splitlines()[0]}") from None
-    peft_model.print_trainable_parameters()  # peft's standard "trainable params: … || all params: …" line
-    return peft_model
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,13 +74,13 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
     output_dir = require_path(args.output_dir, "--output-dir", *OUTPUT_ENV)
-    check_lora_args(args)
+    lora = LoraSettings.from_args(args)
+    check_length_args(args)
     settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
                              warmup_steps=args.warmup_steps, eval_steps=args.eval_steps,
                              early_stopping_patience=args.early_stopping_patience if args.eval_steps else 0,
                              gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
                              logging_steps=max(1, min(25, args.max_steps // 10)), seed=args.seed)
-    target_modules(args.target_modules)  # fail on a bad name before loading anything
     train_rows = read_split(data_dir, "train")[: args.max_train_examples]
     validation_rows = read_split(data_dir, "validation")
     configure_runtime()
@@ -134,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.gradient_checkpointing:
         model.config.use_cache = False  # the KV cache and checkpointing don't mix during training
 
-    model = attach_lora(model, args)
+    model = attach_lora(model, lora)
     loss_before = evaluation_loss(model, tokenizer, validation)
     print(f"validation loss before fine-tuning: {loss_before:.4f}")
     with tempfile.TemporaryDirectory(prefix="lora-checkpoints-") as scratch:
@@ -150,8 +115,7 @@ def main(argv: list[str] | None = None) -> int:
           f"({result.seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s)")
 
     trainable, total = model.get_nb_trainable_parameters()
-    lora_settings = {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout,
-                     "target_modules": args.target_modules, "trainable_parameters": trainable,
+    lora_settings = {**lora.card(), "trainable_parameters": trainable,
                      "trainable_percent": round(100 * trainable / total, 4)}
     with atomic_output_dir(output_dir, args.overwrite) as staging:
         model.save_pretrained(staging / ADAPTER_DIR)
