@@ -11,12 +11,15 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .errors import StepError
 from .prompt import format_prompt
 
 Progress = Callable[[str], None]
+# (model, batch) -> (loss, model outputs): a loss other than the model's own, e.g. distillation.
+# The loss is a mean over the batch's target tokens, like the model's own.
+LossFunction = Callable[[Any, dict], tuple[Any, Any]]
 
 
 @dataclass
@@ -128,8 +131,12 @@ def _progress_callback(progress: Progress, label: str, max_steps: int):
 
 def train_seq2seq(model, tokenizer, train: Encoded, validation: Encoded | None, settings: TrainSettings,
                   checkpoint_dir: str | Path, label: str, progress: Progress = print,
-                  resume: bool = True) -> TrainResult:
-    """Train ``model`` in place; checkpoints go to ``checkpoint_dir`` and a run there is resumed."""
+                  resume: bool = True, compute_loss: LossFunction | None = None) -> TrainResult:
+    """Train ``model`` in place; checkpoints go to ``checkpoint_dir`` and a run there is resumed.
+
+    ``compute_loss`` replaces the model's own cross-entropy for training and for the validation
+    loss in the curve (and early stopping); without it the model's loss is used.
+    """
     from transformers import (DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback, Seq2SeqTrainer,
                               Seq2SeqTrainingArguments)
     from transformers.trainer_utils import get_last_checkpoint
@@ -173,7 +180,8 @@ def train_seq2seq(model, tokenizer, train: Encoded, validation: Encoded | None, 
     callbacks = [_progress_callback(progress, label, settings.max_steps)]
     if args.load_best_model_at_end:
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=settings.early_stopping_patience))
-    trainer = Seq2SeqTrainer(
+    trainer_class = Seq2SeqTrainer if compute_loss is None else _trainer_with_loss(compute_loss)
+    trainer = trainer_class(
         model=model,
         args=args,
         train_dataset=train.features,
@@ -200,6 +208,19 @@ def train_seq2seq(model, tokenizer, train: Encoded, validation: Encoded | None, 
         best_eval_loss=min(eval_losses) if eval_losses else None,
         stopped_early=trainer.state.global_step < settings.max_steps,
     )
+
+
+def _trainer_with_loss(loss_function: LossFunction):
+    from transformers import Seq2SeqTrainer
+
+    class CustomLossTrainer(Seq2SeqTrainer):
+        loss_is_scaled_for_ga = False  # a per-batch mean: the Trainer divides it by gradient-accumulation steps
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            loss, outputs = loss_function(model, inputs)
+            return (loss, outputs) if return_outputs else loss
+
+    return CustomLossTrainer
 
 
 def _curve_point(entry: dict) -> dict:

@@ -1,0 +1,274 @@
+"""Distil a fine-tuned Flan-T5 (the teacher) into a smaller student on the prepared splits.
+
+The student learns from the reference summaries and from the teacher's output distribution
+on them (teacher-forced): per target token,
+
+    alpha * T² * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, reference)
+
+The teacher is frozen. The student (--student):
+  layers           default: the teacher shrunk, --student-layers-fraction of its encoder and
+                   decoder blocks (at least 1 each; or --student-encoder-layers/--student-decoder-layers),
+                   initialised by copying teacher blocks 0, 2, 4, … (as DistilBART does), with the
+                   embeddings and LM head; block 0 holds T5's relative position bias
+  flan-t5-small    a catalog name: the pretrained model from the Hugging Face Hub
+  ./folder         a model folder (e.g. select_model.py output)
+A catalog or folder student must share the teacher's vocabulary (same tokenizer).
+
+Writes to ``--output-dir`` (SageMaker's model dir, packed as model.tar.gz): the student model,
+``training_curve.json`` (distillation loss per step, on validation per evaluation) and
+``model_card.json`` (teacher, student architecture and kept layers, T, alpha, parameters,
+validation loss and agreement with the teacher before and after).
+
+Example:
+  python steps/distill.py --teacher-dir out/finetuned --data-dir out/data --output-dir out/distilled \\
+      --temperature 2 --alpha 0.5 --max-steps 300
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from stepkit import catalog
+from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
+from stepkit.distillation import (check_same_vocabulary, check_settings, compare_to_teacher, distillation_loss_function,
+                                  layers_to_keep, shrink_teacher, student_layer_count)
+from stepkit.errors import StepError, first_line, run_step
+from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
+                              read_model_card, save_model)
+from stepkit.records import read_split
+from stepkit.training import TrainSettings, encode_records, resolve_bf16, train_seq2seq, write_curve
+
+TEACHER_ENV = ("SM_CHANNEL_TEACHER", "SM_CHANNEL_MODEL")
+DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
+OUTPUT_ENV = ("SM_MODEL_DIR",)
+CURVE_FILE = "training_curve.json"
+SHRUNK = "layers"
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    paths = parser.add_argument_group("paths")
+    paths.add_argument("--teacher-dir", default=env_path(*TEACHER_ENV),
+                       help=path_help("the fine-tuned (merged) model folder (finetune_lora.py output)", *TEACHER_ENV))
+    paths.add_argument("--data-dir", default=env_path(*DATA_ENV), help=path_help("prepared splits (prepare_data.py output)", *DATA_ENV))
+    paths.add_argument("--output-dir", default=env_path(*OUTPUT_ENV), help=path_help("where the student model goes", *OUTPUT_ENV))
+    paths.add_argument("--checkpoint-dir", help="checkpoints, resumed from when present (SageMaker: /opt/ml/checkpoints); "
+                                                "default: a temporary folder, no resume")
+    paths.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    student = parser.add_argument_group("student")
+    student.add_argument("--student", default=SHRUNK,
+                         help=f"'{SHRUNK}' (the teacher shrunk), a catalog name (flan-t5-small) or a model folder "
+                              f"sharing the teacher's tokenizer (default: {SHRUNK})")
+    student.add_argument("--student-layers-fraction", type=float, default=0.5,
+                         help="share of the teacher's encoder and decoder blocks the shrunk student keeps (default: 0.5)")
+    student.add_argument("--student-encoder-layers", type=int, help="encoder blocks to keep (overrides the fraction)")
+    student.add_argument("--student-decoder-layers", type=int, help="decoder blocks to keep (overrides the fraction)")
+    loss = parser.add_argument_group("distillation loss")
+    loss.add_argument("--temperature", type=float, default=2.0, help="softmax temperature T > 0 for the KL term (default: 2.0)")
+    loss.add_argument("--alpha", type=float, default=0.5,
+                      help="weight of the distillation (KL) term in [0, 1]; 1 - alpha weighs the reference CE (default: 0.5)")
+    train = parser.add_argument_group("training")
+    train.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300)")
+    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
+    train.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
+    train.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up steps (default: 20)")
+    train.add_argument("--eval-steps", type=int, default=50,
+                       help="evaluate the distillation loss on validation every N steps; 0: never (default: 50)")
+    train.add_argument("--early-stopping-patience", type=int, default=3,
+                       help="stop after N evaluations without a better validation loss, keep the best; 0: off (default: 3)")
+    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                       help="auto: bf16 where the GPU supports it, else fp32; fp16 is not offered (T5 overflows in it)")
+    train.add_argument("--max-source-length", type=int, default=512, help="dialogue prompt tokens kept (default: 512)")
+    train.add_argument("--max-target-length", type=int, default=128, help="summary tokens kept (default: 128)")
+    train.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
+    train.add_argument("--max-validation-examples", type=int,
+                       help="measure loss and agreement on only the first N validation examples (quick runs)")
+    train.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    check_settings(args.temperature, args.alpha)
+    if not 0 < args.student_layers_fraction <= 1:
+        raise StepError(f"--student-layers-fraction must be in (0, 1], got {args.student_layers_fraction}")
+    for flag, value in (("--max-train-examples", args.max_train_examples),
+                        ("--max-validation-examples", args.max_validation_examples)):
+        if value is not None and value < 1:
+            raise StepError(f"{flag} must be at least 1, got {value}")
+    if args.max_source_length < 8 or args.max_target_length < 4:
+        raise StepError("--max-source-length must be at least 8 and --max-target-length at least 4")
+
+
+def read_config(folder: Path) -> dict:
+    return json.loads((folder / "config.json").read_text(encoding="utf-8"))  # check_model_dir validated it
+
+
+def plan_student(args: argparse.Namespace, teacher_config: dict) -> dict:
+    """What --student names, checked without loading any weights (so mistakes cost seconds)."""
+    spec = args.student.strip()
+    teacher_vocab = teacher_config["vocab_size"]
+    if spec == SHRUNK:
+        encoder_total = teacher_config["num_layers"]
+        decoder_total = teacher_config.get("num_decoder_layers") or encoder_total
+        encoder = student_layer_count(encoder_total, args.student_layers_fraction, args.student_encoder_layers,
+                                      "--student-encoder-layers")
+        decoder = student_layer_count(decoder_total, args.student_layers_fraction, args.student_decoder_layers,
+                                      "--student-decoder-layers")
+        return {"kind": "shrunk", "encoder_layers": layers_to_keep(encoder_total, encoder),
+                "decoder_layers": layers_to_keep(decoder_total, decoder)}
+    if args.student_encoder_layers is not None or args.student_decoder_layers is not None:
+        raise StepError(f"--student-encoder-layers/--student-decoder-layers shrink the teacher; "
+                        f"they do not apply to --student {spec}")
+    entry = catalog.lookup(spec)
+    if entry is catalog.TINY:
+        raise StepError("--student tiny: the tiny model is built from data by select_model.py and has its own "
+                        "tokenizer; use the default student (the teacher shrunk) instead")
+    if entry is not None:
+        check_same_vocabulary(None, None, teacher_vocab, entry.dims.vocab_size, f"--student {spec}")
+        return {"kind": "catalog", "entry": entry}
+    path = Path(spec)
+    if not path.exists():
+        known = ", ".join(e.name for e in catalog.FAMILY)
+        raise StepError(f"--student {spec}: not '{SHRUNK}', a catalog name ({known}) or an existing model folder")
+    folder = check_model_dir(path, "--student")
+    check_same_vocabulary(None, None, teacher_vocab, read_config(folder).get("vocab_size"), f"--student {folder}")
+    return {"kind": "folder", "folder": folder}
+
+
+def load_student(plan: dict, teacher, teacher_tokenizer):
+    """(student model, its tokenizer, what the card says about where it came from)."""
+    if plan["kind"] == "shrunk":
+        student = shrink_teacher(teacher, plan["encoder_layers"], plan["decoder_layers"])
+        return student, teacher_tokenizer, {
+            "source": "teacher shrunk",
+            "layers_kept": {"encoder": plan["encoder_layers"], "decoder": plan["decoder_layers"]},
+            "initialised_from": "the teacher's blocks listed in layers_kept, its embeddings and LM head"}
+    if plan["kind"] == "catalog":
+        entry = plan["entry"]
+        student, tokenizer = download_from_hub(entry.hub_id)
+        where = {"source": entry.hub_id, "initialised_from": f"pretrained {entry.hub_id}"}
+        label = f"--student {entry.name}"
+    else:
+        student, tokenizer = load_model_and_tokenizer(plan["folder"], flag="--student")
+        where = {"source": str(plan["folder"]), "source_card": read_model_card(plan["folder"]),
+                 "initialised_from": f"the model in {plan['folder']}"}
+        label = f"--student {plan['folder']}"
+    check_same_vocabulary(teacher_tokenizer, tokenizer, teacher.config.vocab_size, student.config.vocab_size, label)
+    return student.to(teacher.dtype), tokenizer, where
+
+
+def download_from_hub(hub_id: str):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    print(f"downloading the student {hub_id} from the Hugging Face Hub")
+    try:
+        return AutoModelForSeq2SeqLM.from_pretrained(hub_id), AutoTokenizer.from_pretrained(hub_id)
+    except OSError as err:
+        raise StepError(f"--student {hub_id}: cannot download it ({first_line(err)}); offline, use the default "
+                        "student (the teacher shrunk) or a local model folder") from None
+
+
+def architecture(model) -> dict:
+    return {"model_type": model.config.model_type, **catalog.dims_of_model(model).as_dict()}
+
+
+def rounded(figures: dict) -> dict:
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in figures.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    check_args(args)
+    teacher_dir = check_model_dir(require_path(args.teacher_dir, "--teacher-dir", *TEACHER_ENV), "--teacher-dir")
+    data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
+    output_dir = require_path(args.output_dir, "--output-dir", *OUTPUT_ENV)
+    settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                             warmup_steps=args.warmup_steps, eval_steps=args.eval_steps,
+                             early_stopping_patience=args.early_stopping_patience if args.eval_steps else 0,
+                             precision=args.precision, logging_steps=max(1, min(25, args.max_steps // 10)),
+                             seed=args.seed)
+    plan = plan_student(args, read_config(teacher_dir))
+    train_rows = read_split(data_dir, "train")[: args.max_train_examples]
+    validation_rows = read_split(data_dir, "validation")[: args.max_validation_examples]
+    with atomic_output_dir(output_dir, args.overwrite) as staging:  # a full --output-dir fails now, not after training
+        configure_runtime()
+        from transformers import set_seed
+
+        set_seed(args.seed)
+        teacher, tokenizer = load_model_and_tokenizer(teacher_dir, flag="--teacher-dir")
+        student, student_tokenizer, origin = load_student(plan, teacher, tokenizer)
+        teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+        print(f"teacher {teacher_params:,} parameters; student {student_params:,} "
+              f"({100 * student_params / teacher_params:.0f}%)"
+              + (f", teacher layers kept: {origin['layers_kept']}" if "layers_kept" in origin else ""))
+        if student_params >= teacher_params:
+            print(f"warning: the student is not smaller than the teacher ({student_params:,} ≥ {teacher_params:,} parameters)")
+
+        train = encode_records(tokenizer, train_rows, args.max_source_length, args.max_target_length)
+        validation = encode_records(tokenizer, validation_rows, args.max_source_length, args.max_target_length)
+        for name, data, rows in (("train", train, train_rows), ("validation", validation, validation_rows)):
+            if data.truncated_sources or data.truncated_targets:
+                print(f"warning: {name}: {data.truncated_sources} of {len(rows)} prompts cut to --max-source-length "
+                      f"{args.max_source_length}, {data.truncated_targets} summaries cut to --max-target-length "
+                      f"{args.max_target_length}")
+        before = compare_to_teacher(student, teacher, tokenizer, validation)
+        print(f"before distillation: validation loss {before['student_loss']:.4f} (teacher {before['teacher_loss']:.4f}), "
+              f"KL to teacher {before['kl']:.4f}, token agreement {before['token_agreement']:.1%}")
+        loss_function = distillation_loss_function(teacher, args.temperature, args.alpha)
+        with tempfile.TemporaryDirectory(prefix="distill-checkpoints-") as scratch:
+            checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(scratch)
+            try:
+                checkpoints.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise StepError(f"--checkpoint-dir {checkpoints}: cannot create it ({err.strerror})") from None
+            result = train_seq2seq(student, tokenizer, train, validation, settings, checkpoints, label="distill",
+                                   resume=bool(args.checkpoint_dir), compute_loss=loss_function)
+        after = compare_to_teacher(student, teacher, tokenizer, validation)
+        print(f"after {result.steps} steps ({result.seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s): "
+              f"validation loss {before['student_loss']:.4f} → {after['student_loss']:.4f} "
+              f"(teacher {after['teacher_loss']:.4f}), KL to teacher {before['kl']:.4f} → {after['kl']:.4f}, "
+              f"token agreement {before['token_agreement']:.1%} → {after['token_agreement']:.1%}")
+
+        teacher_card = read_model_card(teacher_dir)
+        card = {
+            "base_model": teacher_card.get("base_model", str(teacher_dir)),
+            "method": "distillation",
+            "teacher": {"dir": str(teacher_dir), "method": teacher_card.get("method"), "parameters": teacher_params,
+                        "architecture": architecture(teacher)},
+            "teacher_card": teacher_card,
+            "student": {**origin, "parameters": student_params, "architecture": architecture(student)},
+            "parameters_vs_teacher": round(student_params / teacher_params, 4),
+            "distillation": {"temperature": args.temperature, "alpha": args.alpha,
+                             "loss": "alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) "
+                                     "+ (1 - alpha) * CE(student, reference), mean over target tokens"},
+            "training": {"steps": result.steps, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
+                         "stopped_early": result.stopped_early, "learning_rate": args.learning_rate,
+                         "batch_size": args.batch_size, "train_examples": len(train_rows), "seed": args.seed,
+                         "precision": "bf16" if resolve_bf16(settings.precision) else "fp32"},
+            "validation_loss": {"before": round(before["student_loss"], 4), "after": round(after["student_loss"], 4),
+                                "teacher": round(after["teacher_loss"], 4),
+                                "best_distillation_loss_during_training": result.best_eval_loss},
+            "agreement_with_teacher": {
+                "measure": "teacher-forced on the validation references: kl = mean KL(teacher || student) per "
+                           "target token at T=1 (nats), token_agreement = share of positions with the same top token",
+                "before": rounded({k: before[k] for k in ("kl", "token_agreement")}),
+                "after": rounded({k: after[k] for k in ("kl", "token_agreement")}),
+                "validation_examples": len(validation_rows), "validation_tokens": after["tokens"]},
+            "truncated": {"train_sources": train.truncated_sources, "train_targets": train.truncated_targets},
+        }
+        save_model(student, student_tokenizer, staging, card)
+        write_curve(staging / CURVE_FILE, result, label="distill", loss="distillation", temperature=args.temperature,
+                    alpha=args.alpha, before=rounded(before), after=rounded(after))
+    print(f"wrote the student model and {CURVE_FILE} to {output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    started = time.perf_counter()
+    code = run_step(main)
+    print(f"distill finished in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    sys.exit(code)
