@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 from stepkit import catalog
-from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
+from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.distillation import (check_same_vocabulary, check_settings, compare_to_teacher, distillation_loss_function,
                                   layers_to_keep, shrink_teacher, student_layer_count)
 from stepkit.errors import StepError, first_line, run_step
@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     check_args(args)
     teacher_dir = check_model_dir(require_path(args.teacher_dir, "--teacher-dir", *TEACHER_ENV), "--teacher-dir")
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
-    output_dir = require_path(args.output_dir, "--output-dir", *OUTPUT_ENV)
+    output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
                              warmup_steps=args.warmup_steps, eval_steps=args.eval_steps,
                              early_stopping_patience=args.early_stopping_patience if args.eval_steps else 0,

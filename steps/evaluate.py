@@ -24,7 +24,7 @@ import statistics
 import sys
 from pathlib import Path
 
-from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
+from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.cost import CostSettings, flops_per_generated_token, measure_speed, settings_dict, size_on_disk
 from stepkit.errors import StepError, run_step
 from stepkit.metrics import ROUGE_TYPES, best_constant_output, fact_accuracy, rouge, rouge_per_example
@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     baseline_dir = require_path(args.baseline_dir, "--baseline-dir", *BASELINE_ENV)
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
-    output_dir = require_path(args.output_dir, "--output-dir", *OUTPUT_ENV)
+    output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     if args.max_new_tokens < 1 or args.num_beams < 1 or args.batch_size < 1:
         raise StepError("--max-new-tokens, --num-beams and --batch-size must be at least 1")
     rows = read_split(data_dir, args.split)[: args.max_examples]

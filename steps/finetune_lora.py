@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
+from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
 from stepkit.modeling import (configure_runtime, load_model_and_tokenizer, read_model_card, save_model)
@@ -73,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
-    output_dir = require_path(args.output_dir, "--output-dir", *OUTPUT_ENV)
+    output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     lora = LoraSettings.from_args(args)
     check_length_args(args)
     settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,

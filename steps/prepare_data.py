@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, env_path, path_help, require_path
+from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, env_path, path_help, require_output_dir
 from stepkit.errors import StepError, first_line, run_step
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
 from stepkit.records import DATA_CARD, SPLITS, iter_jsonl, read_text, split_path, write_jsonl
@@ -518,7 +518,7 @@ def length_report(splits: dict[str, list[dict]], counter: TokenCounter, max_sour
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    output_dir = require_path(args.output_dir, "--output-dir", *OUTPUT_ENV)
+    output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     check_flags_fit_input(args)
     counter = token_counter(args.tokenizer)  # before reading data: a bad --tokenizer fails fast
 

@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from stepkit.contract import atomic_output_dir, env_path, path_help, require_path
+from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
@@ -184,7 +184,7 @@ def recover(model, tokenizer, args: argparse.Namespace, train_rows: list[dict], 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
-    output_dir = require_path(args.output_dir, "--output-dir", *OUTPUT_ENV)
+    output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     check_args(args)
     lora = LoraSettings.from_args(args) if args.recovery_steps else None
     training = recovery_settings(args) if args.recovery_steps else None

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from stepkit import catalog
 from stepkit.catalog import GIB, Budget, CatalogEntry
-from stepkit.contract import atomic_output_dir, ensure_input_dir, env_path, path_help, require_path
+from stepkit.contract import atomic_output_dir, ensure_input_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.errors import StepError, first_line, run_step
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
                               read_model_card, save_model)
@@ -445,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: would take {source.kind} model {source.uri}")
         return 0
 
-    output_dir = require_path(args.output_dir, "--output-dir", "SM_MODEL_DIR")
+    output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, "SM_MODEL_DIR")
     if source.kind == "tiny":
         data_dir = require_path(args.data_dir, "--data-dir", "SM_CHANNEL_TRAIN")
         ensure_input_dir(data_dir, "--data-dir", must_contain=("train.jsonl", "validation.jsonl"))

@@ -154,3 +154,14 @@ def test_evaluate_rejects_bad_compare_specs(chain, tmp_path, spec, message):
                       "--data-dir", str(chain["data"]), "--output-dir", str(tmp_path / "out"), "--compare", spec,
                       check=False)
     assert result.returncode == 2 and message in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_a_full_output_folder_is_refused_before_any_training(chain, tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("the user's own file")
+    result = run_step("finetune_lora.py", "--model-dir", str(chain["model"]), "--data-dir", str(chain["data"]),
+                      "--output-dir", str(taken), check=False)
+    assert result.returncode == 2 and "is not empty" in result.stderr and "--overwrite" in result.stderr
+    assert "validation loss" not in result.stdout  # refused before loading or training anything
+    assert (taken / "notes.txt").read_text() == "the user's own file"

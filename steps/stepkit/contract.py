@@ -42,6 +42,23 @@ def require_path(value: str | None, flag: str, *env_vars: str) -> Path:
     return Path(value)
 
 
+def check_output_target(target: Path, overwrite: bool) -> None:
+    """A user's non-empty folder is never replaced unless they said so (SageMaker's empty ones are fine)."""
+    if target.exists() and not target.is_dir():
+        raise StepError(f"output {target} exists and is not a folder")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise StepError(
+            f"output folder {target} is not empty; choose another --output-dir or pass --overwrite"
+        )
+
+
+def require_output_dir(value: str | None, flag: str, overwrite: bool, *env_vars: str) -> Path:
+    """``require_path`` for an output folder, checked before any work so a full folder fails in seconds."""
+    target = require_path(value, flag, *env_vars)
+    check_output_target(target.absolute(), overwrite)
+    return target
+
+
 def is_complete(folder: str | Path) -> bool:
     """True when a step published this folder completely (see :func:`atomic_output_dir`)."""
     return (Path(folder) / COMPLETE_MARKER).is_file()
@@ -74,12 +91,7 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     pre-creates empty output folders, which are fine).
     """
     target = Path(target).absolute()
-    if target.exists() and not target.is_dir():
-        raise StepError(f"output {target} exists and is not a folder")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise StepError(
-            f"output folder {target} is not empty; choose another --output-dir or pass --overwrite"
-        )
+    check_output_target(target, overwrite)  # again: the folder may have filled up while the step worked
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"

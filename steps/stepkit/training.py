@@ -238,7 +238,7 @@ def evaluation_loss(model, tokenizer, data: Encoded, batch_size: int = 64) -> fl
     total_loss, total_tokens = 0.0, 0
     with torch.no_grad():
         for start in range(0, len(data.features), batch_size):
-            batch = collate(data.features[start:start + batch_size])
+            batch = collate(data.features[start:start + batch_size]).to(model.device)
             tokens = int((batch["labels"] != -100).sum())
             total_loss += float(model(**batch).loss) * tokens
             total_tokens += tokens
