@@ -69,6 +69,10 @@ def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     folder = check_model_dir(model_dir, flag)
+    if read_model_card(folder).get("quantization"):  # written by quantize.py: int8 needs its own loader
+        from .quantization import load_quantized
+
+        return load_quantized(folder, flag)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         model = AutoModelForSeq2SeqLM.from_pretrained(folder)
