@@ -189,3 +189,14 @@ def test_percentile_interpolates_like_numpy():
     assert _percentile(values, 50) == 25.0
     assert _percentile(values, 95) == pytest.approx(38.5)
     assert _percentile([7.0], 95) == 7.0
+
+
+def test_parameter_count_includes_int8_weights_packed_in_quantized_layers():
+    import torch
+    from stepkit.modeling import count_parameters
+
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    dense = count_parameters(model)
+    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    assert sum(p.numel() for p in quantized.parameters()) < dense  # what parameters() alone would report
+    assert count_parameters(quantized) == dense == 16 * 32 + 32 + 32 * 4 + 4

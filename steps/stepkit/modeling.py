@@ -109,7 +109,15 @@ def _record_untied_head(model, folder: Path) -> None:
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """Float parameters plus the int8 weights packed inside quantized layers, which ``parameters()`` misses."""
+    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
+
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, LinearPackedParams):  # holds the weights of torch's int8 Linear and of ours
+            weight, bias = module._weight_bias()
+            total += weight.numel() + (bias.numel() if bias is not None else 0)
+    return total
 
 
 def summarize(model, tokenizer, dialogues: list[str], batch_size: int = 32, max_new_tokens: int = 64,
