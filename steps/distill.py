@@ -40,7 +40,7 @@ from stepkit.errors import StepError, first_line, run_step
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
                               read_model_card, save_model)
 from stepkit.records import read_split
-from stepkit.training import TrainSettings, encode_records, resolve_bf16, train_seq2seq, write_curve
+from stepkit.training import TrainSettings, add_training_arguments, encode_records, resolve_bf16, train_seq2seq, write_curve
 
 TEACHER_ENV = ("SM_CHANNEL_TEACHER", "SM_CHANNEL_MODEL")
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -72,19 +72,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     loss.add_argument("--alpha", type=float, default=0.5,
                       help="weight of the distillation (KL) term in [0, 1]; 1 - alpha weighs the reference CE (default: 0.5)")
     train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300)")
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    train.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
-    train.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up steps (default: 20)")
-    train.add_argument("--eval-steps", type=int, default=50,
-                       help="evaluate the distillation loss on validation every N steps; 0: never (default: 50)")
-    train.add_argument("--early-stopping-patience", type=int, default=3,
-                       help="stop after N evaluations without a better validation loss, keep the best; 0: off (default: 3)")
-    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                       help="auto: bf16 where the GPU supports it, else fp32; fp16 is not offered (T5 overflows in it)")
-    train.add_argument("--max-source-length", type=int, default=512, help="dialogue prompt tokens kept (default: 512)")
-    train.add_argument("--max-target-length", type=int, default=128, help="summary tokens kept (default: 128)")
-    train.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
+    add_training_arguments(train)
     train.add_argument("--max-validation-examples", type=int,
                        help="measure loss and agreement on only the first N validation examples (quick runs)")
     train.add_argument("--seed", type=int, default=0)

@@ -25,8 +25,8 @@ from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
 from stepkit.modeling import (configure_runtime, load_model_and_tokenizer, read_model_card, save_model)
 from stepkit.records import read_split
-from stepkit.training import (TrainSettings, encode_records, evaluation_loss, resolve_bf16, train_seq2seq,
-                              write_curve)
+from stepkit.training import (TrainSettings, add_training_arguments, encode_records, evaluation_loss, resolve_bf16,
+                              train_seq2seq, write_curve)
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -46,20 +46,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     paths.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
     add_lora_arguments(parser.add_argument_group("LoRA"), r=32, alpha=32, dropout=0.05, target_modules="q,v")
     train = parser.add_argument_group("training")
-    train.add_argument("--max-steps", type=int, default=300, help="optimizer steps (default: 300); training stops by "
-                                                                  "step count, not time, so results reproduce on a loaded machine")
-    train.add_argument("--learning-rate", type=float, default=1e-3, help="peak learning rate (default: 1e-3)")
-    train.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
-    train.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up steps (default: 20)")
-    train.add_argument("--eval-steps", type=int, default=50, help="evaluate validation loss every N steps; 0: never (default: 50)")
-    train.add_argument("--early-stopping-patience", type=int, default=3,
-                       help="stop after N evaluations without a better validation loss, keep the best; 0: off (default: 3)")
+    add_training_arguments(train)
     train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
-    train.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-                       help="auto: bf16 where the GPU supports it, else fp32; fp16 is not offered (T5 overflows in it)")
-    train.add_argument("--max-source-length", type=int, default=512, help="dialogue prompt tokens kept (default: 512)")
-    train.add_argument("--max-target-length", type=int, default=128, help="summary tokens kept (default: 128)")
-    train.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
     train.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 

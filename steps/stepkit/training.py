@@ -51,6 +51,26 @@ class TrainSettings:
             raise StepError("early stopping needs evaluation: set --eval-steps above 0")
 
 
+def add_training_arguments(group, max_steps: int = 300, learning_rate: float = 1e-3) -> None:
+    """The training flags every training step shares (fine-tune, distill), declared once."""
+    group.add_argument("--max-steps", type=int, default=max_steps,
+                       help=f"optimizer steps (default: {max_steps}); training stops by step count, not time, "
+                            "so results reproduce on a loaded machine")
+    group.add_argument("--learning-rate", type=float, default=learning_rate,
+                       help=f"peak learning rate (default: {learning_rate:g})")
+    group.add_argument("--batch-size", type=int, default=16, help="examples per step (default: 16)")
+    group.add_argument("--warmup-steps", type=int, default=20, help="linear learning-rate warm-up steps (default: 20)")
+    group.add_argument("--eval-steps", type=int, default=50,
+                       help="evaluate the training loss on validation every N steps; 0: never (default: 50)")
+    group.add_argument("--early-stopping-patience", type=int, default=3,
+                       help="stop after N evaluations without a better validation loss, keep the best; 0: off (default: 3)")
+    group.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                       help="auto: bf16 where the GPU supports it, else fp32; fp16 is not offered (T5 overflows in it)")
+    group.add_argument("--max-source-length", type=int, default=512, help="dialogue prompt tokens kept (default: 512)")
+    group.add_argument("--max-target-length", type=int, default=128, help="summary tokens kept (default: 128)")
+    group.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
+
+
 @dataclass
 class Encoded:
     """Tokenized examples and how many of them were cut to the length limits."""
