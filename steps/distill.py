@@ -40,7 +40,8 @@ from stepkit.errors import StepError, first_line, run_step
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
                               read_model_card, save_model)
 from stepkit.records import read_split
-from stepkit.training import TrainSettings, add_training_arguments, encode_records, resolve_bf16, train_seq2seq, write_curve
+from stepkit.training import (TrainSettings, add_training_arguments, check_data_limits, encode_records, resolve_bf16,
+                              train_seq2seq, write_curve)
 
 TEACHER_ENV = ("SM_CHANNEL_TEACHER", "SM_CHANNEL_MODEL")
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -83,12 +84,7 @@ def check_args(args: argparse.Namespace) -> None:
     check_settings(args.temperature, args.alpha)
     if not 0 < args.student_layers_fraction <= 1:
         raise StepError(f"--student-layers-fraction must be in (0, 1], got {args.student_layers_fraction}")
-    for flag, value in (("--max-train-examples", args.max_train_examples),
-                        ("--max-validation-examples", args.max_validation_examples)):
-        if value is not None and value < 1:
-            raise StepError(f"{flag} must be at least 1, got {value}")
-    if args.max_source_length < 8 or args.max_target_length < 4:
-        raise StepError("--max-source-length must be at least 8 and --max-target-length at least 4")
+    check_data_limits(args)
 
 
 def read_config(folder: Path) -> dict:

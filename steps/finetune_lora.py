@@ -25,8 +25,8 @@ from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
 from stepkit.modeling import (configure_runtime, load_model_and_tokenizer, read_model_card, save_model)
 from stepkit.records import read_split
-from stepkit.training import (TrainSettings, add_training_arguments, encode_records, evaluation_loss, resolve_bf16,
-                              train_seq2seq, write_curve)
+from stepkit.training import (TrainSettings, add_training_arguments, check_data_limits, encode_records,
+                              evaluation_loss, resolve_bf16, train_seq2seq, write_curve)
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -52,18 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_length_args(args: argparse.Namespace) -> None:
-    if args.max_source_length < 8 or args.max_target_length < 4:
-        raise StepError("--max-source-length must be at least 8 and --max-target-length at least 4")
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     lora = LoraSettings.from_args(args)
-    check_length_args(args)
+    check_data_limits(args)
     settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
                              warmup_steps=args.warmup_steps, eval_steps=args.eval_steps,
                              early_stopping_patience=args.early_stopping_patience if args.eval_steps else 0,

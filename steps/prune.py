@@ -37,7 +37,7 @@ from stepkit.pruning import (IMPORTANCE, STRUCTURED_TARGETS, UNSTRUCTURED_SCOPES
                              check_structured_amount, choose_units, prune_structured, prune_unstructured,
                              reapply_masks, sparsity, structured_units, weight_scores, weights_size)
 from stepkit.records import read_split
-from stepkit.training import TrainSettings, encode_records, evaluation_loss, train_seq2seq
+from stepkit.training import TrainSettings, check_data_limits, encode_records, evaluation_loss, train_seq2seq
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -124,12 +124,7 @@ def check_args(args: argparse.Namespace) -> None:
     if args.recovery_steps and not args.data_dir:
         raise StepError(f"--recovery-steps {args.recovery_steps} fine-tunes on the training split: pass --data-dir "
                         f"or set {' / '.join(DATA_ENV)}, or use --recovery-steps 0")
-    for flag, value in (("--max-train-examples", args.max_train_examples),
-                        ("--max-validation-examples", args.max_validation_examples)):
-        if value is not None and value < 1:
-            raise StepError(f"{flag} must be at least 1, got {value}")
-    if args.max_source_length < 8 or args.max_target_length < 4:
-        raise StepError("--max-source-length must be at least 8 and --max-target-length at least 4")
+    check_data_limits(args)
 
 
 def recovery_settings(args: argparse.Namespace) -> TrainSettings:

@@ -71,6 +71,17 @@ def add_training_arguments(group, max_steps: int = 300, learning_rate: float = 1
     group.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
 
 
+def check_data_limits(args) -> None:
+    """The length and example-count flags of :func:`add_training_arguments` (and steps' own
+    ``--max-validation-examples``), checked before anything loads."""
+    for flag in ("max_train_examples", "max_validation_examples"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise StepError(f"--{flag.replace('_', '-')} must be at least 1, got {value}")
+    if args.max_source_length < 8 or args.max_target_length < 4:
+        raise StepError("--max-source-length must be at least 8 and --max-target-length at least 4")
+
+
 @dataclass
 class Encoded:
     """Tokenized examples and how many of them were cut to the length limits."""
