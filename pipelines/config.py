@@ -1,0 +1,281 @@
+"""Pipeline configuration: defaults → YAML (``configs/*.yaml``) → ``--param NAME=VALUE``.
+
+A config has three parts:
+
+- ``pipeline_name``: the SageMaker pipeline the definition is upserted as.
+- ``parameters``: the pipeline's parameters (SageMaker ``Parameters``), named as in the
+  definition (``LoraRank``, ``MinRougeL``, …). Their values become the definition's defaults
+  and the values an execution starts with.
+- ``steps``: each job's fixed settings, as the step script's own flags without the dashes
+  (``finetune: {max_steps: 300}`` → ``finetune_lora.py --max-steps 300``). They are baked into
+  the definition; the step script's parser checks them, so there is one list of flags.
+
+``--param`` addresses either a parameter (``LoraRank=8``), a step setting
+(``steps.finetune.max_steps=50``) or ``pipeline_name=…``; values are read as YAML scalars.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+OPTIMIZATION_METHODS = ("none", "distill", "quantize", "prune", "auto")
+APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
+DEFAULT_CONFIG = "quick"
+
+# Which step script runs for each ``steps`` section, and which of its flags the definition
+# wires itself (from parameters or other steps' outputs) so a config may not set them.
+STEP_SCRIPTS = {
+    "prepare": "prepare_data",
+    "select": "select_model",
+    "finetune": "finetune_lora",
+    "distill": "distill",
+    "quantize": "quantize",
+    "prune": "prune",
+    "evaluate": "evaluate",
+}
+WIRED_FLAGS = {
+    "prepare": {"input", "output_dir", "overwrite"},
+    "select": {"model", "output_dir", "data_dir", "overwrite", "dry_run", "list"},
+    "finetune": {"model_dir", "data_dir", "output_dir", "checkpoint_dir", "lora_r", "lora_alpha", "overwrite"},
+    "distill": {"teacher_dir", "data_dir", "output_dir", "checkpoint_dir", "overwrite"},
+    "quantize": {"model_dir", "data_dir", "output_dir", "overwrite"},
+    "prune": {"model_dir", "data_dir", "output_dir", "overwrite"},
+    "evaluate": {"model_dir", "baseline_dir", "data_dir", "output_dir", "compare", "select_within_drop",
+                 "package_dir", "overwrite"},
+}
+
+
+class ConfigError(ValueError):
+    """A config problem, said so that the user knows what to change and where."""
+
+
+class Parameters(BaseModel):
+    """The pipeline parameters; names and types as they appear in the definition."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+    InputDataUri: str = Field("synthetic", min_length=1, description=(
+        "training data: 'synthetic', an s3:// prefix or file (JSONL/JSON/CSV/Parquet), or a Hugging Face dataset id"))
+    BaseModelId: str = Field("tiny", min_length=1, description=(
+        "foundation model: 'tiny' (offline stand-in), a catalog name (flan-t5-base) or a hub id"))
+    LoraRank: int = Field(16, ge=1, le=1024, description="LoRA adapter rank")
+    LoraAlpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (alpha / rank scales the update)")
+    OptimizationMethod: Literal[OPTIMIZATION_METHODS] = Field("quantize", description=(
+        "none, distill, quantize, prune, or auto (all three in parallel; the best variant within the gate wins)"))
+    MinRougeL: float = Field(0.40, ge=0.0, le=1.0, description="gate: lowest ROUGE-L F1 (0..1) the registered model may have")
+    MaxP95LatencyMs: float = Field(2000.0, gt=0.0, description="gate: highest p95 latency at batch 1, milliseconds")
+    MaxRougeLDrop: float = Field(0.05, ge=0.0, le=1.0, description=(
+        "gate and variant choice: largest ROUGE-L F1 loss (0..1) allowed against the fine-tuned model"))
+    ModelPackageGroupName: str = Field("flanops", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
+                                       description="Model Registry group the model is registered in")
+    ModelApprovalStatus: Literal[APPROVAL_STATUSES] = Field("PendingManualApproval",
+                                                            description="approval status of the registered model")
+    ProcessingInstanceType: str = Field("ml.m5.xlarge", pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$",
+                                        description="instance type of the processing jobs")
+    TrainingInstanceType: str = Field("ml.g5.xlarge", pattern=r"^ml\.[a-z0-9]+\.[a-z0-9]+$",
+                                      description="instance type of the LoRA training job")
+    TrainingInstanceCount: int = Field(1, ge=1, le=64, description=(
+        "training instances; more than one runs torchrun across them (SageMaker distributed training)"))
+
+
+class Images(BaseModel):
+    """Hugging Face container versions (``sagemaker.core.image_uris.retrieve('huggingface', …)``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    training_transformers: str = "5.3.0"
+    training_pytorch: str = "2.9.0"
+    processing_transformers: str = "5.5.3"   # CPU inference image: our processing jobs need no GPU
+    processing_pytorch: str = "2.6.0"
+    inference_transformers: str = "4.51.3"   # the 4.x hosting images most users still run
+    inference_pytorch: str = "2.6.0"
+    inference_instance_types: list[str] = ["ml.m5.xlarge", "ml.c5.xlarge", "ml.g5.xlarge"]
+
+
+class ConfigFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    pipeline_name: str = Field("flanops", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,255}$")
+    parameters: Parameters = Parameters()
+    steps: dict[str, dict[str, Any]] = {}
+    images: Images = Images()
+    cache_expire_after: str = Field("P30D", pattern=r"^P(\d+[YMWD])*(T(\d+[HMS])+)?$")
+    max_retries: int = Field(1, ge=0, le=10)
+
+
+@dataclass
+class PipelineConfig:
+    """A validated config and where it came from."""
+
+    pipeline_name: str
+    parameters: Parameters
+    steps: dict[str, dict[str, Any]]
+    images: Images
+    cache_expire_after: str
+    max_retries: int
+    source: str = "defaults"
+    overrides: list[str] = field(default_factory=list)
+
+    def step_arguments(self, section: str) -> list[str]:
+        """The ``steps.<section>`` settings as the step script's command-line flags."""
+        return settings_to_flags(self.steps.get(section, {}))
+
+    def parameter_values(self) -> dict[str, Any]:
+        return self.parameters.model_dump()
+
+
+def settings_to_flags(settings: dict[str, Any]) -> list[str]:
+    flags: list[str] = []
+    for name, value in settings.items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            flags.append(flag)
+        elif value is False or value is None:
+            continue
+        else:
+            flags += [flag, str(value)]
+    return flags
+
+
+def steps_dir() -> Path:
+    """The step scripts as installed with the package: the folder each job gets as its source_dir."""
+    return Path(str(resources.files("flanops.steps")))
+
+
+def import_step(script: str):
+    """A step script as a module, imported the way its job runs it (its folder on sys.path)."""
+    import importlib
+    import sys
+
+    folder = str(steps_dir())
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    return importlib.import_module(script)
+
+
+def config_dir() -> Path:
+    """The shipped configs (``configs/`` in the clone, ``flanops/configs`` when installed)."""
+    return Path(str(resources.files("flanops.configs")))
+
+
+def shipped_configs() -> list[Path]:
+    return sorted(config_dir().glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path | None) -> Path:
+    """A path, or the name of a shipped config (``quick`` → ``configs/quick.yaml``)."""
+    if name_or_path is None:
+        name_or_path = DEFAULT_CONFIG
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = config_dir() / f"{path.stem if path.suffix in ('.yaml', '.yml') else path.name}.yaml"
+    if path.parent == Path(".") and shipped.is_file():
+        return shipped
+    names = ", ".join(p.stem for p in shipped_configs())
+    raise ConfigError(f"--config {name_or_path}: no such file; give a YAML path or a shipped config ({names})")
+
+
+def load_config(name_or_path: str | Path | None = None, params: list[str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then each ``NAME=VALUE`` override; validated as a whole."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+    overrides = list(params or [])
+    for spec in overrides:
+        apply_override(raw, spec)
+    try:
+        parsed = ConfigFile.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(f"{path}{' with --param ' + ' '.join(overrides) if overrides else ''}: "
+                          + "; ".join(describe_error(e) for e in err.errors())) from None
+    config = PipelineConfig(parsed.pipeline_name, parsed.parameters, parsed.steps, parsed.images,
+                            parsed.cache_expire_after, parsed.max_retries, source=str(path), overrides=overrides)
+    check_step_settings(config)
+    return config
+
+
+def apply_override(raw: dict, spec: str) -> None:
+    name, sep, text = spec.partition("=")
+    name = name.strip()
+    if not sep or not name:
+        raise ConfigError(f"--param {spec!r}: expected NAME=VALUE, e.g. --param LoraRank=8")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    if name in Parameters.model_fields:
+        raw.setdefault("parameters", {})
+        if not isinstance(raw["parameters"], dict):
+            raise ConfigError("'parameters' in the config must be a mapping")
+        raw["parameters"][name] = value
+    elif name.startswith("steps.") and name.count(".") == 2:
+        _, section, setting = name.split(".")
+        if section not in STEP_SCRIPTS:
+            raise ConfigError(f"--param {name}: unknown step {section!r}; steps are {', '.join(STEP_SCRIPTS)}")
+        raw.setdefault("steps", {}).setdefault(section, {})[setting] = value
+    elif name in ("pipeline_name", "cache_expire_after", "max_retries"):
+        raw[name] = value
+    else:
+        close = [p for p in Parameters.model_fields if p.lower() == name.lower().replace("_", "")]
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise ConfigError(f"--param {name}: unknown parameter{hint}; parameters are "
+                          f"{', '.join(Parameters.model_fields)}, or steps.<step>.<setting>, pipeline_name")
+
+
+def describe_error(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"])
+    given = error.get("input")
+    given_text = "" if isinstance(given, dict) else f" (given {given!r})"
+    return f"{where}: {error['msg']}{given_text}"
+
+
+def check_step_settings(config: PipelineConfig) -> None:
+    """Each ``steps.<section>`` setting is a flag its script knows, of the right type.
+
+    The script's own argparse parser decides, so a config cannot drift from the scripts.
+    """
+    unknown = set(config.steps) - set(STEP_SCRIPTS)
+    if unknown:
+        raise ConfigError(f"{config.source}: steps.{sorted(unknown)[0]}: unknown step; steps are {', '.join(STEP_SCRIPTS)}")
+    for section, settings in config.steps.items():
+        if not isinstance(settings, dict):
+            raise ConfigError(f"{config.source}: steps.{section} must be a mapping of flag: value")
+        wired = sorted(set(settings) & WIRED_FLAGS[section])
+        if wired:
+            raise ConfigError(f"{config.source}: steps.{section}.{wired[0]} is set by the pipeline itself "
+                              "(from a parameter or another step's output); remove it")
+        for name in settings:
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
+                raise ConfigError(f"{config.source}: steps.{section}.{name}: settings are flag names like max_steps")
+        problem = parser_problem(STEP_SCRIPTS[section], settings_to_flags(settings))
+        if problem:
+            raise ConfigError(f"{config.source}: steps.{section} ({STEP_SCRIPTS[section]}.py): {problem}")
+
+
+def parser_problem(script: str, flags: list[str]) -> str | None:
+    """What the step script's argparse parser says about ``flags``, or None if it accepts them."""
+    module = import_step(script)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            module.parse_args(flags)
+    except SystemExit:
+        lines = [line for line in captured.getvalue().splitlines() if "error:" in line]
+        message = lines[-1].split("error:", 1)[1].strip() if lines else captured.getvalue().strip()
+        return message.replace("unrecognized arguments", "unknown setting(s)")
+    return None
