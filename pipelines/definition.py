@@ -1,0 +1,348 @@
+"""The lifecycle as one SageMaker Model Building Pipeline (SDK v3). This module only wires steps.
+
+    PrepareData → SelectModel → FineTuneLoRA ─┬─ OptimizeDistill  ─┐
+                                               ├─ OptimizeQuantize ─┼→ Evaluate → QualityGate ─┬→ RegisterModel
+                                               └─ OptimizePrune    ─┘                          └→ GateFailed
+
+Each job's entry script is a file of ``steps/`` and the folder is its source_dir. The three
+optimize branches always exist; a branch that ``OptimizationMethod`` does not choose writes a
+SKIPPED marker and ends at once (``steps/optimize.py``), so ``auto`` runs all three in
+parallel and Evaluate picks the variant to register. Evaluate writes ``evaluation.json``
+(read by the gate through a PropertyFile) and the chosen model as ``model.tar.gz``.
+
+Code locations are content-addressed (``<pipeline>/code/<sha256>/…``) so that an unchanged
+pipeline yields a byte-identical definition, and a changed script changes the definition
+(and so the cache keys) of exactly the jobs that run it.
+
+SageMaker SDK v3 makes boto3 clients when imported: everything here imports it lazily, after
+the caller has chosen the AWS (embedded or real) and the region.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .config import PipelineConfig, steps_dir
+
+PROCESSING = "/opt/ml/processing"       # SageMaker's processing container contract
+CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location
+CODE_INPUTS = {"code", "entrypoint", "aux", "sm_drivers"}   # job inputs that carry code, not data
+EVALUATION_REPORT = "EvaluationReport"
+VARIANTS = ("distill", "quantize", "prune")
+
+# Where the gate reads evaluate.py's evaluation.json.
+GATE_PATHS = {
+    "rougeL": "metrics.rougeL.value",
+    "latency_p95_ms": "metrics.latency_p95_ms.value",
+    "rougeL_drop": "metrics.rougeL_drop.value",
+    "variant": "selected_variant",
+}
+
+
+@dataclass(frozen=True)
+class StepNames:
+    prepare: str = "PrepareData"
+    select: str = "SelectModel"
+    finetune: str = "FineTuneLoRA"
+    evaluate: str = "Evaluate"
+    gate: str = "QualityGate"
+    register: str = "RegisterModel"
+    fail: str = "GateFailed"
+
+    @staticmethod
+    def optimize(variant: str) -> str:
+        return f"Optimize{variant.capitalize()}"
+
+
+NAMES = StepNames()
+
+
+# ----------------------------------------------------------------------------- code bundle
+def code_bundle(folder: Path | None = None) -> tuple[bytes, str]:
+    """``sourcedir.tar.gz`` of the step scripts, byte-for-byte the same for the same files.
+
+    Sorted names, zero mtimes/owners and a zero gzip timestamp: the SDK's own packaging stamps
+    the time, which would change the definition (and miss every cache) on each build.
+    """
+    folder = folder or steps_dir()
+    files = sorted(p for p in folder.rglob("*")
+                   if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo"))
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in files:
+            info = tarfile.TarInfo(path.relative_to(folder).as_posix())
+            data = path.read_bytes()
+            info.size, info.mode, info.mtime = len(data), 0o644, 0
+            tar.addfile(info, io.BytesIO(data))
+    packed = io.BytesIO()
+    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0, filename="") as gz:
+        gz.write(raw.getvalue())
+    body = packed.getvalue()
+    return body, hashlib.sha256(body).hexdigest()
+
+
+def upload_code(s3, bucket: str, pipeline_name: str) -> str:
+    """Upload the step scripts once per content; returns the ``sourcedir.tar.gz`` S3 URI."""
+    body, digest = code_bundle()
+    key = f"{pipeline_name}/{CODE_PREFIX}/{digest}/sourcedir.tar.gz"
+    put_if_absent(s3, bucket, key, body)
+    return f"s3://{bucket}/{key}"
+
+
+def put_if_absent(s3, bucket: str, key: str, body: bytes) -> None:
+    from botocore.exceptions import ClientError
+
+    try:
+        s3.head_object(Bucket=bucket, Key=key)
+    except ClientError as err:
+        if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
+            raise
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+
+
+def split_s3_uri(uri: str) -> tuple[str, str]:
+    if not uri.startswith("s3://"):
+        raise ValueError(f"not an S3 URI: {uri!r}")
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    return bucket, key
+
+
+def content_address(definition: dict, s3, pipeline_name: str) -> dict:
+    """Move code the SDK uploaded under per-build names (timestamps, job names) to content keys.
+
+    v3's ModelTrainer uploads its driver scripts (``sm_drivers``) and FrameworkProcessor its
+    ``install_requirements.py`` (``aux``) under a fresh job name on every build. The copies go
+    to ``<pipeline>/code/<sha256 of the files>/<name>`` and the definition points there.
+    """
+    for step in iter_steps(definition["Steps"]):
+        arguments = step.get("Arguments", {})
+        for item in arguments.get("ProcessingInputs", []):
+            if item.get("InputName") in CODE_INPUTS and "S3Input" in item:
+                item["S3Input"]["S3Uri"] = relocate(s3, item["S3Input"]["S3Uri"], pipeline_name, item["InputName"])
+        for channel in arguments.get("InputDataConfig", []):
+            source = channel.get("DataSource", {}).get("S3DataSource")
+            if channel.get("ChannelName") in CODE_INPUTS and source:
+                source["S3Uri"] = relocate(s3, source["S3Uri"], pipeline_name, channel["ChannelName"])
+    return definition
+
+
+def relocate(s3, uri: Any, pipeline_name: str, name: str) -> Any:
+    if not isinstance(uri, str):
+        return uri
+    bucket, key = split_s3_uri(uri)
+    if key.startswith(f"{pipeline_name}/{CODE_PREFIX}/"):
+        return uri   # already content-addressed (our bundle, the SDK's hashed runproc.sh)
+    prefix = key.rstrip("/")
+    objects = []
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        objects += [obj["Key"] for obj in page.get("Contents", [])]
+    if not objects:
+        raise RuntimeError(f"the SDK uploaded nothing to {uri} for the {name!r} input")
+    single_object = objects == [prefix]
+    base = prefix.rsplit("/", 1)[0] if single_object else prefix
+    files = {obj[len(base):].lstrip("/"): s3.get_object(Bucket=bucket, Key=obj)["Body"].read() for obj in sorted(objects)}
+    digest = hashlib.sha256()
+    for relative, body in sorted(files.items()):
+        digest.update(relative.encode() + b"\0" + hashlib.sha256(body).digest())
+    target = f"{pipeline_name}/{CODE_PREFIX}/{digest.hexdigest()}/{name}"
+    for relative, body in files.items():
+        put_if_absent(s3, bucket, f"{target}/{relative}", body)
+    if single_object:
+        return f"s3://{bucket}/{target}/{next(iter(files))}"
+    return f"s3://{bucket}/{target}" + ("/" if uri.endswith("/") else "")
+
+
+def iter_steps(steps: list[dict]):
+    """Every step, including those inside ConditionStep branches."""
+    for step in steps:
+        yield step
+        if step.get("Type") == "Condition":
+            yield from iter_steps(step["Arguments"].get("IfSteps", []))
+            yield from iter_steps(step["Arguments"].get("ElseSteps", []))
+
+
+# ----------------------------------------------------------------------------- the pipeline
+def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, session):
+    """Build the pipeline. ``session`` is a boto3 Session bound to the target AWS and region."""
+    from sagemaker.core import image_uris
+    from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
+    from sagemaker.core.processing import FrameworkProcessor
+    from sagemaker.core.shapes import ProcessingInput, ProcessingOutput, ProcessingS3Input, ProcessingS3Output
+    from sagemaker.core.workflow.conditions import ConditionGreaterThanOrEqualTo, ConditionLessThanOrEqualTo
+    from sagemaker.core.workflow.execution_variables import ExecutionVariables
+    from sagemaker.core.workflow.functions import Join, JsonGet
+    from sagemaker.core.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
+    from sagemaker.core.workflow.pipeline_context import PipelineSession
+    from sagemaker.core.workflow.properties import PropertyFile
+    from sagemaker.mlops.workflow.condition_step import ConditionStep
+    from sagemaker.mlops.workflow.fail_step import FailStep
+    from sagemaker.mlops.workflow.model_step import ModelStep
+    from sagemaker.mlops.workflow.pipeline import Pipeline
+    from sagemaker.mlops.workflow.retry import StepExceptionTypeEnum, StepRetryPolicy
+    from sagemaker.mlops.workflow.steps import CacheConfig, ProcessingStep, TrainingStep
+    from sagemaker.serve.model_builder import ModelBuilder
+    from sagemaker.train import ModelTrainer
+    from sagemaker.core.shapes import OutputDataConfig
+    from sagemaker.train.configs import Compute, InputData, SourceCode
+    from sagemaker.train.distributed import Torchrun
+
+    region = session.region_name
+    pipeline_session = PipelineSession(boto_session=session, default_bucket=default_bucket)
+    name = config.pipeline_name
+    values = config.parameter_values()
+    kinds = {int: ParameterInteger, float: ParameterFloat, str: ParameterString}
+    params = {key: kinds[type(value)](name=key, default_value=value) for key, value in values.items()}
+    p = params.__getitem__
+
+    source = upload_code(session.client("s3"), default_bucket, name)
+    cache = CacheConfig(enable_caching=True, expire_after=config.cache_expire_after)
+    # Capacity and throttling are worth retrying; a script's own error is not.
+    retry = [StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT, StepExceptionTypeEnum.THROTTLING],
+                             interval_seconds=30, backoff_rate=2.0, max_attempts=config.max_retries + 1)]
+    images = config.images
+    processing_image = image_uris.retrieve(
+        "huggingface", region=region, version=images.processing_transformers,
+        base_framework_version=f"pytorch{images.processing_pytorch}", instance_type=values["ProcessingInstanceType"],
+        image_scope="inference")
+    training_image = image_uris.retrieve(
+        "huggingface", region=region, version=images.training_transformers,
+        base_framework_version=f"pytorch{images.training_pytorch}", instance_type="ml.g5.xlarge", image_scope="training")
+    inference_image = image_uris.retrieve(
+        "huggingface", region=region, version=images.inference_transformers,
+        base_framework_version=f"pytorch{images.inference_pytorch}", instance_type=images.inference_instance_types[0],
+        image_scope="inference")
+
+    def s3_output(step: str, output: str):
+        return Join(on="/", values=["s3:/", default_bucket, name, ExecutionVariables.PIPELINE_EXECUTION_ID, step, output])
+
+    def processing_input(input_name: str, uri) -> Any:
+        return ProcessingInput(input_name=input_name, s3_input=ProcessingS3Input(
+            s3_uri=uri, local_path=f"{PROCESSING}/input/{input_name}", s3_data_type="S3Prefix", s3_input_mode="File"))
+
+    def processing_output(step: str, output_name: str) -> Any:
+        return ProcessingOutput(output_name=output_name, s3_output=ProcessingS3Output(
+            s3_uri=s3_output(step, output_name), local_path=f"{PROCESSING}/output/{output_name}", s3_upload_mode="EndOfJob"))
+
+    def output_uri(step, output_name: str):
+        return step.properties.ProcessingOutputConfig.Outputs[output_name].S3Output.S3Uri
+
+    def processing_step(step_name: str, script: str, arguments: list, inputs: list, outputs: list[str],
+                        property_files: list | None = None) -> ProcessingStep:
+        processor = FrameworkProcessor(
+            image_uri=processing_image, role=role_arn, instance_count=1, instance_type=p("ProcessingInstanceType"),
+            command=["python3"], sagemaker_session=pipeline_session, base_job_name=f"{name}-{step_name}")
+        step_args = processor.run(
+            code=f"{script}.py", source_dir=source, job_name=f"{name}-{step_name}", inputs=inputs,
+            outputs=[processing_output(step_name, output) for output in outputs], arguments=arguments)
+        return ProcessingStep(name=step_name, step_args=step_args, cache_config=cache, retry_policies=retry,
+                              property_files=property_files)
+
+    prepare = processing_step(
+        NAMES.prepare, "prepare_data",
+        ["--input", p("InputDataUri"), "--output-dir", f"{PROCESSING}/output/data", *config.step_arguments("prepare")],
+        inputs=[], outputs=["data"])
+    data_uri = output_uri(prepare, "data")
+
+    select = processing_step(
+        NAMES.select, "select_model",
+        ["--model", p("BaseModelId"), "--data-dir", f"{PROCESSING}/input/data",
+         "--output-dir", f"{PROCESSING}/output/model", *config.step_arguments("select")],
+        inputs=[processing_input("data", data_uri)], outputs=["model"])
+
+    trainer = ModelTrainer(
+        training_image=training_image, role=role_arn, sagemaker_session=pipeline_session,
+        base_job_name=f"{name}-{NAMES.finetune}",
+        source_code=SourceCode(source_dir=source, entry_script="finetune_lora.py", requirements="requirements.txt"),
+        # torchrun on one instance is a single process; on several it is SageMaker distributed training.
+        distributed=Torchrun(),
+        compute=Compute(instance_type=p("TrainingInstanceType"), instance_count=p("TrainingInstanceCount")),
+        output_data_config=OutputDataConfig(s3_output_path=s3_output(NAMES.finetune, "model")),
+        hyperparameters={"lora-r": p("LoraRank"), "lora-alpha": p("LoraAlpha"),
+                         **{key.replace("_", "-"): value for key, value in config.steps.get("finetune", {}).items()}},
+    )
+    finetune = TrainingStep(
+        name=NAMES.finetune, cache_config=cache, retry_policies=retry,
+        step_args=trainer.train(input_data_config=[
+            InputData(channel_name="data", data_source=data_uri),
+            InputData(channel_name="model", data_source=output_uri(select, "model")),
+        ]))
+    finetuned_uri = finetune.properties.ModelArtifacts.S3ModelArtifacts
+
+    variant_flags = {
+        "distill": ["--teacher-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
+        "quantize": ["--model-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
+        "prune": ["--model-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
+    }
+    optimize = {
+        variant: processing_step(
+            NAMES.optimize(variant), "optimize",
+            ["--variant", variant, "--method", p("OptimizationMethod"), "--",
+             *variant_flags[variant], "--output-dir", f"{PROCESSING}/output/model", *config.step_arguments(variant)],
+            inputs=[processing_input("model", finetuned_uri), processing_input("data", data_uri)], outputs=["model"])
+        for variant in VARIANTS
+    }
+
+    report = PropertyFile(name=EVALUATION_REPORT, output_name="evaluation", path="evaluation.json")
+    evaluate = processing_step(
+        NAMES.evaluate, "evaluate",
+        ["--model-dir", f"{PROCESSING}/input/finetuned", "--baseline-dir", f"{PROCESSING}/input/baseline",
+         "--data-dir", f"{PROCESSING}/input/data", "--output-dir", f"{PROCESSING}/output/evaluation",
+         "--package-dir", f"{PROCESSING}/output/model", "--select-within-drop", p("MaxRougeLDrop"),
+         *[arg for variant in VARIANTS for arg in ("--compare", f"{variant}={PROCESSING}/input/{variant}")],
+         *config.step_arguments("evaluate")],
+        inputs=[processing_input("finetuned", finetuned_uri), processing_input("baseline", output_uri(select, "model")),
+                processing_input("data", data_uri),
+                *[processing_input(variant, output_uri(optimize[variant], "model")) for variant in VARIANTS]],
+        outputs=["evaluation", "model"], property_files=[report])
+
+    def measured(path_name: str):
+        return JsonGet(step_name=evaluate.name, property_file=report, json_path=GATE_PATHS[path_name])
+
+    evaluation_uri = output_uri(evaluate, "evaluation")
+    model_metrics = ModelMetrics(model_statistics=MetricsSource(
+        s3_uri=Join(on="/", values=[evaluation_uri, "model_quality.json"]), content_type="application/json"))
+    builder = ModelBuilder(image_uri=inference_image, s3_model_data_url=Join(on="/", values=[output_uri(evaluate, "model"),
+                                                                                          "model.tar.gz"]),
+                           role_arn=role_arn, sagemaker_session=pipeline_session)
+    register = ModelStep(name=NAMES.register, step_args=builder.register(
+        model_package_group_name=p("ModelPackageGroupName"), approval_status=p("ModelApprovalStatus"),
+        content_types=["application/json", "text/plain"], response_types=["application/json"],
+        inference_instances=images.inference_instance_types, transform_instances=images.inference_instance_types[:1],
+        model_metrics=model_metrics, description=f"{name}: Flan-T5 + LoRA, optimized and gated",
+        customer_metadata_properties={"variant": measured("variant"), "base_model": p("BaseModelId"),
+                                      "optimization_method": p("OptimizationMethod")}))
+    fail = FailStep(name=NAMES.fail, error_message=Join(on=" ", values=[
+        "Quality gate failed for variant", measured("variant"), "- ROUGE-L", measured("rougeL"),
+        "(min", p("MinRougeL"), "), p95 latency", measured("latency_p95_ms"), "ms (max", p("MaxP95LatencyMs"),
+        "), ROUGE-L drop vs fine-tuned", measured("rougeL_drop"), "(max", p("MaxRougeLDrop"), ")"]))
+    gate = ConditionStep(
+        name=NAMES.gate,
+        conditions=[ConditionGreaterThanOrEqualTo(left=measured("rougeL"), right=p("MinRougeL")),
+                    ConditionLessThanOrEqualTo(left=measured("latency_p95_ms"), right=p("MaxP95LatencyMs")),
+                    ConditionLessThanOrEqualTo(left=measured("rougeL_drop"), right=p("MaxRougeLDrop"))],
+        if_steps=[register], else_steps=[fail])
+
+    return Pipeline(name=name, parameters=list(params.values()),
+                    steps=[prepare, select, finetune, *optimize.values(), evaluate, gate],
+                    sagemaker_session=pipeline_session)
+
+
+def build_definition(config: PipelineConfig, role_arn: str, default_bucket: str, session) -> str:
+    """The definition JSON a SageMaker user could upsert unchanged, stable across builds."""
+    import logging
+    import warnings
+
+    pipeline = get_pipeline(config, role_arn, default_bucket, session)
+    with warnings.catch_warnings():
+        # "Running within a PipelineSession…": expected, we only compile.
+        warnings.simplefilter("ignore", UserWarning)
+        logging.getLogger("sagemaker").setLevel(logging.ERROR)
+        definition = json.loads(pipeline.definition())
+    content_address(definition, session.client("s3"), config.pipeline_name)
+    return json.dumps(definition, indent=2, sort_keys=True) + "\n"
