@@ -1,6 +1,11 @@
 """flanops: Flan-T5 through its whole lifecycle as one SageMaker pipeline.
 
-Commands import their heavy dependencies lazily so that ``flanops --help`` stays fast.
+By default every command works against embedded AWS (a moto server on 127.0.0.1 that the
+first command starts and later ones reuse; ``flanops local status|stop``) and runs jobs on
+this machine. ``--aws`` targets your AWS account and SageMaker instead.
+
+Commands import their heavy dependencies lazily so that ``flanops --help`` stays fast and
+needs no AWS region.
 """
 from __future__ import annotations
 
@@ -9,41 +14,101 @@ import sys
 from pathlib import Path
 
 
-def _add_run(commands) -> None:
-    from .run import RunSettings
+def add_target(parser: argparse.ArgumentParser) -> None:
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--local", dest="aws", action="store_false", default=False,
+                        help="embedded AWS on this machine, jobs run locally (default)")
+    target.add_argument("--aws", dest="aws", action="store_true",
+                        help="your AWS account: upsert and start on SageMaker")
+    parser.add_argument("--role", help="--aws: execution role ARN for the pipeline and its jobs "
+                                       "(default: $FLANOPS_ROLE_ARN, or the Studio execution role)")
+    parser.add_argument("--bucket", help="--aws: S3 bucket for code and outputs (default: the SageMaker "
+                                         "session's default bucket)")
 
-    defaults = RunSettings()
-    run = commands.add_parser("run", help="run the lifecycle offline: data → tiny model → LoRA → evaluation",
-                              description="Run prepare_data → select_model (tiny) → finetune_lora → evaluate "
-                                          "on this machine, offline, into one run folder.")
-    run.add_argument("--output-dir", type=Path, help="run folder (default: runs/<UTC timestamp>)")
-    run.add_argument("--seed", type=int, default=defaults.seed)
-    run.add_argument("--train-size", type=int, default=defaults.train_size, help="synthetic training examples")
-    run.add_argument("--eval-examples", type=int, default=defaults.eval_examples, help="test examples scored")
-    run.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="tiny model warm-up steps")
-    run.add_argument("--lora-r", type=int, default=defaults.lora_r)
-    run.add_argument("--lora-alpha", type=int, default=defaults.lora_alpha)
-    run.add_argument("--target-modules", default=defaults.target_modules)
-    run.add_argument("--max-steps", type=int, default=defaults.max_steps, help="LoRA fine-tune steps")
-    run.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="LoRA learning rate")
+
+def add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="a YAML config or the name of a shipped one (default: quick; "
+                                         "see configs/)")
+    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+                        help="override a pipeline parameter (LoraRank=8) or step setting "
+                             "(steps.finetune.max_steps=50); repeatable")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flanops", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n", 1)[1].split("\n\nCommands")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="build, upsert and run the pipeline (the main job)",
+                              description="Build the pipeline definition, upsert it and run one execution: "
+                                          "locally on embedded AWS (default) or on SageMaker (--aws).")
+    add_config(run)
+    add_target(run)
+    run.add_argument("--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
+    run.add_argument("--resume", metavar="EXECUTION",
+                     help="rerun a failed execution's failed step and what follows (id or ARN)")
+
+    definition = commands.add_parser("definition", help="print the pipeline definition JSON")
+    add_config(definition)
+    add_target(definition)
+    definition.add_argument("--out", type=Path, help="write it to this file instead of stdout")
+
+    upsert = commands.add_parser("upsert", help="create or update the pipeline")
+    add_config(upsert)
+    add_target(upsert)
+
+    start = commands.add_parser("start", help="start an execution of the upserted pipeline")
+    add_config(start)
+    add_target(start)
+    start.add_argument("--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
+
+    executions = commands.add_parser("executions", help="list the pipeline's executions")
+    add_config(executions)
+    add_target(executions)
+
+    steps = commands.add_parser("steps", help="list an execution's steps")
+    steps.add_argument("execution", help="execution id or ARN")
+    add_config(steps)
+    add_target(steps)
+
+    local = commands.add_parser("local", help="the embedded AWS server: status or stop")
+    local.add_argument("action", choices=("status", "stop"))
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="flanops", description=__doc__.splitlines()[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    _add_run(commands)
+    parser = build_parser()
     args = parser.parse_args(argv)
+    from .errors import FlanopsError
 
-    if args.command == "run":
-        from .run import RunSettings, run, summary_table
+    try:
+        if args.command == "local":
+            return local_command(args.action)
+        from . import commands
 
-        settings = RunSettings(**{k: v for k, v in vars(args).items() if k != "command"})
-        result = run(settings)
-        print()
-        print(summary_table(result))
-        print(f"\nrun folder: {result.run_dir} (summary.json, evaluation/evaluation.json, evaluation/predictions.jsonl)")
-        return 0 if result.succeeded else 1
-    return 2
+        return getattr(commands, args.command)(args)
+    except FlanopsError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def local_command(action: str) -> int:
+    from .embedded import server_status, stop_server
+
+    if action == "status":
+        aws = server_status()
+        if aws is None:
+            print("embedded AWS: not running (the next flanops command starts it)")
+            return 1
+        print(f"embedded AWS: running at {aws.endpoint_url} (pid {aws.pid}, region {aws.region})")
+        print(f"use it from another shell:  export AWS_ENDPOINT_URL={aws.endpoint_url} "
+              f"AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION={aws.region}")
+        return 0
+    print("embedded AWS: stopped" if stop_server() else "embedded AWS: was not running")
+    return 0
 
 
 if __name__ == "__main__":

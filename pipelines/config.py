@@ -26,6 +26,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from .errors import FlanopsError
+
 OPTIMIZATION_METHODS = ("none", "distill", "quantize", "prune", "auto")
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 DEFAULT_CONFIG = "quick"
@@ -53,7 +55,7 @@ WIRED_FLAGS = {
 }
 
 
-class ConfigError(ValueError):
+class ConfigError(FlanopsError):
     """A config problem, said so that the user knows what to change and where."""
 
 

@@ -168,6 +168,21 @@ def iter_steps(steps: list[dict]):
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def quiet_sdk() -> None:
+    """The SDK logs every default it applies at INFO/DEBUG, through the root handler it installs.
+
+    It sets its loggers' levels as its modules load, so this runs after the imports; our own
+    progress lines say what matters.
+    """
+    import logging
+
+    for name in list(logging.root.manager.loggerDict):
+        if name.split(".")[0] in ("sagemaker", "botocore", "boto3", "urllib3"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+    for handler in logging.root.handlers:
+        handler.setLevel(logging.WARNING)
+
+
 def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, session):
     """Build the pipeline. ``session`` is a boto3 Session bound to the target AWS and region."""
     from sagemaker.core import image_uris
@@ -192,6 +207,7 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     from sagemaker.train.configs import Compute, InputData, SourceCode
     from sagemaker.train.distributed import Torchrun
 
+    quiet_sdk()
     region = session.region_name
     pipeline_session = PipelineSession(boto_session=session, default_bucket=default_bucket)
     name = config.pipeline_name
@@ -335,14 +351,12 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
 
 def build_definition(config: PipelineConfig, role_arn: str, default_bucket: str, session) -> str:
     """The definition JSON a SageMaker user could upsert unchanged, stable across builds."""
-    import logging
     import warnings
 
-    pipeline = get_pipeline(config, role_arn, default_bucket, session)
     with warnings.catch_warnings():
         # "Running within a PipelineSession…": expected, we only compile.
         warnings.simplefilter("ignore", UserWarning)
-        logging.getLogger("sagemaker").setLevel(logging.ERROR)
+        pipeline = get_pipeline(config, role_arn, default_bucket, session)
         definition = json.loads(pipeline.definition())
     content_address(definition, session.client("s3"), config.pipeline_name)
     return json.dumps(definition, indent=2, sort_keys=True) + "\n"

@@ -31,6 +31,7 @@ This module therefore does not pretend to persist anything across a restart.
 """
 from __future__ import annotations
 
+from .errors import FlanopsError
 import argparse
 import contextlib
 import datetime as dt
@@ -79,7 +80,7 @@ _UNSET_VARIABLES = (
 _SERVICE_ENDPOINT_PREFIX = "AWS_ENDPOINT_URL_"  # AWS_ENDPOINT_URL_S3 etc. would take precedence over ours
 
 
-class EmbeddedAwsError(RuntimeError):
+class EmbeddedAwsError(FlanopsError):
     """The embedded moto server could not be started, reached or stopped."""
 
 

@@ -32,12 +32,14 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .errors import FlanopsError
+
 CONTAINER_ROOT = "/opt/ml"
 PLACEHOLDER_EXECUTION = "<execution-id>"   # stands in for the execution id in cache keys
 JOB_TYPES = ("Processing", "Training")
 
 
-class StepFailed(Exception):
+class StepFailed(FlanopsError):
     """A step ended in failure; the message is its FailureReason."""
 
 
@@ -513,8 +515,9 @@ class LocalExecutor:
         return sandbox / container_path.lstrip("/")
 
     def map_argument(self, sandbox: Path, value: Any) -> str:
-        text = format_value(value)
-        return str(self.sandbox_path(sandbox, text)) if text.startswith(CONTAINER_ROOT + "/") else text
+        """Container paths in an argument (``/opt/ml/...`` or ``name=/opt/ml/...``) → the sandbox."""
+        return re.sub(rf"(^|=){re.escape(CONTAINER_ROOT)}/", lambda m: f"{m.group(1)}{sandbox}{CONTAINER_ROOT}/",
+                      format_value(value))
 
     def fresh_sandbox(self, sandbox: Path) -> None:
         import shutil

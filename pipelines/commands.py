@@ -1,0 +1,357 @@
+"""What each ``flanops`` command does, against embedded AWS (default) or AWS (``--aws``)."""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .config import PipelineConfig, load_config
+from .definition import quiet_sdk
+from .errors import FlanopsError
+
+ROLE_NAME = "flanops-pipeline-execution"   # created in embedded AWS only
+SAGEMAKER_TRUST = {"Version": "2012-10-17", "Statement": [
+    {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
+
+
+@dataclass
+class Target:
+    session: Any            # boto3 Session on the target AWS
+    role_arn: str
+    bucket: str
+    local: bool
+    job_env: dict[str, str]
+
+    def client(self, name: str):
+        return self.session.client(name)
+
+
+def open_target(args) -> Target:
+    if args.aws:
+        return aws_target(args)
+    from .embedded import ensure_server, flanops_home
+
+    aws = ensure_server()
+    aws.activate()   # the SDK makes its own clients from the environment: point them at the server too
+    sdk_config = flanops_home() / "embedded" / "sagemaker-sdk.yaml"
+    sdk_config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n"
+                          "      TelemetryOptOut: true\n", encoding="utf-8")
+    os.environ["SAGEMAKER_USER_CONFIG_OVERRIDE"] = str(sdk_config)   # no telemetry calls to the internet
+    session = aws.boto_session()
+    iam = session.client("iam")
+    try:
+        role_arn = iam.get_role(RoleName=ROLE_NAME)["Role"]["Arn"]
+    except iam.exceptions.NoSuchEntityException:
+        role_arn = iam.create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps(SAGEMAKER_TRUST))["Role"]["Arn"]
+    quiet_sdk()
+    return Target(session, role_arn, embedded_bucket(session), True, aws.environment())
+
+
+def aws_target(args) -> Target:
+    import boto3
+
+    session = boto3.Session()
+    if not session.region_name:
+        raise FlanopsError("--aws: no AWS region configured; set AWS_DEFAULT_REGION or a profile with a region")
+    if session.get_credentials() is None:
+        raise FlanopsError("--aws: no AWS credentials found; configure a profile (aws configure) or run in Studio")
+    role_arn = args.role or os.environ.get("FLANOPS_ROLE_ARN")
+    quiet_sdk()
+    if not role_arn:
+        try:
+            from sagemaker.core.helper.session_helper import get_execution_role
+
+            role_arn = get_execution_role()
+        except Exception:
+            raise FlanopsError("--aws: no execution role; pass --role ARN or set FLANOPS_ROLE_ARN (outside "
+                               "SageMaker Studio the role cannot be discovered)") from None
+    return Target(session, role_arn, args.bucket or default_bucket(session), False, {})
+
+
+def embedded_bucket(session) -> str:
+    """The SDK's default bucket name (sagemaker-<region>-<account>), in embedded S3.
+
+    The SDK's own default_bucket() calls STS at its public regional endpoint, bypassing ours.
+    """
+    account = session.client("sts").get_caller_identity()["Account"]
+    bucket = f"sagemaker-{session.region_name}-{account}"
+    s3 = session.client("s3")
+    if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
+        if session.region_name == "us-east-1":
+            s3.create_bucket(Bucket=bucket)
+        else:
+            s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": session.region_name})
+    return bucket
+
+
+def default_bucket(session) -> str:
+    """The SageMaker SDK's default bucket (sagemaker-<region>-<account>), created if missing."""
+    from sagemaker.core.workflow.pipeline_context import PipelineSession
+
+    return PipelineSession(boto_session=session).default_bucket()
+
+
+def definition_for(config: PipelineConfig, target: Target) -> str:
+    from .definition import build_definition
+
+    return build_definition(config, target.role_arn, target.bucket, target.session)
+
+
+def upsert_pipeline(config: PipelineConfig, target: Target, definition: str) -> str:
+    sagemaker = target.client("sagemaker")
+    request = {"PipelineName": config.pipeline_name, "PipelineDefinition": definition, "RoleArn": target.role_arn,
+               "PipelineDescription": f"flanops lifecycle ({Path(config.source).name})"}
+    if not pipeline_exists(sagemaker, config.pipeline_name):
+        return sagemaker.create_pipeline(**request, ClientRequestToken=f"{config.pipeline_name}-{time.time_ns()}"
+                                         )["PipelineArn"]
+    return sagemaker.update_pipeline(**request)["PipelineArn"]
+
+
+def pipeline_exists(sagemaker, name: str) -> bool:
+    pages = sagemaker.get_paginator("list_pipelines").paginate(PipelineNamePrefix=name)
+    return any(summary["PipelineName"] == name for page in pages for summary in page["PipelineSummaries"])
+
+
+def execution_parameters(config: PipelineConfig) -> list[dict[str, str]]:
+    return [{"Name": name, "Value": str(value)} for name, value in config.parameter_values().items()]
+
+
+# ----------------------------------------------------------------------------- commands
+def definition(args) -> int:
+    config = load_config(args.config, args.param)
+    text = definition_for(config, open_target(args))
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+        print(f"wrote {args.out} ({len(text)} bytes, pipeline {config.pipeline_name})")
+    else:
+        print(text, end="")
+    return 0
+
+
+def upsert(args) -> int:
+    config = load_config(args.config, args.param)
+    target = open_target(args)
+    arn = upsert_pipeline(config, target, definition_for(config, target))
+    print(f"upserted {arn}")
+    return 0
+
+
+def run(args) -> int:
+    config = load_config(args.config, args.param)   # every config error before anything runs
+    if args.resume and args.param:
+        raise FlanopsError("--resume reruns an execution with its own parameters; drop --param")
+    target = open_target(args)
+    if args.resume:
+        return resume_local(config, target, args.resume) if target.local else retry_on_sagemaker(config, target, args.resume)
+    definition_text = definition_for(config, target)
+    upsert_pipeline(config, target, definition_text)
+    return start_execution(config, target, definition_text, args.output_dir)
+
+
+def start(args) -> int:
+    config = load_config(args.config, args.param)
+    target = open_target(args)
+    sagemaker = target.client("sagemaker")
+    if not pipeline_exists(sagemaker, config.pipeline_name):
+        raise FlanopsError(f"pipeline {config.pipeline_name!r} does not exist yet; run `flanops upsert` first")
+    definition_text = sagemaker.describe_pipeline(PipelineName=config.pipeline_name)["PipelineDefinition"]
+    return start_execution(config, target, definition_text, args.output_dir)
+
+
+def start_execution(config: PipelineConfig, target: Target, definition_text: str, output_dir: Path | None) -> int:
+    sagemaker = target.client("sagemaker")
+    if not target.local:
+        arn = sagemaker.start_pipeline_execution(PipelineName=config.pipeline_name,
+                                                 PipelineParameters=execution_parameters(config))["PipelineExecutionArn"]
+        print(f"started {arn}")
+        return follow_on_sagemaker(target, arn)
+    from .embedded import flanops_home
+    from .local import LocalExecutor
+
+    run_dir = prepare_run_dir(output_dir)
+    arn = sagemaker.start_pipeline_execution(PipelineName=config.pipeline_name,
+                                             PipelineParameters=execution_parameters(config))["PipelineExecutionArn"]
+    print(f"execution {arn}\nrun folder {run_dir}")
+    executor = LocalExecutor(target.session, config.pipeline_name, json.loads(definition_text), flanops_home(),
+                             run_dir, job_env=target.job_env)
+    record = executor.start(config.parameter_values(), arn)
+    return report(record, run_dir)
+
+
+def resume_local(config: PipelineConfig, target: Target, execution: str) -> int:
+    from .embedded import flanops_home
+    from .local import LocalExecutor, load_execution, mark_orphaned
+
+    record = load_execution(flanops_home(), config.pipeline_name, execution)
+    mark_orphaned(record)
+    if record["PipelineExecutionStatus"] == "Succeeded":
+        raise FlanopsError(f"execution {record['ExecutionId']} succeeded; there is nothing to resume")
+    if record["PipelineExecutionStatus"] == "Executing":
+        raise FlanopsError(f"execution {record['ExecutionId']} is still running (pid {record.get('ExecutorPid')})")
+    run_dir = Path(record["RunDir"])
+    definition_text = (run_dir / "definition.json").read_text(encoding="utf-8")
+    print(f"resuming {record['PipelineExecutionArn']}\nrun folder {run_dir}")
+    executor = LocalExecutor(target.session, config.pipeline_name, json.loads(definition_text), flanops_home(),
+                             run_dir, job_env=target.job_env)
+    return report(executor.resume(record), run_dir)
+
+
+def prepare_run_dir(output_dir: Path | None) -> Path:
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    run_dir = (output_dir or Path("runs") / stamp).absolute()
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FlanopsError(f"run folder {run_dir} is not empty; choose another --output-dir (nothing was changed)")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+# ----------------------------------------------------------------------------- reporting
+def gate_facts(record: dict) -> dict | None:
+    """The gate's inputs and outcome, from the evaluation report and the condition step."""
+    from .definition import EVALUATION_REPORT, GATE_PATHS, NAMES
+    from .local import json_path
+
+    report_file = record["PropertyFiles"].get(f"{NAMES.evaluate}.{EVALUATION_REPORT}")
+    if report_file is None:
+        return None
+    measured = {}
+    for name, path in GATE_PATHS.items():
+        try:
+            measured[name] = json_path(report_file, path, "evaluation.json")
+        except FlanopsError:
+            measured[name] = None
+    gate_step = next((s for s in record["Steps"] if s["StepName"] == NAMES.gate), None)
+    outcome = gate_step["Metadata"].get("Condition", {}).get("Outcome") if gate_step else None
+    parameters = record["Parameters"]
+    selection = report_file.get("selection", {})
+    return {"passed": outcome == "True" if outcome else None, "variant": measured["variant"],
+            "measured": {k: v for k, v in measured.items() if k != "variant"},
+            "thresholds": {"MinRougeL": parameters.get("MinRougeL"), "MaxP95LatencyMs": parameters.get("MaxP95LatencyMs"),
+                           "MaxRougeLDrop": parameters.get("MaxRougeLDrop")},
+            "why": selection.get("rule"), "candidates": selection.get("candidates")}
+
+
+def report(record: dict, run_dir: Path) -> int:
+    from .definition import NAMES
+
+    print()
+    print(f"{'step':<18}{'status':<11}{'seconds':>9}  cached")
+    print("-" * 46)
+    for step in record["Steps"]:
+        cached = "yes" if step.get("CacheHitResult") else ""
+        print(f"{step['StepName']:<18}{step['StepStatus']:<11}{step.get('DurationSeconds') or 0:>9.1f}  {cached}")
+    total = sum(step.get("DurationSeconds") or 0 for step in record["Steps"])
+    print(f"{'total':<29}{total:>9.1f}")
+    gate = gate_facts(record)
+    if gate:
+        m, t = gate["measured"], gate["thresholds"]
+        verdict = {True: "PASSED", False: "FAILED", None: "not reached"}[gate["passed"]]
+        print(f"\nquality gate {verdict} for variant {gate['variant']}: "
+              f"ROUGE-L {fmt(m['rougeL'])} (min {t['MinRougeL']}), p95 latency {fmt(m['latency_p95_ms'])} ms "
+              f"(max {t['MaxP95LatencyMs']}), ROUGE-L drop vs fine-tuned {fmt(m['rougeL_drop'])} "
+              f"(max {t['MaxRougeLDrop']})")
+        if gate["why"]:
+            print(f"variant choice: {gate['why']}")
+    registered = next((s["Metadata"]["RegisterModel"]["Arn"] for s in record["Steps"]
+                       if s["StepName"] == NAMES.register and s["StepStatus"] == "Succeeded"), None)
+    if registered:
+        print(f"registered model package: {registered}")
+    status = record["PipelineExecutionStatus"]
+    print(f"\nexecution {record['ExecutionId']}: {status}"
+          + (f" — {record['FailureReason']}" if record.get("FailureReason") else ""))
+    if status == "Failed":
+        print(f"fix the cause, then: flanops run --resume {record['ExecutionId']}")
+    summary = {
+        "execution_arn": record["PipelineExecutionArn"], "execution_id": record["ExecutionId"], "status": status,
+        "failure_reason": record.get("FailureReason"), "run_dir": str(run_dir), "parameters": record["Parameters"],
+        "steps": [{"name": s["StepName"], "type": s["StepType"], "status": s["StepStatus"],
+                   "seconds": s.get("DurationSeconds"), "cached": bool(s.get("CacheHitResult")),
+                   "failure_reason": s.get("FailureReason")} for s in record["Steps"]],
+        "gate": gate, "model_package_arn": registered,
+    }
+    from .local import write_json_atomic
+
+    write_json_atomic(run_dir / "summary.json", summary)
+    print(f"summary: {run_dir / 'summary.json'}")
+    return 0 if status == "Succeeded" else 1
+
+
+def fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+
+
+def executions(args) -> int:
+    config = load_config(args.config, args.param)
+    target = open_target(args)
+    if target.local:
+        from .embedded import flanops_home
+        from .local import list_executions
+
+        rows = [(r["ExecutionId"], r["PipelineExecutionStatus"], r["CreationTime"], r.get("FailureReason") or "")
+                for r in list_executions(flanops_home(), config.pipeline_name)]
+    else:
+        summaries = target.client("sagemaker").list_pipeline_executions(PipelineName=config.pipeline_name)
+        rows = [(s["PipelineExecutionArn"].rsplit("/", 1)[-1], s["PipelineExecutionStatus"], str(s["StartTime"]),
+                 s.get("PipelineExecutionFailureReason") or "") for s in summaries["PipelineExecutionSummaries"]]
+    if not rows:
+        print(f"no executions of {config.pipeline_name} yet")
+        return 0
+    print(f"{'execution':<14}{'status':<11}{'started':<27}failure")
+    for row in rows:
+        print(f"{row[0]:<14}{row[1]:<11}{row[2]:<27}{row[3]}")
+    return 0
+
+
+def steps(args) -> int:
+    config = load_config(args.config, args.param)
+    target = open_target(args)
+    if target.local:
+        from .embedded import flanops_home
+        from .local import load_execution
+
+        entries = load_execution(flanops_home(), config.pipeline_name, args.execution)["Steps"]
+    else:
+        arn = args.execution if args.execution.startswith("arn:") else execution_arn(target, config, args.execution)
+        entries = target.client("sagemaker").list_pipeline_execution_steps(PipelineExecutionArn=arn,
+                                                                           SortOrder="Ascending")["PipelineExecutionSteps"]
+    print(f"{'step':<18}{'status':<11}{'start':<27}{'end':<27}{'cached':<8}failure")
+    for s in entries:
+        print(f"{s['StepName']:<18}{s['StepStatus']:<11}{str(s.get('StartTime') or ''):<27}"
+              f"{str(s.get('EndTime') or ''):<27}{'yes' if s.get('CacheHitResult') else '':<8}{s.get('FailureReason') or ''}")
+    return 0
+
+
+def execution_arn(target: Target, config: PipelineConfig, execution_id: str) -> str:
+    summaries = target.client("sagemaker").list_pipeline_executions(PipelineName=config.pipeline_name)
+    for summary in summaries["PipelineExecutionSummaries"]:
+        if summary["PipelineExecutionArn"].endswith(f"/{execution_id}"):
+            return summary["PipelineExecutionArn"]
+    raise FlanopsError(f"no execution {execution_id!r} of {config.pipeline_name}; see `flanops executions --aws`")
+
+
+def follow_on_sagemaker(target: Target, arn: str, poll_seconds: int = 30) -> int:
+    """Print each step's status changes until the execution ends."""
+    sagemaker = target.client("sagemaker")
+    seen: dict[str, str] = {}
+    while True:
+        for step in sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=arn,
+                                                            SortOrder="Ascending")["PipelineExecutionSteps"]:
+            if seen.get(step["StepName"]) != step["StepStatus"]:
+                seen[step["StepName"]] = step["StepStatus"]
+                print(f"{step['StepName']:<18}{step['StepStatus']:<11}{step.get('FailureReason') or ''}")
+        status = sagemaker.describe_pipeline_execution(PipelineExecutionArn=arn)
+        if status["PipelineExecutionStatus"] not in ("Executing", "Stopping"):
+            print(f"execution {arn}: {status['PipelineExecutionStatus']} {status.get('FailureReason') or ''}")
+            return 0 if status["PipelineExecutionStatus"] == "Succeeded" else 1
+        time.sleep(poll_seconds)
+
+
+def retry_on_sagemaker(config: PipelineConfig, target: Target, execution: str) -> int:
+    arn = execution if execution.startswith("arn:") else execution_arn(target, config, execution)
+    target.client("sagemaker").retry_pipeline_execution(PipelineExecutionArn=arn)
+    print(f"retrying {arn}")
+    return follow_on_sagemaker(target, arn)
