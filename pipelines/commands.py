@@ -144,6 +144,8 @@ def run(args) -> int:
     config = load_config(args.config, args.param)   # every config error before anything runs
     if args.resume and args.param:
         raise FlanopsError("--resume reruns an execution with its own parameters; drop --param")
+    if not args.resume:
+        check_run_dir(args.output_dir)
     target = open_target(args)
     if args.resume:
         return resume_local(config, target, args.resume) if target.local else retry_on_sagemaker(config, target, args.resume)
@@ -200,11 +202,15 @@ def resume_local(config: PipelineConfig, target: Target, execution: str) -> int:
     return report(executor.resume(record), run_dir)
 
 
+def check_run_dir(output_dir: Path | None) -> None:
+    if output_dir is not None and output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
+        raise FlanopsError(f"--output-dir {output_dir} is not an empty folder; choose another (nothing was changed)")
+
+
 def prepare_run_dir(output_dir: Path | None) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     run_dir = (output_dir or Path("runs") / stamp).absolute()
-    if run_dir.exists() and any(run_dir.iterdir()):
-        raise FlanopsError(f"run folder {run_dir} is not empty; choose another --output-dir (nothing was changed)")
+    check_run_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
