@@ -269,7 +269,11 @@ def report(record: dict, run_dir: Path) -> int:
     status = record["PipelineExecutionStatus"]
     print(f"\nexecution {record['ExecutionId']}: {status}"
           + (f" — {record['FailureReason']}" if record.get("FailureReason") else ""))
-    if status == "Failed":
+    gate_failed = any(s["StepType"] == "Fail" for s in record["Steps"])
+    if status == "Failed" and gate_failed:
+        print("the model did not pass the gate; change the model or the thresholds (--param MinRougeL=…) and run "
+              "again: unchanged jobs come from the cache")
+    elif status in ("Failed", "Stopped"):
         print(f"fix the cause, then: flanops run --resume {record['ExecutionId']}")
     summary = {
         "execution_arn": record["PipelineExecutionArn"], "execution_id": record["ExecutionId"], "status": status,
