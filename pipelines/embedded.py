@@ -31,7 +31,6 @@ This module therefore does not pretend to persist anything across a restart.
 """
 from __future__ import annotations
 
-from .errors import FlanopsError
 import argparse
 import contextlib
 import datetime as dt
@@ -49,6 +48,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .errors import FlanopsError
 
 if TYPE_CHECKING:
     import boto3

@@ -666,7 +666,7 @@ class LocalExecutor:
         with open(log_path, "w", encoding="utf-8") as log:
             process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, bufsize=1, start_new_session=True)
-            entry["Metadata"]["Pid"] = process.pid
+            entry["Metadata"].update(Pid=process.pid, Command=argv)
             self.save(record)
             tail: list[str] = []
             try:
