@@ -262,6 +262,9 @@ def report(record: dict, run_dir: Path) -> int:
               f"(max {t['MaxRougeLDrop']})")
         if gate["why"]:
             print(f"variant choice: {gate['why']}")
+        for row in gate["candidates"] or []:
+            print(f"  {row['name']:<10} ROUGE-L {fmt(row.get('rougeL')):<8} drop {fmt(row.get('rougeL_drop')):<9} "
+                  f"p95 {fmt(row.get('latency_p95_ms')):>7} ms  {row.get('why', '')}")
     registered = next((s["Metadata"]["RegisterModel"]["Arn"] for s in record["Steps"]
                        if s["StepName"] == NAMES.register and s["StepStatus"] == "Succeeded"), None)
     if registered:
