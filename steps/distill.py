@@ -118,9 +118,9 @@ def plan_student(args: argparse.Namespace, teacher_config: dict) -> dict:
     if not path.exists():
         known = ", ".join(e.name for e in catalog.FAMILY)
         raise StepError(f"--student {spec}: not '{SHRUNK}', a catalog name ({known}) or an existing model folder")
-    folder = check_model_dir(path, "--student")
-    check_same_vocabulary(None, None, teacher_vocab, read_config(folder).get("vocab_size"), f"--student {folder}")
-    return {"kind": "folder", "folder": folder}
+    folder = check_model_dir(path, "--student")  # differs from path when path holds model.tar.gz
+    check_same_vocabulary(None, None, teacher_vocab, read_config(folder).get("vocab_size"), f"--student {path}")
+    return {"kind": "folder", "folder": folder, "given": path}
 
 
 def load_student(plan: dict, teacher, teacher_tokenizer):
@@ -137,10 +137,10 @@ def load_student(plan: dict, teacher, teacher_tokenizer):
         where = {"source": entry.hub_id, "initialised_from": f"pretrained {entry.hub_id}"}
         label = f"--student {entry.name}"
     else:
-        student, tokenizer = load_model_and_tokenizer(plan["folder"], flag="--student")
-        where = {"source": str(plan["folder"]), "source_card": read_model_card(plan["folder"]),
-                 "initialised_from": f"the model in {plan['folder']}"}
-        label = f"--student {plan['folder']}"
+        student, tokenizer = load_model_and_tokenizer(plan["given"], flag="--student")
+        where = {"source": str(plan["given"]), "source_card": read_model_card(plan["folder"]),
+                 "initialised_from": f"the model in {plan['given']}"}
+        label = f"--student {plan['given']}"
     check_same_vocabulary(teacher_tokenizer, tokenizer, teacher.config.vocab_size, student.config.vocab_size, label)
     return student.to(teacher.dtype), tokenizer, where
 
@@ -167,7 +167,8 @@ def rounded(figures: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     check_args(args)
-    teacher_dir = check_model_dir(require_path(args.teacher_dir, "--teacher-dir", *TEACHER_ENV), "--teacher-dir")
+    teacher_source = require_path(args.teacher_dir, "--teacher-dir", *TEACHER_ENV)
+    teacher_dir = check_model_dir(teacher_source, "--teacher-dir")  # where its model.tar.gz was extracted, if it held one
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
@@ -183,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers import set_seed
 
         set_seed(args.seed)
-        teacher, tokenizer = load_model_and_tokenizer(teacher_dir, flag="--teacher-dir")
+        teacher, tokenizer = load_model_and_tokenizer(teacher_source, flag="--teacher-dir")
         student, student_tokenizer, origin = load_student(plan, teacher, tokenizer)
         teacher_params, student_params = count_parameters(teacher), count_parameters(student)
         print(f"teacher {teacher_params:,} parameters; student {student_params:,} "
@@ -219,9 +220,9 @@ def main(argv: list[str] | None = None) -> int:
 
         teacher_card = read_model_card(teacher_dir)
         card = {
-            "base_model": teacher_card.get("base_model", str(teacher_dir)),
+            "base_model": teacher_card.get("base_model", str(teacher_source)),
             "method": "distillation",
-            "teacher": {"dir": str(teacher_dir), "method": teacher_card.get("method"), "parameters": teacher_params,
+            "teacher": {"dir": str(teacher_source), "method": teacher_card.get("method"), "parameters": teacher_params,
                         "architecture": architecture(teacher)},
             "teacher_card": teacher_card,
             "student": {**origin, "parameters": student_params, "architecture": architecture(student)},

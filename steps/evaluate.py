@@ -10,11 +10,27 @@ Writes to ``--output-dir``: ``evaluation.json`` (read by the pipeline's gate thr
 PropertyFile: ``metrics.<name>.value``), ``model_quality.json`` (the Model Registry's
 ModelQuality statistics document) and ``predictions.jsonl`` (dialogue, references and every
 model's prediction) so a person can read what the models do. ``--compare NAME=DIR`` adds
-more models (e.g. each optimized variant) to the same table and files.
+more models (e.g. each optimized variant) to the same table and files; a DIR holding
+SKIPPED.json (an optimization branch that was not chosen, see optimize.py) is dropped with a
+note and listed under ``skipped``. Any model folder may instead hold SageMaker's model.tar.gz.
+
+Choosing the variant to register (--select-within-drop X): the candidates are the --model-dir
+model (named "finetuned") and every --compare model; those whose ROUGE-L is at most X below
+the fine-tuned model's are eligible (X is a fraction, as ROUGE is in evaluation.json: 0.05 =
+5 points), and the one with the lowest p95 latency at batch 1 wins (ties: smaller weights).
+evaluation.json then gets ``selection`` (every candidate and why it won or lost) and
+``selected_variant``, and its top-level ``metrics`` and model_quality.json describe the winner,
+with ``metrics.rougeL_drop`` (fine-tuned ROUGE-L minus the winner's). Without the flag they
+describe the --model-dir model.
+
+--package-dir writes the winner (without selection: the --model-dir model) as model.tar.gz
+(SageMaker's layout, reproducible bytes) for the Model Registry; evaluation.json's ``package``
+says which model it holds.
 
 Example:
   python steps/evaluate.py --model-dir out/finetuned --baseline-dir out/model --data-dir out/data \\
-      --output-dir out/evaluation --compare int8=out/int8 --compare pruned=out/pruned
+      --output-dir out/evaluation --compare int8=out/int8 --compare pruned=out/pruned \\
+      --select-within-drop 0.02 --package-dir out/package
 """
 from __future__ import annotations
 
@@ -24,11 +40,13 @@ import statistics
 import sys
 from pathlib import Path
 
-from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
+from stepkit.contract import (atomic_output_dir, env_path, path_help, require_output_dir, require_path,
+                              skipped_reason)
 from stepkit.cost import CostSettings, flops_per_generated_token, measure_speed, settings_dict, size_on_disk
 from stepkit.errors import StepError, run_step
 from stepkit.metrics import ROUGE_TYPES, best_constant_output, fact_accuracy, rouge, rouge_per_example
-from stepkit.modeling import configure_runtime, count_parameters, load_model_and_tokenizer, read_model_card, summarize
+from stepkit.modeling import (MODEL_ARCHIVE, check_model_dir, configure_runtime, count_parameters,
+                              load_model_and_tokenizer, package_model, read_model_card, summarize)
 from stepkit.records import read_split, write_jsonl
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
@@ -38,6 +56,7 @@ OUTPUT_ENV = ("SM_OUTPUT_DATA_DIR",)
 EVALUATION_FILE = "evaluation.json"
 MODEL_QUALITY_FILE = "model_quality.json"
 PREDICTIONS_FILE = "predictions.jsonl"
+FINETUNED = "finetuned"  # the --model-dir model's name among the selection's candidates
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -56,14 +75,22 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--constant-candidates", type=int, default=100,
                         help="distinct training summaries tried for the best constant output (default: 100)")
     parser.add_argument("--compare", action="append", default=[], metavar="NAME=DIR",
-                        help="another model to score beside the candidate, e.g. an optimized variant (repeatable)")
+                        help="another model to score beside the candidate, e.g. an optimized variant (repeatable); "
+                             "a DIR holding SKIPPED.json is dropped with a note")
+    choose = parser.add_argument_group("choosing the model to register")
+    choose.add_argument("--select-within-drop", type=float, metavar="X",
+                        help="choose among the --model-dir model and the --compare models: ROUGE-L at most X below "
+                             "the --model-dir model's (a fraction, e.g. 0.05), then the lowest p95 latency")
+    choose.add_argument("--package-dir",
+                        help="write the chosen model (without --select-within-drop: the --model-dir model) there as "
+                             f"{MODEL_ARCHIVE}, for the Model Registry")
     cost = parser.add_argument_group("cost measurement")
     cost.add_argument("--speed-inputs", type=int, default=8, help="distinct inputs timed at batch 1 (default: 8)")
     cost.add_argument("--speed-repeats", type=int, default=3, help="timings per input (default: 3)")
     cost.add_argument("--speed-new-tokens", type=int, default=32, help="tokens generated per timed input, the same for "
                                                                        "every model (default: 32)")
     cost.add_argument("--throughput-batch", type=int, default=8, help="batch size for throughput (default: 8)")
-    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir (and --package-dir)")
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
@@ -74,7 +101,7 @@ def parse_compare(specs: list[str]) -> list[tuple[str, Path]]:
         name, sep, folder = spec.partition("=")
         if not sep or not name.strip() or not folder.strip():
             raise StepError(f"--compare {spec!r}: expected NAME=DIR, e.g. --compare int8=out/int8")
-        if name.strip() in ("model", "baseline") or name.strip() in (n for n, _ in models):
+        if name.strip() in ("model", "baseline", FINETUNED) or name.strip() in (n for n, _ in models):
             raise StepError(f"--compare {spec!r}: the name {name.strip()!r} is taken; give each model its own name")
         models.append((name.strip(), Path(folder.strip())))
     return models
@@ -87,6 +114,7 @@ def score(predictions: list[str], rows: list[dict]) -> dict:
 
 def assess(folder: Path, flag: str, rows: list[dict], generation: dict, cost_settings: CostSettings) -> dict:
     """Quality and cost of one model folder on ``rows``; the model is freed before returning."""
+    loaded_from = check_model_dir(folder, flag)  # where a model.tar.gz in folder was extracted (once), else folder
     model, tokenizer = load_model_and_tokenizer(folder, flag)
     dialogues = [row["dialogue"] for row in rows]
     print(f"generating {len(rows)} summaries with {folder}")
@@ -96,9 +124,9 @@ def assess(folder: Path, flag: str, rows: list[dict], generation: dict, cost_set
     speed = measure_speed(model, tokenizer, dialogues, cost_settings)
     flops = flops_per_generated_token(model, tokenizer, dialogues[0], cost_settings)
     result = {
-        "model_dir": str(folder), "card": read_model_card(folder), "predictions": predictions,
-        **score(predictions, rows),
-        "cost": {"parameters": count_parameters(model), **size_on_disk(folder), **speed,
+        "model_dir": str(folder), "loaded_from": loaded_from, "card": read_model_card(loaded_from),
+        "predictions": predictions, **score(predictions, rows),
+        "cost": {"parameters": count_parameters(model), **size_on_disk(loaded_from), **speed,
                  "flops_per_generated_token": flops},
     }
     del model
@@ -161,17 +189,85 @@ def print_table(results: list[tuple[str, dict]], reference_weights: int) -> None
           "fixed new tokens)")
 
 
+def select_variant(candidates: dict[str, dict], max_drop: float) -> dict:
+    """The model to register among ``candidates`` (name → an :func:`assess` result; the first is the reference).
+
+    Eligible: ROUGE-L at most ``max_drop`` below the reference's (the reference always is).
+    Winner: the lowest p95 latency at batch 1 among the eligible; ties go to smaller weights,
+    then to the earlier candidate. Returns the ``selection`` entry of evaluation.json.
+    """
+    names = list(candidates)
+    reference = names[0]
+    reference_rouge = candidates[reference]["rouge"]["rougeL"]
+    rows = []
+    for name in names:
+        result = candidates[name]
+        drop = round(reference_rouge - result["rouge"]["rougeL"], 6)  # as written to the file, so it reads consistently
+        rows.append({"name": name, "model_dir": result["model_dir"], "rougeL": round(result["rouge"]["rougeL"], 6),
+                     "rougeL_drop": drop, "latency_p95_ms": result["cost"]["latency_p95_ms"],
+                     "weights_bytes": result["cost"]["weights_bytes"],
+                     "eligible": name == reference or drop <= max_drop + 1e-9})  # 1e-9: float noise in the subtraction
+    eligible = [row for row in rows if row["eligible"]]
+    winner = min(eligible, key=lambda row: (row["latency_p95_ms"], row["weights_bytes"]))  # min keeps the first of equals
+    tied = any(row is not winner and row["latency_p95_ms"] == winner["latency_p95_ms"] for row in eligible)
+    for row in rows:
+        row["why"] = _why(row, winner, len(eligible), tied, reference, max_drop)
+    rule = (f"eligible: ROUGE-L at most {max_drop:g} below the {reference} model's ({reference_rouge:.4f}); "
+            "chosen: the eligible model with the lowest p95 latency at batch 1 (ties: smaller weights on disk)")
+    return {"variant": winner["name"], "model_dir": winner["model_dir"], "rule": rule, "max_rougeL_drop": max_drop,
+            "candidates": rows}
+
+
+def _why(row: dict, winner: dict, eligible_count: int, tied: bool, reference: str, max_drop: float) -> str:
+    if not row["eligible"]:
+        return f"not eligible: ROUGE-L {row['rougeL_drop']:.4f} below the {reference} model's, more than the {max_drop:g} allowed"
+    quality = (f"the {reference} model itself" if row["name"] == reference
+               else f"ROUGE-L drop {row['rougeL_drop']:.4f} within the {max_drop:g} allowed")
+    if row is winner:
+        if eligible_count == 1:
+            return f"{quality}; the only eligible model"
+        ties = ", tied with another but smaller weights" if tied else ""
+        return f"{quality}; lowest p95 latency among the {eligible_count} eligible, {row['latency_p95_ms']:.1f} ms{ties}"
+    if row["latency_p95_ms"] == winner["latency_p95_ms"]:
+        return (f"{quality}; same p95 latency as {winner['name']} but larger weights "
+                f"({row['weights_bytes']:,} vs {winner['weights_bytes']:,} bytes)")
+    return f"{quality}; slower: p95 {row['latency_p95_ms']:.1f} ms vs {winner['name']}'s {winner['latency_p95_ms']:.1f} ms"
+
+
+def print_selection(selection: dict) -> None:
+    print(f"choosing the model to register: {selection['rule']}")
+    print(f"{'':<22}{'rougeL':>10}{'drop':>10}{'p95 ms':>10}{'size MB':>10}  eligible")
+    for row in selection["candidates"]:
+        print(f"{row['name']:<22}{100 * row['rougeL']:>10.1f}{100 * row['rougeL_drop']:>10.1f}"
+              f"{row['latency_p95_ms']:>10.1f}{row['weights_bytes'] / 1e6:>10.2f}  {'yes' if row['eligible'] else 'no'}")
+    winner = next(row for row in selection["candidates"] if row["name"] == selection["variant"])
+    print(f"registering {winner['name']}: {winner['why']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     baseline_dir = require_path(args.baseline_dir, "--baseline-dir", *BASELINE_ENV)
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
+    package_dir = require_output_dir(args.package_dir, "--package-dir", args.overwrite) if args.package_dir else None
+    if package_dir and package_dir.absolute() == output_dir.absolute():
+        raise StepError(f"--package-dir {package_dir} is the --output-dir; give the package its own folder")
     if args.max_new_tokens < 1 or args.num_beams < 1 or args.batch_size < 1:
         raise StepError("--max-new-tokens, --num-beams and --batch-size must be at least 1")
+    if args.select_within_drop is not None and not 0 <= args.select_within_drop <= 1:
+        raise StepError(f"--select-within-drop {args.select_within_drop:g}: expected a fraction in [0, 1] (ROUGE is "
+                        "0..1 in evaluation.json), e.g. 0.05 to allow 5 ROUGE-L points below the --model-dir model")
     rows = read_split(data_dir, args.split)[: args.max_examples]
     train_summaries = [row["summary"] for row in read_split(data_dir, "train")]
-    compare = parse_compare(args.compare)
+    compare, skipped = [], []
+    for name, folder in parse_compare(args.compare):
+        reason = skipped_reason(folder)
+        if reason is None:
+            compare.append((name, folder))
+        else:  # an optimization branch that was not chosen: nothing to score
+            skipped.append({"name": name, "model_dir": str(folder), "reason": reason})
+            print(f"note: --compare {name}={folder} was skipped by its step ({reason}); leaving it out")
     cost_settings = CostSettings(new_tokens=args.speed_new_tokens, latency_inputs=args.speed_inputs,
                                  repeats=args.speed_repeats, throughput_batch=args.throughput_batch,
                                  max_source_length=args.max_source_length)
@@ -194,27 +290,49 @@ def main(argv: list[str] | None = None) -> int:
     print_table([("baseline", results["baseline"]), ("best constant output", constant_result), ("model", results["model"])]
                 + [(name, results[name]) for name, _ in compare], reference_weights)
 
-    model_rouge_l = results["model"]["rouge"]["rougeL"]
-    evaluation = {
-        "metrics": {
-            **metric_entries(results["model"], reference_weights),
-            "rougeL_gain_over_baseline": {"value": round(model_rouge_l - results["baseline"]["rouge"]["rougeL"], 6)},
-            "rougeL_gain_over_constant": {"value": round(model_rouge_l - constant["scores"]["rougeL"], 6)},
-        },
+    selection, chosen = None, "model"  # chosen: the key in results of the model that the top-level metrics describe
+    if args.select_within_drop is not None:
+        selection = select_variant({FINETUNED: results["model"], **{name: results[name] for name, _ in compare}},
+                                   args.select_within_drop)
+        print_selection(selection)
+        chosen = "model" if selection["variant"] == FINETUNED else selection["variant"]
+
+    chosen_rouge_l = results[chosen]["rouge"]["rougeL"]
+    metrics = {
+        **metric_entries(results[chosen], reference_weights),
+        "rougeL_gain_over_baseline": {"value": round(chosen_rouge_l - results["baseline"]["rouge"]["rougeL"], 6)},
+        "rougeL_gain_over_constant": {"value": round(chosen_rouge_l - constant["scores"]["rougeL"], 6)},
+    }
+    evaluation = {"metrics": metrics}
+    if selection:
+        metrics["rougeL_drop"] = {"value": round(results["model"]["rouge"]["rougeL"] - chosen_rouge_l, 6)}
+        evaluation.update({"selected_variant": selection["variant"], "selection": selection})
+    evaluation.update({
         "baseline": {"metrics": metric_entries(results["baseline"]), "model_dir": str(baseline_dir)},
         "constant_output": {"metrics": metric_entries(constant_result), "text": constant["text"],
                             "candidates_tried": constant["candidates_tried"]},
-        "model": {"model_dir": str(model_dir), "card": results["model"]["card"]},
+        "model": {"model_dir": str(model_dir), "card": results["model"]["card"],
+                  # with a selection the top-level metrics are the winner's; the --model-dir model's stay here
+                  **({"metrics": metric_entries(results["model"], reference_weights)} if selection else {})},
         "comparisons": {name: {"metrics": metric_entries(results[name], reference_weights), "model_dir": str(folder),
                                "card": results[name]["card"]} for name, folder in compare},
+        **({"skipped": skipped} if args.compare else {}),
         "data": {"split": args.split, "examples": len(rows), "data_dir": str(data_dir)},
         "generation": generation,
         "cost_measurement": settings_dict(cost_settings),
-    }
+    })
+    if package_dir:  # published before evaluation.json, so a complete evaluation implies its package exists
+        name = selection["variant"] if selection else FINETUNED
+        with atomic_output_dir(package_dir, args.overwrite, flag="--package-dir") as staging:
+            archive = package_model(results[chosen]["loaded_from"], staging / MODEL_ARCHIVE)
+            size = archive.stat().st_size
+        evaluation["package"] = {"variant": name, "path": str(package_dir / MODEL_ARCHIVE), "bytes": size,
+                                 "model_dir": results[chosen]["model_dir"]}
+        print(f"packaged {name} ({results[chosen]['model_dir']}) as {package_dir / MODEL_ARCHIVE}, {size / 1e6:.2f} MB")
     with atomic_output_dir(output_dir, args.overwrite) as staging:
         (staging / EVALUATION_FILE).write_text(json.dumps(evaluation, indent=2) + "\n", encoding="utf-8")
         (staging / MODEL_QUALITY_FILE).write_text(
-            json.dumps(model_quality_document(results["model"], rows), indent=2) + "\n", encoding="utf-8")
+            json.dumps(model_quality_document(results[chosen], rows), indent=2) + "\n", encoding="utf-8")
         write_jsonl(staging / PREDICTIONS_FILE, (
             {"id": row["id"], "dialogue": row["dialogue"], "references": row["references"],
              "prediction": results["model"]["predictions"][i], "baseline_prediction": results["baseline"]["predictions"][i],

@@ -23,7 +23,8 @@ from pathlib import Path
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
-from stepkit.modeling import (configure_runtime, load_model_and_tokenizer, read_model_card, save_model)
+from stepkit.modeling import (check_model_dir, configure_runtime, load_model_and_tokenizer, read_model_card,
+                              save_model)
 from stepkit.records import read_split
 from stepkit.training import (TrainSettings, add_training_arguments, check_data_limits, encode_records,
                               evaluation_loss, resolve_bf16, train_seq2seq, write_curve)
@@ -72,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
 
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(model_dir)
-    base_card = read_model_card(model_dir)
+    base_card = read_model_card(check_model_dir(model_dir))  # the card inside model.tar.gz when given one
     train = encode_records(tokenizer, train_rows, args.max_source_length, args.max_target_length)
     validation = encode_records(tokenizer, validation_rows, args.max_source_length, args.max_target_length)
     for name, data, rows in (("train", train, train_rows), ("validation", validation, validation_rows)):

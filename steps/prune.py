@@ -178,12 +178,12 @@ def recover(model, tokenizer, args: argparse.Namespace, train_rows: list[dict], 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
+    source_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     check_args(args)
     lora = LoraSettings.from_args(args) if args.recovery_steps else None
     training = recovery_settings(args) if args.recovery_steps else None
-    check_model_dir(model_dir)
+    model_dir = check_model_dir(source_dir)  # the extracted folder when given one holding model.tar.gz
     config_dict = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
     remove, units = {}, {}
     if args.method == "structured":  # from config.json: a bad amount fails before the model is loaded
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import set_seed
 
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(model_dir)
+    model, tokenizer = load_model_and_tokenizer(source_dir)  # errors then name the folder the user gave
     base_card = read_model_card(model_dir)
     before = {"parameters": count_parameters(model), "architecture": architecture(model.config),
               "size": weights_size(model_dir, args.compressed_size)}
@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     reached = sparsity(model, list(masks) if masks is not None else None)
     after_parameters = count_parameters(model)
     card = {
-        "base_model": base_card.get("base_model", str(model_dir)),
+        "base_model": base_card.get("base_model", str(source_dir)),
         "base_model_card": base_card,
         "method": "prune",
         "pruning": pruning,

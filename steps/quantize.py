@@ -62,9 +62,10 @@ def check_args(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     """Everything that can be checked without loading the model; returns (model dir, output dir, its card)."""
     if args.method not in METHODS:
         raise StepError(f"--method {args.method!r}: unknown method; choose one of {', '.join(METHODS)}")
-    model_dir = check_model_dir(require_path(args.model_dir, "--model-dir", *MODEL_ENV))
+    source_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
+    model_dir = check_model_dir(source_dir)  # the extracted folder when given one holding model.tar.gz
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
-    if output_dir.absolute() == model_dir.absolute():
+    if output_dir.absolute() == source_dir.absolute():
         raise StepError(f"--output-dir {output_dir} is the --model-dir; write the quantized model to another folder")
     card = read_model_card(model_dir)
     done = card.get("quantization")
@@ -135,17 +136,18 @@ def main(argv: list[str] | None = None) -> int:
 
     from stepkit import quantization
 
-    model, tokenizer = load_model_and_tokenizer(model_dir)
+    source_dir = Path(args.model_dir)  # as given: model_dir is where its model.tar.gz was extracted, if it held one
+    model, tokenizer = load_model_and_tokenizer(source_dir)  # so that errors name the folder the user gave
     source_dtype = str(model.dtype).removeprefix("torch.")
     model = model.float().eval()  # int8 kernels take fp32 input; a bf16 source is upcast first
     parameters = count_parameters(model)
     before = weights_bytes(model_dir)
     card = {
-        "base_model": base_card.get("base_model", str(model_dir)),
+        "base_model": base_card.get("base_model", str(source_dir)),
         "base_model_card": base_card,
         "method": "quantize",
         "step": "quantize",
-        "source_model_dir": str(model_dir),
+        "source_model_dir": str(source_dir),
         "source_method": base_card.get("method"),
         "source_dtype": source_dtype,
         "parameters": parameters,

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,8 +30,8 @@ from stepkit import catalog
 from stepkit.catalog import GIB, Budget, CatalogEntry
 from stepkit.contract import atomic_output_dir, ensure_input_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.errors import StepError, first_line, run_step
-from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
-                              read_model_card, save_model)
+from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, extract_safely, find_model_root,
+                              load_model_and_tokenizer, path_inside, read_model_card, save_model)
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 RUNTIME_BASELINE_GIB = 1.0  # python + torch + transformers before any weights exist
@@ -293,9 +292,10 @@ def _load_folder(folder: Path, source: Source, dtype: str):
     flag = "--model" if folder == Path(source.uri) else f"--model {source.uri}, fetched to"
     model, tokenizer = load_model_and_tokenizer(folder, flag=flag)
     model = model.to(getattr(torch, dtype))
-    previous = read_model_card(folder)
+    loaded_from = check_model_dir(folder, flag)  # differs from folder when it holds model.tar.gz (extracted once)
+    previous = read_model_card(loaded_from)
     base_model = previous.get("base_model") or getattr(model.config, "_name_or_path", "") or source.uri
-    if str(base_model) == str(folder):  # transformers records the temporary path we loaded from
+    if str(base_model) in (str(folder), str(loaded_from)):  # transformers records the temporary path we loaded from
         base_model = source.uri
     card = {"base_model": base_model, "weights": previous.get("weights", "pretrained"),
             "tokenizer": f"from the source folder ({len(tokenizer)} tokens)",
@@ -337,7 +337,7 @@ def download_s3(uri: str, work_dir: Path) -> Path:
             return _download_archive(s3, bucket, prefix + "model.tar.gz", local, uri)
         print(f"downloading {len(keys)} objects from s3://{bucket}/{prefix}")
         for object_key in keys:
-            target = _inside(local, object_key[len(prefix):], f"--model {uri}: object {object_key!r}")
+            target = path_inside(local, object_key[len(prefix):], f"--model {uri}: object {object_key!r}")
             target.parent.mkdir(parents=True, exist_ok=True)
             s3.download_file(bucket, object_key, str(target))
         return local
@@ -358,49 +358,6 @@ def _download_archive(s3, bucket: str, key: str, local: Path, uri: str) -> Path:
     extract_safely(archive, local, label=f"--model {uri}")
     archive.unlink()
     return local
-
-
-def _inside(root: Path, relative: str, label: str) -> Path:
-    """``root/relative``, or a StepError if that would land outside ``root``."""
-    target = (root / relative).resolve()
-    if relative.startswith("/") or not target.is_relative_to(root.resolve()) or target == root.resolve():
-        raise StepError(f"{label} would be written outside the folder it is unpacked into; refusing it")
-    return target
-
-
-def extract_safely(archive: Path, destination: Path, label: str) -> None:
-    """Extract a tarball after checking every member: regular files and folders inside ``destination`` only.
-
-    Checked before anything is written, so a hostile archive leaves nothing behind.
-    """
-    destination.mkdir(parents=True, exist_ok=True)
-    try:
-        with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()
-            for member in members:
-                if member.issym() or member.islnk():
-                    raise StepError(f"{label}: archive member {member.name!r} is a link; refusing to extract "
-                                    "(links can point outside the model folder)")
-                if not (member.isfile() or member.isdir()):
-                    raise StepError(f"{label}: archive member {member.name!r} is not a file or folder; refusing to extract")
-                if member.name in ("", ".", "./") and member.isdir():
-                    continue
-                _inside(destination, member.name, f"{label}: archive member {member.name!r}")
-            tar.extractall(destination, members=members, filter="data")
-    except tarfile.TarError as err:
-        raise StepError(f"{label}: not a readable tar archive ({err})") from None
-
-
-def find_model_root(folder: Path, label: str) -> Path:
-    """The folder holding config.json: the top, or one level down (some archives wrap a folder)."""
-    if (folder / "config.json").is_file():
-        return folder
-    candidates = sorted(path.parent for path in folder.glob("*/config.json"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise StepError(f"{label}: no config.json found; expected a save_pretrained folder or a model.tar.gz holding one")
-    raise StepError(f"{label}: several model folders ({', '.join(p.name for p in candidates)}); point at one of them")
 
 
 # ---------------------------------------------------------------- main

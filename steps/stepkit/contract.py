@@ -7,6 +7,7 @@ path is never taken from a constant in a step's logic.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import uuid
@@ -14,8 +15,10 @@ from pathlib import Path
 from typing import Iterator
 
 from .errors import StepError
+from .modeling import MODEL_ARCHIVE, extract_model_archive
 
 COMPLETE_MARKER = "_SUCCESS"
+SKIPPED_MARKER = "SKIPPED.json"  # an optimization branch that was not chosen (optimize.py): no model inside
 
 
 def env_path(*env_vars: str) -> str | None:
@@ -42,20 +45,20 @@ def require_path(value: str | None, flag: str, *env_vars: str) -> Path:
     return Path(value)
 
 
-def check_output_target(target: Path, overwrite: bool) -> None:
+def check_output_target(target: Path, overwrite: bool, flag: str = "--output-dir") -> None:
     """A user's non-empty folder is never replaced unless they said so (SageMaker's empty ones are fine)."""
     if target.exists() and not target.is_dir():
         raise StepError(f"output {target} exists and is not a folder")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise StepError(
-            f"output folder {target} is not empty; choose another --output-dir or pass --overwrite"
+            f"output folder {target} is not empty; choose another {flag} or pass --overwrite"
         )
 
 
 def require_output_dir(value: str | None, flag: str, overwrite: bool, *env_vars: str) -> Path:
     """``require_path`` for an output folder, checked before any work so a full folder fails in seconds."""
     target = require_path(value, flag, *env_vars)
-    check_output_target(target.absolute(), overwrite)
+    check_output_target(target.absolute(), overwrite, flag)
     return target
 
 
@@ -78,8 +81,35 @@ def ensure_input_dir(folder: str | Path, flag: str, must_contain: tuple[str, ...
     return folder
 
 
+def write_skipped(folder: str | Path, variant: str, method: str, reason: str) -> None:
+    """Mark ``folder`` as the output of an optimization branch that was not run (read by :func:`skipped_reason`)."""
+    record = {"variant": variant, "method": method, "reason": reason}
+    (Path(folder) / SKIPPED_MARKER).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def skipped_reason(folder: str | Path) -> str | None:
+    """Why the step that wrote ``folder`` skipped its work (its SKIPPED.json), or None for a real output.
+
+    Also looks inside a ``model.tar.gz`` (no config.json beside it): a TrainingStep's output
+    reaches later jobs packed. The extraction is cached, so loading the model afterwards costs nothing more.
+    """
+    folder = Path(folder)
+    marker = folder / SKIPPED_MARKER
+    archive = folder / MODEL_ARCHIVE
+    if not marker.is_file() and not (folder / "config.json").is_file() and archive.is_file():
+        marker = extract_model_archive(archive, str(archive)) / SKIPPED_MARKER
+    if not marker.is_file():
+        return None
+    try:
+        record = json.loads(marker.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StepError(f"{folder}: {SKIPPED_MARKER} is not valid JSON ({err}); was it written by optimize.py?") from None
+    reason = record.get("reason") if isinstance(record, dict) else None
+    return str(reason or f"{SKIPPED_MARKER} gives no reason")
+
+
 @contextlib.contextmanager
-def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[Path]:
+def atomic_output_dir(target: str | Path, overwrite: bool = False, flag: str = "--output-dir") -> Iterator[Path]:
     """Yield a staging folder; publish it as ``target`` only if the block finishes.
 
     The staging folder is a sibling of ``target`` (same file system, so publishing is a
@@ -91,7 +121,7 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False) -> Iterator[P
     pre-creates empty output folders, which are fine).
     """
     target = Path(target).absolute()
-    check_output_target(target, overwrite)  # again: the folder may have filled up while the step worked
+    check_output_target(target, overwrite, flag)  # again: the folder may have filled up while the step worked
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         staging = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"

@@ -1,14 +1,27 @@
-"""Loading and saving model folders: ``save_pretrained`` weights + tokenizer + ``model_card.json``."""
+"""Loading and saving model folders: ``save_pretrained`` weights + tokenizer + ``model_card.json``.
+
+A model folder can also arrive as SageMaker hands it to later jobs: a folder holding only
+``model.tar.gz`` (a TrainingStep tars /opt/ml/model). :func:`check_model_dir` extracts it once
+per process; :func:`package_model` writes one.
+"""
 from __future__ import annotations
 
+import atexit
+import gzip
 import json
 import os
+import shutil
+import tarfile
+import tempfile
+import uuid
+import zlib
 from pathlib import Path
 from typing import Any
 
 from .errors import StepError, first_line
 
 MODEL_CARD = "model_card.json"
+MODEL_ARCHIVE = "model.tar.gz"  # SageMaker's name for a packed model directory
 SUPPORTED_MODEL_TYPES = ("t5",)
 
 
@@ -40,27 +53,40 @@ def write_model_card(model_dir: str | Path, card: dict[str, Any]) -> None:
 
 
 def check_model_dir(model_dir: str | Path, flag: str = "--model-dir") -> Path:
-    """A local ``save_pretrained`` folder of a T5-family model, or a clear error saying what is off."""
+    """A local ``save_pretrained`` folder of a T5-family model, or a clear error saying what is off.
+
+    A folder holding ``model.tar.gz`` and no config.json is extracted (once per process, see
+    :func:`extract_model_archive`) and the extracted folder is returned: callers must use the
+    returned path, not the one they passed.
+    """
     folder = Path(model_dir)
     if not folder.is_dir():
         raise StepError(f"{flag} {folder}: no such folder")
+    archive = folder / MODEL_ARCHIVE
+    if not (folder / "config.json").is_file() and archive.is_file():
+        label = f"{flag} {archive}"
+        return _check_model_files(find_model_root(extract_model_archive(archive, label), label), label)
+    return _check_model_files(folder, f"{flag} {folder}")
+
+
+def _check_model_files(folder: Path, where: str) -> Path:
     config_path = folder / "config.json"
     if not config_path.is_file():
-        raise StepError(f"{flag} {folder}: no config.json; expected a folder written by select_model.py or save_pretrained")
+        raise StepError(f"{where}: no config.json; expected a folder written by select_model.py or save_pretrained")
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise StepError(f"{config_path}: not valid JSON ({err})") from None
+        raise StepError(f"{where}: config.json is not valid JSON ({err})") from None
     model_type = config.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise StepError(
-            f"{flag} {folder}: model_type {model_type!r} is not supported; flanops works with the "
+            f"{where}: model_type {model_type!r} is not supported; flanops works with the "
             f"T5 family ({', '.join(SUPPORTED_MODEL_TYPES)}), e.g. google/flan-t5-base"
         )
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
-        raise StepError(f"{flag} {folder}: no weights (*.safetensors) found")
+        raise StepError(f"{where}: no weights (*.safetensors) found")
     if not (folder / "tokenizer_config.json").is_file():
-        raise StepError(f"{flag} {folder}: no tokenizer (tokenizer_config.json) found")
+        raise StepError(f"{where}: no tokenizer (tokenizer_config.json) found")
     return folder
 
 
@@ -69,6 +95,8 @@ def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     folder = check_model_dir(model_dir, flag)
+    if folder != Path(model_dir):  # errors name the tarball the user gave, not only our temporary folder
+        flag = f"{flag} {Path(model_dir) / MODEL_ARCHIVE}, extracted to"
     if read_model_card(folder).get("quantization"):  # written by quantize.py: int8 needs its own loader
         from .quantization import load_quantized
 
@@ -143,3 +171,109 @@ def summarize(model, tokenizer, dialogues: list[str], batch_size: int = 32, max_
             for index, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
                 summaries[index] = text.strip()
     return summaries
+
+
+# ---------------------------------------------------------------- model.tar.gz
+
+_extracted: dict[tuple[str, int, int], Path] = {}  # (tarball, size, mtime) → its extracted folder, per process
+
+
+def extract_model_archive(archive: str | Path, label: str) -> Path:
+    """Extract a ``model.tar.gz`` into a private temporary folder (removed at exit) and return that folder.
+
+    Cached per tarball, so a step that checks a folder and then loads it extracts once. Members
+    are checked first (see :func:`extract_safely`); a corrupt tarball is a StepError naming it.
+    """
+    archive = Path(archive).absolute()
+    stat = archive.stat()
+    key = (str(archive), stat.st_size, stat.st_mtime_ns)
+    if key in _extracted and _extracted[key].is_dir():
+        return _extracted[key]
+    destination = Path(tempfile.mkdtemp(prefix="flanops-model-"))
+    atexit.register(shutil.rmtree, destination, ignore_errors=True)
+    print(f"extracting {archive} ({stat.st_size / 1e6:.1f} MB) to {destination}")
+    try:
+        extract_safely(archive, destination, label)
+    except BaseException:
+        shutil.rmtree(destination, ignore_errors=True)
+        raise
+    _extracted[key] = destination
+    return destination
+
+
+def path_inside(root: Path, relative: str, label: str) -> Path:
+    """``root/relative``, or a StepError if that would land outside ``root``."""
+    target = (root / relative).resolve()
+    if relative.startswith("/") or not target.is_relative_to(root.resolve()) or target == root.resolve():
+        raise StepError(f"{label} would be written outside the folder it is unpacked into; refusing it")
+    return target
+
+
+def extract_safely(archive: Path, destination: Path, label: str) -> None:
+    """Extract a tarball after checking every member: regular files and folders inside ``destination`` only.
+
+    Checked before anything is written, so a hostile archive leaves nothing behind; tarfile's
+    ``data`` filter then guards the extraction itself.
+    """
+    destination.mkdir(parents=True, exist_ok=True)
+    try:
+        with tarfile.open(archive, "r:*") as tar:
+            members = tar.getmembers()
+            for member in members:
+                if member.issym() or member.islnk():
+                    raise StepError(f"{label}: archive member {member.name!r} is a link; refusing to extract "
+                                    "(links can point outside the model folder)")
+                if not (member.isfile() or member.isdir()):
+                    raise StepError(f"{label}: archive member {member.name!r} is not a file or folder; refusing to extract")
+                if member.name in ("", ".", "./") and member.isdir():
+                    continue
+                path_inside(destination, member.name, f"{label}: archive member {member.name!r}")
+            tar.extractall(destination, members=members, filter="data")
+    except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:  # what corrupt or cut-off gzip raises
+        raise StepError(f"{label}: not a readable tar archive ({first_line(err)}); is it corrupted or truncated?") from None
+
+
+def find_model_root(folder: Path, label: str) -> Path:
+    """The folder holding config.json: the top, or one level down (some archives wrap a folder)."""
+    if (folder / "config.json").is_file():
+        return folder
+    candidates = sorted(path.parent for path in folder.glob("*/config.json"))
+    if len(candidates) == 1:
+        return candidates[0]
+    if not candidates:
+        raise StepError(f"{label}: no config.json found; expected a save_pretrained folder or a model.tar.gz holding one")
+    raise StepError(f"{label}: several model folders ({', '.join(p.name for p in candidates)}); point at one of them")
+
+
+def package_model(model_dir: str | Path, tar_path: str | Path) -> Path:
+    """Write ``model_dir`` as a SageMaker ``model.tar.gz``: its files at the archive root, as SageMaker packs /opt/ml/model.
+
+    Reproducible: the same folder gives the same bytes (sorted names, mtime 0, owner 0, normalized
+    modes, no name or time in the gzip header), so an unchanged model gives an unchanged artifact.
+    gzip level 6 (tar czf's): level 9 takes much longer on weights for a percent or two.
+    Written to a temporary sibling and renamed, so ``tar_path`` is either absent or complete.
+    """
+    folder, target = Path(model_dir), Path(tar_path).absolute()
+    if not folder.is_dir():
+        raise StepError(f"cannot package {folder}: no such folder")
+    entries = sorted(folder.rglob("*"), key=lambda path: path.relative_to(folder).as_posix())  # listed before writing
+    partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(partial, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as zipped, \
+                tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT, dereference=True) as tar:
+            for path in entries:
+                info = tar.gettarinfo(path, arcname=path.relative_to(folder).as_posix())
+                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+                info.mode = 0o755 if info.isdir() or info.mode & 0o100 else 0o644
+                if info.isfile():
+                    with open(path, "rb") as handle:
+                        tar.addfile(info, handle)
+                else:
+                    tar.addfile(info)
+        os.replace(partial, target)
+    except BaseException as err:
+        partial.unlink(missing_ok=True)
+        if isinstance(err, OSError):
+            raise StepError(f"cannot write {target}: {err.strerror or err}") from err
+        raise
+    return target
