@@ -623,7 +623,9 @@ class LocalExecutor:
         self.run_process(name, command, code_dir, env, sandbox, entry, record)
         output_path = arguments["OutputDataConfig"]["S3OutputPath"].rstrip("/")
         artifact = sandbox / "model.tar.gz"
-        pack_folder(model_dir, artifact)
+        from .steps.stepkit.modeling import package_model   # the same packing the steps use: reproducible bytes
+
+        package_model(model_dir, artifact)
         from .definition import split_s3_uri
 
         bucket, key = split_s3_uri(f"{output_path}/{job_name}/output/model.tar.gz")
@@ -719,10 +721,3 @@ def output_uris(properties: dict) -> list[str]:
     uris = [item["S3Output"]["S3Uri"] for item in properties.get("ProcessingOutputConfig", {}).get("Outputs", [])]
     artifact = properties.get("ModelArtifacts", {}).get("S3ModelArtifacts")
     return uris + ([artifact] if artifact else [])
-
-
-def pack_folder(folder: Path, archive: Path) -> None:
-    """``/opt/ml/model`` → ``model.tar.gz`` as SageMaker packs it: the folder's files at the root."""
-    with tarfile.open(archive, "w:gz") as tar:
-        for path in sorted(folder.rglob("*")):
-            tar.add(path, arcname=path.relative_to(folder).as_posix(), recursive=False)
