@@ -665,7 +665,7 @@ class LocalExecutor:
 
     def run_process(self, name, argv, cwd, env, sandbox, entry, record) -> None:
         log_path = sandbox / "job.log"
-        with open(log_path, "w", encoding="utf-8") as log:
+        with open(log_path, "w", encoding="utf-8", buffering=1) as log:   # line-buffered: readable while it runs
             process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, bufsize=1, start_new_session=True)
             entry["Metadata"].update(Pid=process.pid, Command=argv)
