@@ -33,14 +33,10 @@ class Target:
 def open_target(args) -> Target:
     if args.aws:
         return aws_target(args)
-    from .embedded import ensure_server, flanops_home
+    from .embedded import ensure_server
 
     aws = ensure_server()
     aws.activate()   # the SDK makes its own clients from the environment: point them at the server too
-    sdk_config = flanops_home() / "embedded" / "sagemaker-sdk.yaml"
-    sdk_config.write_text("SchemaVersion: '1.0'\nSageMaker:\n  PythonSDK:\n    Modules:\n"
-                          "      TelemetryOptOut: true\n", encoding="utf-8")
-    os.environ["SAGEMAKER_USER_CONFIG_OVERRIDE"] = str(sdk_config)   # no telemetry calls to the internet
     session = aws.boto_session()
     iam = session.client("iam")
     try:

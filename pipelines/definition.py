@@ -11,8 +11,8 @@ parallel and Evaluate picks the variant to register. Evaluate writes ``evaluatio
 (read by the gate through a PropertyFile) and the chosen model as ``model.tar.gz``.
 
 Code locations are content-addressed (``<pipeline>/code/<sha256>/…``) so that an unchanged
-pipeline yields a byte-identical definition, and a changed script changes the definition
-(and so the cache keys) of exactly the jobs that run it.
+pipeline yields a byte-identical definition. The step scripts share one bundle (they share
+stepkit), so changing any of them changes every job's arguments and so its cache key.
 
 SageMaker SDK v3 makes boto3 clients when imported: everything here imports it lazily, after
 the caller has chosen the AWS (embedded or real) and the region.
@@ -34,6 +34,9 @@ PROCESSING = "/opt/ml/processing"       # SageMaker's processing container contr
 CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location
 CODE_INPUTS = {"code", "entrypoint", "aux", "sm_drivers"}   # job inputs that carry code, not data
 EVALUATION_REPORT = "EvaluationReport"
+# The SDK's defaults config, given directly: no telemetry calls to the internet. (Pointing
+# SAGEMAKER_USER_CONFIG_OVERRIDE at a file instead re-validates it per session: 4x slower builds.)
+SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 VARIANTS = ("distill", "quantize", "prune")
 
 # Where the gate reads evaluate.py's evaluation.json.
@@ -209,7 +212,8 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
 
     quiet_sdk()
     region = session.region_name
-    pipeline_session = PipelineSession(boto_session=session, default_bucket=default_bucket)
+    pipeline_session = PipelineSession(boto_session=session, default_bucket=default_bucket,
+                                       sagemaker_config=SDK_CONFIG)
     name = config.pipeline_name
     values = config.parameter_values()
     kinds = {int: ParameterInteger, float: ParameterFloat, str: ParameterString}
@@ -279,7 +283,8 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         distributed=Torchrun(),
         compute=Compute(instance_type=p("TrainingInstanceType"), instance_count=p("TrainingInstanceCount")),
         output_data_config=OutputDataConfig(s3_output_path=s3_output(NAMES.finetune, "model")),
-        hyperparameters={"lora-r": p("LoraRank"), "lora-alpha": p("LoraAlpha"),
+        # Hyperparameters and container arguments are strings in the API: numeric parameters join as text.
+        hyperparameters={"lora-r": p("LoraRank").to_string(), "lora-alpha": p("LoraAlpha").to_string(),
                          **{key.replace("_", "-"): value for key, value in config.steps.get("finetune", {}).items()}},
     )
     finetune = TrainingStep(
@@ -309,7 +314,7 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         NAMES.evaluate, "evaluate",
         ["--model-dir", f"{PROCESSING}/input/finetuned", "--baseline-dir", f"{PROCESSING}/input/baseline",
          "--data-dir", f"{PROCESSING}/input/data", "--output-dir", f"{PROCESSING}/output/evaluation",
-         "--package-dir", f"{PROCESSING}/output/model", "--select-within-drop", p("MaxRougeLDrop"),
+         "--package-dir", f"{PROCESSING}/output/model", "--select-within-drop", p("MaxRougeLDrop").to_string(),
          *[arg for variant in VARIANTS for arg in ("--compare", f"{variant}={PROCESSING}/input/{variant}")],
          *config.step_arguments("evaluate")],
         inputs=[processing_input("finetuned", finetuned_uri), processing_input("baseline", output_uri(select, "model")),

@@ -18,6 +18,7 @@ SageMaker runs in parallel run in definition order here (each job uses every cor
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -664,23 +665,40 @@ class LocalExecutor:
         return env
 
     def run_process(self, name, argv, cwd, env, sandbox, entry, record) -> None:
+        """Run one job's command, streaming its output; when it ends, none of its processes outlive it."""
+        import signal
+        import threading
+
         log_path = sandbox / "job.log"
+        env = {**env}
+        env.setdefault("FLANOPS_JOB_NAME", f"{name}-{os.getpid()}-{time.time_ns()}")   # marks every process of the job
+        tail: list[str] = []
         with open(log_path, "w", encoding="utf-8", buffering=1) as log:   # line-buffered: readable while it runs
             process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                        text=True, bufsize=1, start_new_session=True)
             entry["Metadata"].update(Pid=process.pid, Command=argv)
             self.save(record)
-            tail: list[str] = []
-            try:
+
+            def relay() -> None:
                 for line in process.stdout:
                     log.write(line)
                     self.echo(f"    │ {line.rstrip()}")
-                    tail = (tail + [line.rstrip()])[-20:]
+                    tail[:] = (tail + [line.rstrip()])[-20:]
+
+            reader = threading.Thread(target=relay, daemon=True)
+            reader.start()
+            try:
                 code = process.wait()
             except KeyboardInterrupt:
-                process.terminate()
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(process.pid, signal.SIGTERM)
                 process.wait()
                 raise
+            finally:
+                # Launchers such as torchrun start workers in sessions of their own: if the launcher
+                # dies they would keep running and keep our pipe open. They carry the job's name.
+                kill_job_processes(env["FLANOPS_JOB_NAME"])
+                reader.join(timeout=10)
         if code != 0:
             reason = next((line for line in reversed(tail) if "error:" in line.lower()), None)
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
@@ -714,6 +732,25 @@ class LocalExecutor:
             return self.sagemaker.create_model_package(**request)["ModelPackageArn"]
         except ClientError as err:
             raise StepFailed(f"RegisterModel: {err}") from None
+
+
+def kill_job_processes(job_name: str) -> int:
+    """SIGKILL every process whose environment names this job (Linux /proc; elsewhere a no-op)."""
+    import signal
+
+    marker = f"FLANOPS_JOB_NAME={job_name}\0".encode()
+    killed = 0
+    for entry in Path("/proc").glob("[0-9]*"):
+        pid = int(entry.name)
+        if pid == os.getpid():
+            continue
+        try:
+            if b"\0" + marker in b"\0" + (entry / "environ").read_bytes() + b"\0":
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+        except (OSError, ValueError):
+            continue   # gone already, or not ours to read
+    return killed
 
 
 def output_uris(properties: dict) -> list[str]:

@@ -278,10 +278,6 @@ def mistyped_parameter_uses(definition: dict, steps: dict, sagemaker_model) -> l
     return found
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipelines/definition.py passes ParameterInteger LoraRank/LoraAlpha as FineTuneLoRA hyperparameters "
-    "(string map) and ParameterFloat MaxRougeLDrop as an Evaluate container argument (string list) without "
-    ".to_string(); SageMaker wants strings there. Reported; remove this mark once fixed."))
 def test_numeric_parameters_reach_string_members_as_strings(definition, steps, sagemaker_model):
     assert mistyped_parameter_uses(definition, steps, sagemaker_model) == []
 

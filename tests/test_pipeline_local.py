@@ -388,10 +388,6 @@ def running(pid: int) -> bool:
     return "\nState:\tZ" not in status
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "pipelines/local.py run_process reads the job's stdout until EOF and kills nothing but the job's own "
-    "process group: torchrun's workers (own session, same stdout) outlive a killed torchrun, so the executor "
-    "hangs with the step Executing. Reported; remove this mark once fixed."))
 def test_a_killed_launcher_job_neither_hangs_the_executor_nor_leaves_its_workers(tmp_path):
     """The FineTuneLoRA case in small: SIGKILL to a job whose worker runs in its own session."""
     script = tmp_path / "launcher.py"
