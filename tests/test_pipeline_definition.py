@@ -434,8 +434,9 @@ def test_step_graph(definition, steps):
     channels = {c["ChannelName"]: c["DataSource"]["S3DataSource"]["S3Uri"] for c in finetune["InputDataConfig"]}
     assert channels["data"] == {"Get": "Steps.PrepareData.ProcessingOutputConfig.Outputs['data'].S3Output.S3Uri"}
     assert channels["model"] == {"Get": "Steps.SelectModel.ProcessingOutputConfig.Outputs['model'].S3Output.S3Uri"}
-    assert {"lora-r": {"Get": "Parameters.LoraRank"}, "lora-alpha": {"Get": "Parameters.LoraAlpha"}}.items() \
-        <= finetune["HyperParameters"].items()
+    as_text = lambda name: {"Std:Join": {"On": "", "Values": [{"Get": f"Parameters.{name}"}]}}  # noqa: E731
+    assert finetune["HyperParameters"]["lora-r"] == as_text("LoraRank")
+    assert finetune["HyperParameters"]["lora-alpha"] == as_text("LoraAlpha")
 
     variants = ("Distill", "Quantize", "Prune")
     for variant in variants:
