@@ -39,37 +39,26 @@ def build_parser() -> argparse.ArgumentParser:
                                      epilog=__doc__.split("\n\n", 1)[1].split("\n\nCommands")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    run = commands.add_parser("run", help="build, upsert and run the pipeline (the main job)",
-                              description="Build the pipeline definition, upsert it and run one execution: "
-                                          "locally on embedded AWS (default) or on SageMaker (--aws).")
-    add_config(run)
-    add_target(run)
+    def pipeline_command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
+        """A command that works on the configured pipeline, in embedded AWS or AWS."""
+        command = commands.add_parser(name, help=help_text, **kwargs)
+        add_config(command)
+        add_target(command)
+        return command
+
+    run = pipeline_command("run", "build, upsert and run the pipeline (the main job)",
+                           description="Build the pipeline definition, upsert it and run one execution: "
+                                       "locally on embedded AWS (default) or on SageMaker (--aws).")
     run.add_argument("--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
     run.add_argument("--resume", metavar="EXECUTION",
                      help="rerun a failed execution's failed step and what follows (id or ARN)")
-
-    definition = commands.add_parser("definition", help="print the pipeline definition JSON")
-    add_config(definition)
-    add_target(definition)
-    definition.add_argument("--out", type=Path, help="write it to this file instead of stdout")
-
-    upsert = commands.add_parser("upsert", help="create or update the pipeline")
-    add_config(upsert)
-    add_target(upsert)
-
-    start = commands.add_parser("start", help="start an execution of the upserted pipeline")
-    add_config(start)
-    add_target(start)
-    start.add_argument("--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
-
-    executions = commands.add_parser("executions", help="list the pipeline's executions")
-    add_config(executions)
-    add_target(executions)
-
-    steps = commands.add_parser("steps", help="list an execution's steps")
-    steps.add_argument("execution", help="execution id or ARN")
-    add_config(steps)
-    add_target(steps)
+    pipeline_command("definition", "print the pipeline definition JSON").add_argument(
+        "--out", type=Path, help="write it to this file instead of stdout")
+    pipeline_command("upsert", "create or update the pipeline")
+    pipeline_command("start", "start an execution of the upserted pipeline").add_argument(
+        "--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
+    pipeline_command("executions", "list the pipeline's executions")
+    pipeline_command("steps", "list an execution's steps").add_argument("execution", help="execution id or ARN")
 
     local = commands.add_parser("local", help="the embedded AWS server: status or stop")
     local.add_argument("action", choices=("status", "stop"))

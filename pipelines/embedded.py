@@ -355,7 +355,7 @@ def _answers(endpoint_url: str, attempts: int = 1) -> bool:
     return False
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child that exited: reap it, it is gone
             return False
@@ -381,7 +381,7 @@ def _is_zombie(pid: int) -> bool:
 def _is_server_process(pid: int) -> bool:
     """Whether ``pid`` is alive and runs our launcher. The state file may outlive the server and
     its pid be reused; an unrelated program must never be signalled."""
-    if not _process_alive(pid):
+    if not process_alive(pid):
         return False
     return f"-m {_LAUNCHER_MODULE} serve " in _command_line(pid)
 
@@ -408,7 +408,7 @@ def _terminate(pid: int) -> None:
             os.killpg(pid, signal.SIGCONT)  # a stopped (SIGSTOP, Ctrl-Z) server handles SIGTERM only once continued
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            if not _process_alive(pid):
+            if not process_alive(pid):
                 return
             time.sleep(0.05)
     raise EmbeddedAwsError(f"embedded AWS: moto server pid {pid} survived SIGKILL; stop it by hand (kill -9 {pid})")

@@ -33,6 +33,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
+from .embedded import process_alive
 from .errors import FlanopsError
 
 CONTAINER_ROOT = "/opt/ml"
@@ -80,21 +81,9 @@ def list_executions(home: Path, pipeline_name: str) -> list[dict]:
 
 def mark_orphaned(record: dict) -> None:
     """An execution whose executor process died shows as Failed, as it can no longer finish."""
-    if record["PipelineExecutionStatus"] == "Executing" and not pid_alive(record.get("ExecutorPid")):
+    if record["PipelineExecutionStatus"] == "Executing" and not (record.get("ExecutorPid") and process_alive(record["ExecutorPid"])):
         record["PipelineExecutionStatus"] = "Failed"
         record["FailureReason"] = record.get("FailureReason") or "the local executor stopped before the end"
-
-
-def pid_alive(pid: int | None) -> bool:
-    if not pid:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # ----------------------------------------------------------------------------- expressions
