@@ -295,15 +295,14 @@ def fmt(value: Any) -> str:
 
 def executions(args) -> int:
     config = load_config(args.config, args.param)
-    target = open_target(args)
-    if target.local:
+    if not args.aws:   # the local records are files: no need to start embedded AWS to read them
         from .embedded import flanops_home
         from .local import list_executions
 
         rows = [(r["ExecutionId"], r["PipelineExecutionStatus"], r["CreationTime"], r.get("FailureReason") or "")
                 for r in list_executions(flanops_home(), config.pipeline_name)]
     else:
-        summaries = target.client("sagemaker").list_pipeline_executions(PipelineName=config.pipeline_name)
+        summaries = aws_target(args).client("sagemaker").list_pipeline_executions(PipelineName=config.pipeline_name)
         rows = [(s["PipelineExecutionArn"].rsplit("/", 1)[-1], s["PipelineExecutionStatus"], str(s["StartTime"]),
                  s.get("PipelineExecutionFailureReason") or "") for s in summaries["PipelineExecutionSummaries"]]
     if not rows:
@@ -317,13 +316,13 @@ def executions(args) -> int:
 
 def steps(args) -> int:
     config = load_config(args.config, args.param)
-    target = open_target(args)
-    if target.local:
+    if not args.aws:
         from .embedded import flanops_home
         from .local import load_execution
 
         entries = load_execution(flanops_home(), config.pipeline_name, args.execution)["Steps"]
     else:
+        target = aws_target(args)
         arn = args.execution if args.execution.startswith("arn:") else execution_arn(target, config, args.execution)
         entries = target.client("sagemaker").list_pipeline_execution_steps(PipelineExecutionArn=arn,
                                                                            SortOrder="Ascending")["PipelineExecutionSteps"]
