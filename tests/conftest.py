@@ -69,3 +69,11 @@ def chain(tmp_path_factory):
     return {"root": root, "data": data, "model": model, "tuned": tuned, "evaluation": evaluation,
             "finetune_stdout": finetune.stdout, "evaluate_stdout": evaluate.stdout,
             "result": json.loads((evaluation / "evaluation.json").read_text())}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Keep each module on one xdist worker (its module fixtures are built once) and every test
+    that needs ``chain`` on the same worker (the session fixture is built once per worker)."""
+    for item in items:
+        group = "chain" if "chain" in item.fixturenames else item.module.__name__
+        item.add_marker(pytest.mark.xdist_group(group))

@@ -1,0 +1,352 @@
+"""A local SageMaker endpoint: ``model.tar.gz`` served through its own ``code/inference.py``.
+
+moto runs no containers, so this is what answers for an endpoint on embedded AWS. It does what
+SageMaker hosting and the Hugging Face inference toolkit do with the artifact: extract it,
+put ``code/`` on ``sys.path``, import ``inference`` and call its ``model_fn`` once, then per
+request ``input_fn`` → ``predict_fn`` → ``output_fn``. Bodies of UTF-8 content types
+(JSON, CSV) reach ``input_fn`` as text and others as bytes, as the toolkit passes them.
+
+Routes:
+  GET  /ping                            200 once the model is loaded (the container contract)
+  POST /invocations                     the container contract; errors are JSON ``{"error": …}``
+  POST /endpoints/{name}/invocations    the SageMaker Runtime API, so that
+      boto3.client("sagemaker-runtime", endpoint_url=URL).invoke_endpoint(EndpointName=name, …)
+      works unchanged; handler errors come back as SageMaker's ModelError (HTTP 424)
+
+Requests are served by threads, predictions one at a time (a lock): the model is never
+called from two threads at once, and /ping answers while a prediction runs. A bad request
+gets a 4xx naming what was wrong; an error inside the handler is a 500 for that request
+only; the server keeps serving.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from .errors import FlanopsError
+
+MAX_PAYLOAD_BYTES = 6 * 1024 * 1024        # SageMaker real-time endpoints refuse larger request bodies
+UTF8_CONTENT_TYPES = ("application/json", "text/csv")   # the toolkit decodes these before input_fn
+HANDLER_FUNCTIONS = ("model_fn", "input_fn", "predict_fn", "output_fn")
+VARIANT_NAME = "AllTraffic"                # the variant name SageMaker reports for a one-variant endpoint
+
+
+# ----------------------------------------------------------------------------- the artifact
+def fetch_model_data(source: str | Path, session, workdir: Path) -> Path:
+    """The model folder for ``source``: an S3 URI or a local ``model.tar.gz``, extracted; or an extracted folder.
+
+    An S3 URI may name the tarball or a prefix that holds ``model.tar.gz``.
+    """
+    from .steps.stepkit.errors import StepError
+    from .steps.stepkit.modeling import MODEL_ARCHIVE, extract_safely
+
+    text = str(source)
+    if text.startswith("s3://"):
+        bucket, _, key = text.removeprefix("s3://").partition("/")
+        if not bucket or not key:
+            raise FlanopsError(f"model data {text}: expected s3://bucket/key/model.tar.gz")
+        if not key.endswith(".tar.gz"):
+            key = f"{key.rstrip('/')}/{MODEL_ARCHIVE}"
+        archive = workdir / MODEL_ARCHIVE
+        from botocore.exceptions import ClientError
+
+        try:
+            session.client("s3").download_file(bucket, key, str(archive))
+        except ClientError as err:
+            raise FlanopsError(f"model data s3://{bucket}/{key}: cannot download it "
+                               f"({err.response['Error'].get('Message') or err.response['Error']['Code']})") from None
+    else:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            return check_artifact(path, text)
+        if not path.is_file():
+            raise FlanopsError(f"model data {text}: no such file or folder")
+        archive = path
+    folder = workdir / "model"
+    try:
+        extract_safely(archive, folder, f"model data {text}")
+    except StepError as err:
+        raise FlanopsError(str(err)) from None
+    return check_artifact(folder, text)
+
+
+def check_artifact(folder: Path, label: str) -> Path:
+    handler = folder / "code" / "inference.py"
+    if not handler.is_file():
+        raise FlanopsError(f"model data {label}: no code/inference.py; this is not a model.tar.gz that flanops "
+                           "packaged (the pipeline's Evaluate step writes one)")
+    return folder
+
+
+def import_handler(model_dir: Path):
+    """Import ``code/inference.py`` as the toolkit does: ``code/`` first on ``sys.path``, module ``inference``."""
+    code_dir = str(model_dir / "code")
+    sys.path.insert(0, code_dir)
+    for name in [n for n in sys.modules if n == "inference" or n == "stepkit" or n.startswith("stepkit.")]:
+        del sys.modules[name]   # another artifact's handler, imported earlier in this process
+    module = importlib.import_module("inference")
+    missing = [name for name in HANDLER_FUNCTIONS if not callable(getattr(module, name, None))]
+    if missing:
+        raise FlanopsError(f"{model_dir / 'code' / 'inference.py'}: no {', '.join(missing)}; a handler needs "
+                           f"{', '.join(HANDLER_FUNCTIONS)}")
+    return module
+
+
+@dataclass
+class Reply:
+    status: int
+    body: bytes
+    content_type: str = "application/json"
+
+    @classmethod
+    def error(cls, status: int, message: str) -> Reply:
+        return cls(status, json.dumps({"error": message, "code": status}).encode())
+
+
+class LoadedModel:
+    """One artifact's handler and model; :meth:`invoke` runs one request at a time."""
+
+    def __init__(self, model_dir: Path):
+        self.model_dir = model_dir
+        self.handler = import_handler(model_dir)
+        self.model = self.handler.model_fn(str(model_dir))
+        self._lock = threading.Lock()
+
+    def invoke(self, body: bytes, content_type: str, accept: str) -> Reply:
+        content_type = (content_type or "application/json").split(";")[0].strip().lower()
+        accept = (accept or "").split(";")[0].strip().lower()
+        if not accept or accept == "*/*":
+            accept = "application/json"
+        data: Any = body
+        if content_type in UTF8_CONTENT_TYPES:
+            try:
+                data = body.decode("utf-8")
+            except UnicodeDecodeError:
+                return Reply.error(400, f"the request body is not UTF-8 text, which {content_type} must be")
+        try:
+            with self._lock:
+                prediction = self.handler.predict_fn(self.handler.input_fn(data, content_type), self.model)
+                output = self.handler.output_fn(prediction, accept)
+        except Exception as err:   # the request's fault (RequestError) or the handler's; never the server's end
+            status = getattr(err, "status_code", None)
+            if isinstance(status, int) and 400 <= status < 500:
+                return Reply.error(status, str(err))
+            traceback.print_exc()
+            return Reply.error(500, f"the model handler failed: {type(err).__name__}: {err}")
+        return Reply(200, output.encode() if isinstance(output, str) else bytes(output), accept)
+
+
+# ----------------------------------------------------------------------------- HTTP
+class EndpointServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], model: LoadedModel, endpoint_name: str, log: Callable[[str], None]):
+        self.model, self.endpoint_name, self.log = model, endpoint_name, log
+        super().__init__(address, RequestHandler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}"
+
+
+class RequestHandler(BaseHTTPRequestHandler):
+    server: EndpointServer
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:   # our own access line instead (no bodies logged)
+        pass
+
+    def do_GET(self) -> None:
+        started = time.monotonic()
+        if self.path.split("?")[0] == "/ping":
+            reply = Reply(200, b"{}")
+        else:
+            reply = Reply.error(404, f"no route GET {self.path}; GET /ping, POST /invocations or "
+                                     "POST /endpoints/{name}/invocations")
+        self.send(reply, started)
+
+    def do_POST(self) -> None:
+        started = time.monotonic()
+        path = self.path.split("?")[0]
+        runtime_api = path.startswith("/endpoints/") and path.endswith("/invocations")
+        if runtime_api:
+            name = unquote(path[len("/endpoints/"):-len("/invocations")])
+            if name != self.server.endpoint_name:
+                self.drain()
+                return self.send(runtime_error(400, "ValidationError", f"Endpoint {name} not found; this local "
+                                               f"server serves {self.server.endpoint_name}"), started)
+        elif path != "/invocations":
+            self.drain()
+            return self.send(Reply.error(404, f"no route POST {path}; POST /invocations or "
+                                              "/endpoints/{name}/invocations"), started)
+        body = self.read_body()
+        if isinstance(body, Reply):
+            reply = body
+        else:
+            reply = self.server.model.invoke(body, self.headers.get("Content-Type", ""), self.headers.get("Accept", ""))
+        if runtime_api and reply.status != 200:
+            reply = model_error(reply)
+        self.send(reply, started, variant=runtime_api and reply.status == 200)
+
+    def read_body(self) -> bytes | Reply:
+        length = self.headers.get("Content-Length")
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked" or length is None:
+            self.close_connection = True
+            return Reply.error(411, "send the request body with a Content-Length header")
+        try:
+            size = int(length)
+        except ValueError:
+            self.close_connection = True
+            return Reply.error(400, f"Content-Length {length!r} is not a number")
+        if size > MAX_PAYLOAD_BYTES:
+            self.close_connection = True   # the body is not read: this connection cannot carry another request
+            return Reply.error(413, f"the request body is {size:,} bytes; an endpoint takes at most "
+                                    f"{MAX_PAYLOAD_BYTES:,}")
+        return self.rfile.read(size)
+
+    def drain(self) -> None:
+        length = self.headers.get("Content-Length")
+        if length and length.isdigit() and int(length) <= MAX_PAYLOAD_BYTES:
+            self.rfile.read(int(length))
+        else:
+            self.close_connection = True
+
+    def send(self, reply: Reply, started: float, variant: bool = False) -> None:
+        self.send_response(reply.status)
+        self.send_header("Content-Type", reply.content_type)
+        self.send_header("Content-Length", str(len(reply.body)))
+        if variant:
+            self.send_header("x-Amzn-Invoked-Production-Variant", VARIANT_NAME)
+        if isinstance(reply, RuntimeReply) and reply.error_type:
+            self.send_header("x-amzn-ErrorType", reply.error_type)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(reply.body)
+        self.server.log(f"{self.command} {self.path} {reply.status} {(time.monotonic() - started) * 1000:.0f} ms")
+
+
+@dataclass
+class RuntimeReply(Reply):
+    error_type: str | None = None
+
+
+def runtime_error(status: int, error_type: str, message: str, **fields: Any) -> RuntimeReply:
+    """An error as the SageMaker Runtime API sends it: botocore raises ``error_type`` with these fields."""
+    return RuntimeReply(status, json.dumps({"message": message, **fields}).encode(), "application/json", error_type)
+
+
+def model_error(reply: Reply) -> RuntimeReply:
+    """The container's error as SageMaker Runtime reports it: ModelError (424) carrying the original status."""
+    try:
+        original = json.loads(reply.body).get("error", "")
+    except (ValueError, AttributeError):
+        original = reply.body.decode(errors="replace")
+    return runtime_error(424, "ModelError", f"Received client error ({reply.status}) from primary with message "
+                         f"\"{original}\"", OriginalStatusCode=reply.status, OriginalMessage=original)
+
+
+# ----------------------------------------------------------------------------- running it
+def endpoints_dir() -> Path:
+    from .embedded import flanops_home
+
+    return flanops_home() / "endpoints"
+
+
+def endpoint_record(name: str) -> Path:
+    return endpoints_dir() / f"{name}.json"
+
+
+def running_endpoints() -> dict[str, dict]:
+    """Local endpoints being served on this machine, by name (records of dead servers are dropped)."""
+    from .embedded import process_alive
+
+    found = {}
+    for path in sorted(endpoints_dir().glob("*.json")) if endpoints_dir().is_dir() else []:
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if process_alive(int(record.get("pid", 0))):
+            found[record["endpoint_name"]] = record
+        else:
+            path.unlink(missing_ok=True)
+    return found
+
+
+@contextlib.contextmanager
+def serving(model_data: str | Path, session, endpoint_name: str, host: str = "127.0.0.1", port: int = 0,
+            log: Callable[[str], None] = print, record: dict | None = None) -> Iterator[EndpointServer]:
+    """Load the artifact and serve it on a background thread while the block runs.
+
+    With ``record``, the endpoint is announced in ``$FLANOPS_HOME/endpoints/<name>.json`` (for
+    ``flanops invoke``) until the block ends.
+    """
+    with tempfile.TemporaryDirectory(prefix="flanops-endpoint-") as workdir:
+        started = time.monotonic()
+        model_dir = fetch_model_data(model_data, session, Path(workdir))
+        model = LoadedModel(model_dir)
+        log(f"loaded {model_data} through code/inference.py in {time.monotonic() - started:.1f} s")
+        try:
+            server = EndpointServer((host, port), model, endpoint_name, log)
+        except OSError as err:
+            raise FlanopsError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port") from None
+        thread = threading.Thread(target=server.serve_forever, name=f"endpoint-{endpoint_name}", daemon=True)
+        thread.start()
+        record_path = None
+        try:
+            if record is not None:
+                from .local import write_json_atomic
+
+                record_path = endpoint_record(endpoint_name)
+                write_json_atomic(record_path, {**record, "endpoint_name": endpoint_name, "url": server.url,
+                                                "pid": os.getpid()})
+            yield server
+        finally:
+            server.shutdown()
+            server.server_close()
+            thread.join(timeout=10)
+            if record_path:
+                record_path.unlink(missing_ok=True)
+
+
+def runtime_client(endpoint_url: str, region: str):
+    """A SageMaker Runtime client for a local endpoint (moto's fake keys: nothing real is ever sent)."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=region).client(
+        "sagemaker-runtime", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 1},
+                                                                      read_timeout=300))
+
+
+def summarize_remotely(client, endpoint_name: str, dialogues: list[str], parameters: dict | None = None) -> list[str]:
+    """Summaries from an endpoint (local or SageMaker) through the Runtime API; handler errors as FlanopsError."""
+    from botocore.exceptions import ClientError
+
+    payload: dict[str, Any] = {"inputs": dialogues if len(dialogues) > 1 else dialogues[0]}
+    if parameters:
+        payload["parameters"] = parameters
+    try:
+        response = client.invoke_endpoint(EndpointName=endpoint_name, ContentType="application/json",
+                                          Accept="application/json", Body=json.dumps(payload).encode())
+    except ClientError as err:
+        error = err.response.get("Error", {})
+        message = err.response.get("OriginalMessage") or error.get("Message") or str(err)
+        raise FlanopsError(f"endpoint {endpoint_name}: {message}") from None
+    return [item["generated_text"] for item in json.loads(response["Body"].read())]
