@@ -4,9 +4,10 @@
 - ``template``: the CloudFormation template built from a model package and a stage.
 - ``deploy``: approve a package, pick the package to deploy, deploy/update/destroy the stack.
 """
-from .deploy import DeployResult, approve, deploy, destroy, dry_run, resolve_package
+from .deploy import DeployResult, approve, deploy, deployed, describe_package, destroy, dry_run, resolve_package
 from .stages import StageConfig, load_stage
 from .template import build_template, lint_template, stack_name
 
-__all__ = ["DeployResult", "StageConfig", "approve", "build_template", "deploy", "destroy", "dry_run",
+__all__ = ["DeployResult", "StageConfig", "approve", "build_template", "deploy", "deployed", "describe_package",
+           "destroy", "dry_run",
            "lint_template", "load_stage", "resolve_package", "stack_name"]

@@ -270,6 +270,17 @@ def destroy(session: boto3.Session, stage_name: str, group: str, echo: Echo = pr
     return name
 
 
+def deployed(session: boto3.Session, stage_name: str, group: str) -> DeployResult | None:
+    """What the stage's stack serves now (None when there is no such stack or it holds no endpoint)."""
+    cfn = session.client("cloudformation")
+    stack = _describe_stack(cfn, stack_name(group, stage_name))
+    if stack is None or stack["StackStatus"] in EMPTY_STATES or stack["StackStatus"].startswith("DELETE"):
+        return None
+    outputs = _stack_outputs(session, stack)
+    return DeployResult(stack_name=stack["StackName"], stack_id=stack["StackId"], status=stack["StackStatus"],
+                        action="unchanged", model_package_arn=outputs.get("ModelPackageArn", ""), outputs=outputs)
+
+
 # ---------------------------------------------------------------------------------------------
 # CloudFormation helpers
 # ---------------------------------------------------------------------------------------------

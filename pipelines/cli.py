@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
     run.add_argument("--resume", metavar="EXECUTION",
                      help="rerun a failed execution's failed step and what follows (id or ARN)")
+    run.add_argument("--no-deploy", action="store_true",
+                     help="locally, stop after registering (by default the package is deployed to the local "
+                          "staging stack and invoked once)")
     pipeline_command("definition", "print the pipeline definition JSON").add_argument(
         "--out", type=Path, help="write it to this file instead of stdout")
     pipeline_command("upsert", "create or update the pipeline")
@@ -59,6 +62,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
     pipeline_command("executions", "list the pipeline's executions")
     pipeline_command("steps", "list an execution's steps").add_argument("execution", help="execution id or ARN")
+
+    approve = pipeline_command("approve", "approve a registered model package (the manual gate before prod)")
+    approve.add_argument("model_package", metavar="MODEL_PACKAGE_ARN")
+    approve.add_argument("--description", help="why it is approved (kept as the package's ApprovalDescription)")
+
+    deploy = pipeline_command("deploy", "create or update a stage's endpoint stack (CloudFormation)",
+                              description="Deploy a model package to a stage's endpoint through a CloudFormation "
+                                          "change set; a failed update rolls back and the previous endpoint "
+                                          "keeps serving.")
+    deploy.add_argument("--stage", required=True, help="staging, prod, or a stage JSON file (see infra/stages/)")
+    chosen = deploy.add_mutually_exclusive_group()
+    chosen.add_argument("--model-package", metavar="ARN", help="the model package version to deploy")
+    chosen.add_argument("--latest-approved", action="store_true",
+                        help="the group's newest Approved version (the default)")
+    deploy.add_argument("--dry-run", action="store_true", help="write the template (and lint it); deploy nothing")
+    deploy.add_argument("--no-lint", action="store_true",
+                        help="skip cfn-lint before deploying (its list of instance types can lag behind AWS)")
+    deploy.add_argument("--out", type=Path, help="--dry-run: the template file (default: <stage>-template.json)")
+
+    destroy = pipeline_command("destroy", "delete a stage's endpoint stack")
+    destroy.add_argument("--stage", required=True, help="staging, prod, or a stage name")
+
+    serve = pipeline_command("serve", "serve a model here as a SageMaker endpoint (the container contract "
+                                      "and the Runtime API)")
+    source = serve.add_mutually_exclusive_group()
+    source.add_argument("--stage", help="the model deployed to this stage (default: staging)")
+    source.add_argument("--model-package", metavar="ARN", help="a registered model package version")
+    source.add_argument("--model-data", metavar="S3_OR_PATH", help="a model.tar.gz (S3 URI or file) or its "
+                                                                    "extracted folder")
+    serve.add_argument("--port", type=int, default=8080, help="default: 8080 (0 picks a free port)")
+    serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
+    serve.add_argument("--endpoint-name", help="the name it answers to on /endpoints/{name}/invocations "
+                                               "(default: the stage's endpoint name)")
+
+    invoke = pipeline_command("invoke", "summarize a dialogue with an endpoint")
+    invoke.add_argument("text", help="the dialogue; - reads it from standard input")
+    invoke.add_argument("--endpoint", help="endpoint name (default: the one being served locally; with --aws: "
+                                           "the --stage's endpoint)")
+    invoke.add_argument("--stage", default="staging", help="--aws without --endpoint: the stage (default staging)")
+    invoke.add_argument("--max-new-tokens", type=int, help="longest summary, in tokens")
+    invoke.add_argument("--num-beams", type=int, help="beam search width (1: greedy)")
 
     local = commands.add_parser("local", help="the embedded AWS server: status or stop")
     local.add_argument("action", choices=("status", "stop"))

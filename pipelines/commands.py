@@ -47,7 +47,7 @@ def open_target(args) -> Target:
     return Target(session, role_arn, embedded_bucket(session), True, aws.environment())
 
 
-def aws_target(args) -> Target:
+def aws_session():
     import boto3
 
     session = boto3.Session()
@@ -55,6 +55,11 @@ def aws_target(args) -> Target:
         raise FlanopsError("--aws: no AWS region configured; set AWS_DEFAULT_REGION or a profile with a region")
     if session.get_credentials() is None:
         raise FlanopsError("--aws: no AWS credentials found; configure a profile (aws configure) or run in Studio")
+    return session
+
+
+def aws_target(args) -> Target:
+    session = aws_session()
     role_arn = args.role or os.environ.get("FLANOPS_ROLE_ARN")
     quiet_sdk()
     if not role_arn:
@@ -143,11 +148,17 @@ def run(args) -> int:
     if not args.resume:
         check_run_dir(args.output_dir)
     target = open_target(args)
+    if args.resume and not target.local:
+        return retry_on_sagemaker(config, target, args.resume)
     if args.resume:
-        return resume_local(config, target, args.resume) if target.local else retry_on_sagemaker(config, target, args.resume)
-    definition_text = definition_for(config, target)
-    upsert_pipeline(config, target, definition_text)
-    return start_execution(config, target, definition_text, args.output_dir)
+        code, run_dir = resume_local(config, target, args.resume)
+    else:
+        definition_text = definition_for(config, target)
+        upsert_pipeline(config, target, definition_text)
+        code, run_dir = start_execution(config, target, definition_text, args.output_dir)
+    if code == 0 and run_dir and not args.no_deploy:
+        return deploy_and_try(target, run_dir)
+    return code
 
 
 def start(args) -> int:
@@ -157,16 +168,18 @@ def start(args) -> int:
     if not pipeline_exists(sagemaker, config.pipeline_name):
         raise FlanopsError(f"pipeline {config.pipeline_name!r} does not exist yet; run `flanops upsert` first")
     definition_text = sagemaker.describe_pipeline(PipelineName=config.pipeline_name)["PipelineDefinition"]
-    return start_execution(config, target, definition_text, args.output_dir)
+    return start_execution(config, target, definition_text, args.output_dir)[0]
 
 
-def start_execution(config: PipelineConfig, target: Target, definition_text: str, output_dir: Path | None) -> int:
+def start_execution(config: PipelineConfig, target: Target, definition_text: str,
+                    output_dir: Path | None) -> tuple[int, Path | None]:
+    """Start one execution and follow it to its end: (exit code, local run folder or None on SageMaker)."""
     sagemaker = target.client("sagemaker")
     if not target.local:
         arn = sagemaker.start_pipeline_execution(PipelineName=config.pipeline_name,
                                                  PipelineParameters=execution_parameters(config))["PipelineExecutionArn"]
         print(f"started {arn}")
-        return follow_on_sagemaker(target, arn)
+        return follow_on_sagemaker(target, arn), None
     from .embedded import flanops_home
     from .local import LocalExecutor
 
@@ -177,10 +190,10 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
     executor = LocalExecutor(target.session, config.pipeline_name, json.loads(definition_text), flanops_home(),
                              run_dir, job_env=target.job_env)
     record = executor.start(config.parameter_values(), arn)
-    return report(record, run_dir)
+    return report(record, run_dir), run_dir
 
 
-def resume_local(config: PipelineConfig, target: Target, execution: str) -> int:
+def resume_local(config: PipelineConfig, target: Target, execution: str) -> tuple[int, Path]:
     from .embedded import flanops_home
     from .local import LocalExecutor, load_execution, mark_orphaned
 
@@ -195,7 +208,47 @@ def resume_local(config: PipelineConfig, target: Target, execution: str) -> int:
     print(f"resuming {record['PipelineExecutionArn']}\nrun folder {run_dir}")
     executor = LocalExecutor(target.session, config.pipeline_name, json.loads(definition_text), flanops_home(),
                              run_dir, job_env=target.job_env)
-    return report(executor.resume(record), run_dir)
+    return report(executor.resume(record), run_dir), run_dir
+
+
+SAMPLE_SEED = 7   # any seed: one synthetic dialogue for the sample invocation after a local run
+
+
+def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -> int:
+    """After a local run: deploy the registered package to the local stage's stack and invoke it once."""
+    from .infra.deploy import deploy as deploy_stack
+    from .infra.deploy import resolve_package
+    from .infra.stages import load_stage
+    from .local import write_json_atomic
+    from .serving import runtime_client, serving, summarize_remotely
+    from .steps.stepkit.synthetic import generate_splits
+
+    summary_file = run_dir / "summary.json"
+    summary = json.loads(summary_file.read_text(encoding="utf-8"))
+    arn = summary.get("model_package_arn")
+    if not arn:
+        return 0
+    stage = load_stage(stage_name)
+    print(f"\ndeploying {arn} to the local {stage.name} stage (CloudFormation on embedded AWS)")
+    try:
+        package = resolve_package(target.session, model_package_arn=arn, stage=stage)
+        result = deploy_stack(target.session, stage, package, default_bucket=target.bucket)
+        dialogue = generate_splits({"test": 1}, SAMPLE_SEED)["test"][0]["dialogue"]
+        with serving(model_data_url(package), target.session, result.endpoint_name, log=lambda line: None) as server:
+            client = runtime_client(server.url, target.session.region_name)
+            generated = summarize_remotely(client, result.endpoint_name, [dialogue])[0]
+    except FlanopsError as err:
+        raise FlanopsError(f"the pipeline succeeded and registered {arn}, but deploying it to {stage.name} "
+                           f"failed: {err}") from None
+    print(f"\nsample invocation of endpoint {result.endpoint_name} (through model.tar.gz's code/inference.py):")
+    print("  dialogue: " + dialogue.replace("\n", "\n            "))
+    print(f"  summary:  {generated}")
+    print(f"\nnext: flanops serve --stage {stage.name}   (then flanops invoke \"...\" or boto3 invoke_endpoint)\n"
+          f"      flanops approve {arn} && flanops deploy --stage prod --latest-approved --dry-run")
+    summary["deployment"] = {"stage": stage.name, "stack": result.stack_name, "endpoint_name": result.endpoint_name,
+                             "model_package_arn": arn, "sample": {"dialogue": dialogue, "summary": generated}}
+    write_json_atomic(summary_file, summary)
+    return 0
 
 
 def check_run_dir(output_dir: Path | None) -> None:
@@ -363,3 +416,152 @@ def retry_on_sagemaker(config: PipelineConfig, target: Target, execution: str) -
     target.client("sagemaker").retry_pipeline_execution(PipelineExecutionArn=arn)
     print(f"retrying {arn}")
     return follow_on_sagemaker(target, arn)
+
+
+# ----------------------------------------------------------------------------- approve, deploy, serve
+def target_session(args):
+    """The boto3 session of the target, for commands that need no pipeline role: embedded AWS or ``--aws``."""
+    if args.aws:
+        return aws_session()
+    from .embedded import ensure_server
+
+    aws = ensure_server()
+    aws.activate()
+    return aws.boto_session()
+
+
+def package_group(config: PipelineConfig) -> str:
+    return config.parameter_values()["ModelPackageGroupName"]
+
+
+def approve(args) -> int:
+    from .infra.deploy import approve as approve_package
+
+    package = approve_package(target_session(args), args.model_package, args.description)
+    print(f"approved {package['ModelPackageArn']} (group {package['ModelPackageGroupName']}, "
+          f"version {package.get('ModelPackageVersion')})")
+    return 0
+
+
+def deploy(args) -> int:
+    from .infra.deploy import deploy as deploy_stack
+    from .infra.deploy import dry_run, resolve_package
+    from .infra.stages import load_stage
+
+    config = load_config(args.config, args.param)
+    stage = load_stage(args.stage)
+    if args.out and not args.dry_run:
+        raise FlanopsError("--out goes with --dry-run (a deploy writes no template file)")
+    session = target_session(args)
+    bucket = args.bucket or (default_bucket(session) if args.aws else embedded_bucket(session))
+    package = resolve_package(session, model_package_arn=args.model_package, latest_approved=not args.model_package,
+                              group=package_group(config), stage=stage)
+    if args.dry_run:
+        dry_run(stage, package, default_bucket=bucket, out=args.out or Path(f"{stage.name}-template.json"))
+        return 0
+    result = deploy_stack(session, stage, package, default_bucket=bucket, lint=not args.no_lint)
+    if not args.aws:
+        print(f"embedded AWS runs no containers; serve this endpoint here with: flanops serve --stage {stage.name}")
+    return 0 if result.endpoint_name else 1
+
+
+def destroy(args) -> int:
+    from .infra.deploy import destroy as destroy_stack
+
+    config = load_config(args.config, args.param)
+    destroy_stack(target_session(args), args.stage, package_group(config))
+    return 0
+
+
+def serve(args) -> int:
+    import signal
+    import threading
+
+    from .serving import serving
+
+    config = load_config(args.config, args.param)
+    session = target_session(args)
+    source, endpoint_name, package_arn = model_to_serve(args, session, package_group(config))
+    record = {"model_data": str(source), "model_package_arn": package_arn, "region": session.region_name}
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with serving(source, session, endpoint_name, host=args.host, port=args.port, record=record) as server:
+        print(f"endpoint {endpoint_name} is serving at {server.url} (GET /ping, POST /invocations, "
+              f"POST /endpoints/{endpoint_name}/invocations); Ctrl-C stops it\n"
+              f"try it: flanops invoke \"#Person1#: ... #Person2#: ...\"\n"
+              f"or boto3: boto3.client('sagemaker-runtime', endpoint_url='{server.url}')"
+              f".invoke_endpoint(EndpointName='{endpoint_name}', ContentType='application/json', "
+              "Body='{\"inputs\": \"...\"}')", flush=True)
+        try:
+            while not stop.wait(1.0):
+                pass
+        except KeyboardInterrupt:
+            pass
+    print(f"endpoint {endpoint_name} stopped")
+    return 0
+
+
+def model_to_serve(args, session, group: str) -> tuple[str, str, str | None]:
+    """(model data, endpoint name, model package ARN) for ``flanops serve``'s choice of model."""
+    from .infra.deploy import deployed, describe_package
+
+    if args.model_data:
+        return args.model_data, args.endpoint_name or "flanops-local", None
+    if args.model_package:
+        package = describe_package(session.client("sagemaker"), args.model_package)
+        name = args.endpoint_name or f"{package['ModelPackageGroupName']}-v{package.get('ModelPackageVersion', 0)}"
+        return model_data_url(package), name, package["ModelPackageArn"]
+    stage = args.stage or "staging"
+    result = deployed(session, stage, group)
+    if result is None or not result.endpoint_name:
+        raise FlanopsError(f"nothing is deployed to stage {stage} for model package group {group}; deploy first: "
+                           f"flanops deploy --stage {stage} (or serve --model-package ARN / --model-data PATH)")
+    package = describe_package(session.client("sagemaker"), result.model_package_arn)
+    return model_data_url(package), args.endpoint_name or result.endpoint_name, package["ModelPackageArn"]
+
+
+def model_data_url(package: dict) -> str:
+    containers = package.get("InferenceSpecification", {}).get("Containers", [])
+    if not containers or not containers[0].get("ModelDataUrl"):
+        raise FlanopsError(f"model package {package['ModelPackageArn']} names no ModelDataUrl to serve")
+    return containers[0]["ModelDataUrl"]
+
+
+def invoke(args) -> int:
+    import sys
+
+    from .serving import running_endpoints, runtime_client, summarize_remotely
+
+    text = sys.stdin.read() if args.text == "-" else args.text
+    if not text.strip():
+        raise FlanopsError("nothing to summarize: give the dialogue as the argument, or - to read standard input")
+    parameters = {name: value for name, value in (("max_new_tokens", args.max_new_tokens),
+                                                  ("num_beams", args.num_beams)) if value is not None}
+    if args.aws:
+        session = aws_session()
+        name = args.endpoint or deployed_endpoint(session, args)
+        client = session.client("sagemaker-runtime")
+    else:
+        endpoints = running_endpoints()
+        if not endpoints:
+            raise FlanopsError("no local endpoint is being served; start one in another shell: "
+                               "flanops serve --stage staging")
+        if args.endpoint and args.endpoint not in endpoints:
+            raise FlanopsError(f"no local endpoint {args.endpoint!r}; being served: {', '.join(endpoints)}")
+        if not args.endpoint and len(endpoints) > 1:
+            raise FlanopsError(f"several local endpoints are being served ({', '.join(endpoints)}); pick one "
+                               "with --endpoint NAME")
+        record = endpoints[args.endpoint or next(iter(endpoints))]
+        name, client = record["endpoint_name"], runtime_client(record["url"], record["region"])
+    print(summarize_remotely(client, name, [text], parameters)[0])
+    return 0
+
+
+def deployed_endpoint(session, args) -> str:
+    from .infra.deploy import deployed
+
+    config = load_config(args.config, args.param)
+    result = deployed(session, args.stage, package_group(config))
+    if result is None or not result.endpoint_name:
+        raise FlanopsError(f"no endpoint deployed to stage {args.stage}; pass --endpoint NAME or deploy first")
+    return result.endpoint_name

@@ -162,7 +162,7 @@ def quick_run(flanops) -> Run:
 
 @pytest.fixture(scope="module")
 def cached_run(flanops, quick_run) -> Run:
-    return run_pipeline(flanops, "cached")
+    return run_pipeline(flanops, "cached", "--no-deploy")
 
 
 def package_arns(flanops: Flanops) -> list[str]:
@@ -266,7 +266,7 @@ def test_a_gate_that_cannot_pass_fails_the_execution_and_registers_nothing(flano
 
 def test_changing_one_parameter_reruns_only_what_depends_on_it(flanops, cached_run):
     """OptimizationMethod is read by the three Optimize jobs; Evaluate reads their outputs."""
-    run = run_pipeline(flanops, "method-none", "--param", "OptimizationMethod=none")
+    run = run_pipeline(flanops, "method-none", "--param", "OptimizationMethod=none", "--no-deploy")
     assert run.summary["status"] == "Succeeded", run.output
     steps = run.steps()
     assert {name for name in JOB_STEPS if steps[name]["cached"]} == {NAMES.prepare, NAMES.select, NAMES.finetune}
@@ -294,7 +294,7 @@ def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_r
     run_dir = flanops.run_dir("killed")
     log_path = flanops.root / "killed-run.log"
     # another data seed: nothing is cached, so PrepareData really runs before SelectModel is killed
-    params = ["--param", "steps.prepare.seed=1", "--param", "OptimizationMethod=none"]
+    params = ["--param", "steps.prepare.seed=1", "--param", "OptimizationMethod=none", "--no-deploy"]
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(flanops.command("run", "--output-dir", str(run_dir), *FAST, *params),
                                    env=flanops.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -349,7 +349,7 @@ def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_r
     assert processes_under(run_dir / "jobs" / NAMES.select) == [], "no process of the killed job is left"
 
     prepare_log = (run_dir / "jobs" / NAMES.prepare / "job.log").stat()
-    resumed = flanops("run", "--resume", execution_id)
+    resumed = flanops("run", "--resume", execution_id, "--no-deploy")
     assert resumed.returncode == 0, f"{resumed.stdout[-6000:]}\n{resumed.stderr[-3000:]}"
     assert f"resuming {record['PipelineExecutionArn']}" in resumed.stdout
     record = flanops.record(execution_id)
@@ -452,3 +452,100 @@ def test_executions_and_steps_commands(flanops, quick_run, gate_failed_run):
 
     missing = flanops("steps", "no-such-execution")
     assert missing.returncode == 2 and "no execution 'no-such-execution'" in missing.stderr
+
+
+# ----------------------------------------------------------------------------- deploy and serve
+def test_the_run_deploys_to_local_staging_and_shows_a_sample_invocation(flanops, quick_run):
+    deployment = quick_run.summary["deployment"]
+    assert deployment["stage"] == "staging" and deployment["model_package_arn"] == quick_run.summary["model_package_arn"]
+    assert deployment["sample"]["summary"].strip(), "the sample invocation returned an empty summary"
+    assert f"sample invocation of endpoint {deployment['endpoint_name']}" in quick_run.process.stdout
+    assert deployment["sample"]["summary"] in quick_run.process.stdout
+    sagemaker = flanops.session().client("sagemaker")
+    endpoint = sagemaker.describe_endpoint(EndpointName=deployment["endpoint_name"])
+    config = sagemaker.describe_endpoint_config(EndpointConfigName=endpoint["EndpointConfigName"])
+    model = sagemaker.describe_model(ModelName=config["ProductionVariants"][0]["ModelName"])
+    assert model["PrimaryContainer"]["ModelPackageName"] == deployment["model_package_arn"]
+
+
+def start_serving(flanops: Flanops, *args: str) -> tuple[subprocess.Popen, str, Path]:
+    log_path = flanops.root / f"serve-{time.monotonic_ns()}.log"
+    log = open(log_path, "w", encoding="utf-8")
+    process = subprocess.Popen(flanops.command("serve", "--port", "0", *args), env=flanops.env(), stdout=log,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+
+    def url():
+        assert process.poll() is None, f"flanops serve exited:\n{log_path.read_text()}"
+        text = log_path.read_text(encoding="utf-8")
+        return text.split("is serving at ", 1)[1].split()[0] if "is serving at " in text else None
+
+    return process, wait_for(url, 180, "flanops serve to load the model"), log_path
+
+
+def stop_serving(process: subprocess.Popen) -> int:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        return process.wait()
+
+
+def test_approve_deploy_serve_and_invoke_as_the_readme_shows(flanops, quick_run):
+    import boto3
+
+    arn = quick_run.summary["model_package_arn"]
+    refused = flanops("deploy", "--stage", "prod")
+    assert refused.returncode == 2 and f"group {GROUP} has no Approved version" in refused.stderr, refused.stderr
+    refused = flanops("deploy", "--stage", "prod", "--model-package", arn)
+    assert refused.returncode == 2 and f"flanops approve {arn}" in refused.stderr, refused.stderr
+
+    approved = flanops("approve", arn)
+    assert approved.returncode == 0 and f"approved {arn}" in approved.stdout, approved.stderr
+    package = flanops.session().client("sagemaker").describe_model_package(ModelPackageName=arn)
+    assert package["ModelApprovalStatus"] == "Approved"
+
+    deployed = flanops("deploy", "--stage", "staging")
+    assert deployed.returncode == 0, deployed.stderr
+    assert "already serves" in deployed.stdout or "UPDATE_COMPLETE" in deployed.stdout, deployed.stdout
+
+    template = flanops.root / "prod-template.json"
+    dry = flanops("deploy", "--stage", "prod", "--dry-run", "--out", str(template))
+    assert dry.returncode == 0, dry.stderr
+    assert json.loads(template.read_text(encoding="utf-8"))["Resources"]["Endpoint"]["Type"] == "AWS::SageMaker::Endpoint"
+    cfn = flanops.session().client("cloudformation")
+    assert not [s for s in cfn.list_stacks()["StackSummaries"] if "prod" in s["StackName"]
+                and s["StackStatus"] != "DELETE_COMPLETE"], "a dry run created a stack"
+
+    process, url, log_path = start_serving(flanops, "--stage", "staging")
+    try:
+        endpoint_name = quick_run.summary["deployment"]["endpoint_name"]
+        runtime = boto3.client("sagemaker-runtime", endpoint_url=url, region_name="eu-west-1",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        dialogue = quick_run.summary["deployment"]["sample"]["dialogue"]
+        response = runtime.invoke_endpoint(EndpointName=endpoint_name, ContentType="application/json",
+                                           Body=json.dumps({"inputs": [dialogue, dialogue]}))
+        answers = json.loads(response["Body"].read())
+        # the same greedy model and input as the sample invocation after the run
+        assert [a["generated_text"] for a in answers] == [quick_run.summary["deployment"]["sample"]["summary"]] * 2
+
+        invoked = flanops("invoke", dialogue)
+        assert invoked.returncode == 0, invoked.stderr
+        assert invoked.stdout.strip() == quick_run.summary["deployment"]["sample"]["summary"]
+        bad = flanops("invoke", "x", "--num-beams", "1000")
+        assert bad.returncode == 2 and "num_beams" in bad.stderr, bad.stderr
+        assert process.poll() is None, "a bad request took the server down"
+    finally:
+        code = stop_serving(process)
+    assert code == 0, log_path.read_text()
+    assert not list((flanops.home / "endpoints").glob("*.json")), "the stopped server left its endpoint record"
+    gone = flanops("invoke", "hello")
+    assert gone.returncode == 2 and "flanops serve" in gone.stderr
+
+    destroyed = flanops("destroy", "--stage", "staging")
+    assert destroyed.returncode == 0, destroyed.stderr
+    assert "DELETE_COMPLETE" in destroyed.stdout
+    again = flanops("destroy", "--stage", "staging")
+    assert again.returncode == 2 and "nothing to destroy" in again.stderr
