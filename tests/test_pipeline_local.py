@@ -509,7 +509,7 @@ def test_approve_deploy_serve_and_invoke_as_the_readme_shows(flanops, quick_run)
 
     deployed = flanops("deploy", "--stage", "staging")
     assert deployed.returncode == 0, deployed.stderr
-    assert "already serves" in deployed.stdout or "UPDATE_COMPLETE" in deployed.stdout, deployed.stdout
+    assert "nothing to change" in deployed.stdout, deployed.stdout
 
     template = flanops.root / "prod-template.json"
     dry = flanops("deploy", "--stage", "prod", "--dry-run", "--out", str(template))
