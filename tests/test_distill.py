@@ -16,6 +16,7 @@ from conftest import run_step
 from stepkit.catalog import T5Dims, count_t5_parameters
 from stepkit.distillation import distillation_loss, layers_to_keep, shrink_teacher
 from stepkit.errors import StepError
+from test_inference_handler import assert_artifacts_serve
 
 LN_4_3 = math.log(4 / 3)
 DISTILL_STEPS = 40
@@ -224,6 +225,10 @@ def test_student_ends_closer_to_the_teacher(distilled, chain):
               for name, model in (("initial", initial), ("distilled", student), ("teacher", teacher))}
     assert kl["teacher"] == pytest.approx(0.0, abs=1e-6)
     assert kl["distilled"] < 0.8 * kl["initial"], kl
+
+
+def test_student_artifact_serves_under_transformers_5_and_the_4_51_toolkit(distilled, chain, tmp_path):
+    assert_artifacts_serve({"distilled": distilled["dir"]}, chain["data"], tmp_path)
 
 
 # ---------------------------------------------------------------- bad inputs

@@ -12,6 +12,7 @@ import pytest
 import torch
 from conftest import run_step
 from safetensors.torch import load_file
+from test_inference_handler import assert_artifacts_serve
 
 RECOVERY_STEPS = 3
 
@@ -80,6 +81,10 @@ def test_structured_result_loads_with_plain_transformers_and_generates(chain, st
     output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     text = tokenizer.decode(output[0], skip_special_tokens=True)
     assert sum(c.isalpha() for c in text) >= 5, text
+
+
+def test_structured_artifact_serves_under_transformers_5_and_the_4_51_toolkit(chain, structured, tmp_path):
+    assert_artifacts_serve({"pruned": structured["dir"]}, chain["data"], tmp_path)
 
 
 def test_structured_removal_equals_zeroing_those_units(chain):

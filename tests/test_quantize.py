@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import STEPS, run_step
+from test_inference_handler import assert_artifacts_serve
 
 QUALITY_EXAMPLES = 50
 # One torch thread per process: the tiny model gains nothing from more, and on a shared machine
@@ -184,6 +185,12 @@ def test_int8_reloads_in_a_fresh_process_runs_int8_kernels_and_stays_close_to_fp
     assert int8["relative_logit_error"] <= MAX_RELATIVE_LOGIT_ERROR
     assert int8["next_token_agreement"] >= MIN_NEXT_TOKEN_AGREEMENT
     assert fp32["relative_logit_error"] == 0.0 and fp32["rougeL"] > 0.3  # the reference is a trained model
+
+
+def test_int8_artifacts_serve_under_transformers_5_and_the_4_51_toolkit(chain, quantized, tmp_path):
+    """Both int8 methods as model.tar.gz, through code/inference.py and the Hugging Face image's toolkit."""
+    assert_artifacts_serve({method: quantized[method][0] for method in ("int8-dynamic", "int8-static")},
+                           chain["data"], tmp_path)
 
 
 @pytest.mark.parametrize("method, dtype", [("fp16", "torch.float16"), ("bf16", "torch.bfloat16")])

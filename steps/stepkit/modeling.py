@@ -2,12 +2,15 @@
 
 A model folder can also arrive as SageMaker hands it to later jobs: a folder holding only
 ``model.tar.gz`` (a TrainingStep tars /opt/ml/model). :func:`check_model_dir` extracts it once
-per process; :func:`package_model` writes one.
+per process. :func:`package_model` writes one for serving (with ``code/inference.py``);
+:func:`pack_folder` one of a folder as it is, as a training job's output.
 """
 from __future__ import annotations
 
 import atexit
+import fnmatch
 import gzip
+import io
 import json
 import os
 import shutil
@@ -149,10 +152,12 @@ def count_parameters(model) -> int:
 
 
 def summarize(model, tokenizer, dialogues: list[str], batch_size: int = 32, max_new_tokens: int = 64,
-              num_beams: int = 1, max_source_length: int = 512) -> list[str]:
+              num_beams: int = 1, max_source_length: int = 512, **generation: Any) -> list[str]:
     """Generate one summary per dialogue with the shared prompt; batches are length-sorted.
 
     Sorting by length keeps padding (wasted compute) low; results come back in input order.
+    ``generation`` holds further ``generate`` settings (e.g. ``no_repeat_ngram_size``, or
+    ``do_sample=True`` with ``top_p``); decoding is greedy or beam search unless it says sample.
     """
     import torch
 
@@ -167,7 +172,8 @@ def summarize(model, tokenizer, dialogues: list[str], batch_size: int = 32, max_
             batch = order[start:start + batch_size]
             inputs = tokenizer([prompts[i] for i in batch], return_tensors="pt", padding=True, truncation=True,
                                max_length=max_source_length)
-            output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams, do_sample=False)
+            output = model.generate(**inputs, max_new_tokens=max_new_tokens, num_beams=num_beams,
+                                    **{"do_sample": False, **generation})
             for index, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
                 summaries[index] = text.strip()
     return summaries
@@ -245,31 +251,85 @@ def find_model_root(folder: Path, label: str) -> Path:
     raise StepError(f"{label}: several model folders ({', '.join(p.name for p in candidates)}); point at one of them")
 
 
-def package_model(model_dir: str | Path, tar_path: str | Path) -> Path:
-    """Write ``model_dir`` as a SageMaker ``model.tar.gz``: its files at the archive root, as SageMaker packs /opt/ml/model.
+# What package_model leaves out of a model folder: step bookkeeping and training by-products
+# (finetune_lora.py's adapter/ and curve, distill.py's curve, Trainer checkpoints), and an older code/.
+NOT_PACKED = ("_SUCCESS", "adapter", "training_curve.json", "code")
+NOT_PACKED_PATTERNS = ("checkpoint-*",)
+HANDLER_FILE = "inference.py"  # steps/inference.py, beside this package
+INFERENCE_REQUIREMENTS = """\
+# pip-installed by the Hugging Face inference toolkit when the endpoint's container starts.
+# Deliberately no packages: code/inference.py and code/stepkit need only torch, transformers,
+# tokenizers and safetensors, which every Hugging Face PyTorch inference image has (the artifact
+# is checked under transformers 4.51.3 and 5.x); listing them here would replace the image's
+# tested versions at every start.
+"""
 
-    Reproducible: the same folder gives the same bytes (sorted names, mtime 0, owner 0, normalized
+
+def package_model(model_dir: str | Path, tar_path: str | Path) -> Path:
+    """Write ``model_dir`` as a SageMaker ``model.tar.gz`` for serving (the Model Registry, endpoints).
+
+    A model folder (one with config.json) gets SageMaker's serving layout, files at the archive
+    root: weights, tokenizer, configs and model card, plus ``code/inference.py`` (the handler),
+    ``code/requirements.txt`` and ``code/stepkit/`` (what the handler imports). Training leftovers
+    (:data:`NOT_PACKED`) stay out; config.json and tokenizer_config.json are written so that
+    transformers 4.x reads them as 5.x does (:func:`portable_config`). A folder without a model
+    (optimize.py's SKIPPED.json) is packed as it is, like :func:`pack_folder`.
+    """
+    folder = Path(model_dir)
+    if not folder.is_dir():
+        raise StepError(f"cannot package {folder}: no such folder")
+    if not (folder / "config.json").is_file():
+        return pack_folder(folder, tar_path)
+    members = folder_members(folder, skip=lambda top: top in NOT_PACKED or
+                             any(fnmatch.fnmatch(top, pattern) for pattern in NOT_PACKED_PATTERNS))
+    for name in ("config.json", "tokenizer_config.json"):
+        if isinstance(members.get(name), Path):
+            members[name] = portable_config(name, members[name].read_bytes())
+    stepkit = Path(__file__).resolve().parent
+    handler = stepkit.parent / HANDLER_FILE
+    if not handler.is_file():
+        raise StepError(f"cannot package {folder}: the inference handler {handler} is missing; "
+                        "it ships beside stepkit/ in the steps folder")
+    members.update({"code": None, "code/stepkit": None, f"code/{HANDLER_FILE}": handler,
+                    "code/requirements.txt": INFERENCE_REQUIREMENTS.encode()})
+    members.update({f"code/stepkit/{path.relative_to(stepkit).as_posix()}": path
+                    for path in stepkit.rglob("*.py") if "__pycache__" not in path.parts})
+    return write_archive(members, tar_path)
+
+
+def pack_folder(folder: str | Path, tar_path: str | Path) -> Path:
+    """Every file of ``folder`` as it is, as SageMaker packs a training job's /opt/ml/model."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StepError(f"cannot package {folder}: no such folder")
+    return write_archive(folder_members(folder), tar_path)
+
+
+def folder_members(folder: Path, skip=lambda top: False) -> dict[str, Path | bytes | None]:
+    """Archive name → file (None for a folder) under ``folder``, except what ``skip`` says of the top-level name."""
+    members: dict[str, Path | bytes | None] = {}
+    for path in folder.rglob("*"):
+        name = path.relative_to(folder).as_posix()
+        if not skip(name.split("/")[0]):
+            members[name] = None if path.is_dir() else path
+    return members
+
+
+def write_archive(members: dict[str, Path | bytes | None], tar_path: str | Path) -> Path:
+    """Write a ``.tar.gz`` of ``members`` (archive name → file to copy, content, or None for a folder).
+
+    Reproducible: the same members give the same bytes (sorted names, mtime 0, owner 0, normalized
     modes, no name or time in the gzip header), so an unchanged model gives an unchanged artifact.
     gzip level 6 (tar czf's): level 9 takes much longer on weights for a percent or two.
     Written to a temporary sibling and renamed, so ``tar_path`` is either absent or complete.
     """
-    folder, target = Path(model_dir), Path(tar_path).absolute()
-    if not folder.is_dir():
-        raise StepError(f"cannot package {folder}: no such folder")
-    entries = sorted(folder.rglob("*"), key=lambda path: path.relative_to(folder).as_posix())  # listed before writing
+    target = Path(tar_path).absolute()
     partial = target.parent / f".{target.name}.partial-{uuid.uuid4().hex[:8]}"
     try:
         with open(partial, "wb") as raw, gzip.GzipFile(filename="", mode="wb", fileobj=raw, compresslevel=6, mtime=0) as zipped, \
-                tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT, dereference=True) as tar:
-            for path in entries:
-                info = tar.gettarinfo(path, arcname=path.relative_to(folder).as_posix())
-                info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
-                info.mode = 0o755 if info.isdir() or info.mode & 0o100 else 0o644
-                if info.isfile():
-                    with open(path, "rb") as handle:
-                        tar.addfile(info, handle)
-                else:
-                    tar.addfile(info)
+                tarfile.open(fileobj=zipped, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for name in sorted(members):
+                _add_member(tar, name, members[name])
         os.replace(partial, target)
     except BaseException as err:
         partial.unlink(missing_ok=True)
@@ -277,3 +337,47 @@ def package_model(model_dir: str | Path, tar_path: str | Path) -> Path:
             raise StepError(f"cannot write {target}: {err.strerror or err}") from err
         raise
     return target
+
+
+def _add_member(tar: tarfile.TarFile, name: str, source: Path | bytes | None) -> None:
+    info = tarfile.TarInfo(name)
+    info.mtime, info.uid, info.gid, info.uname, info.gname = 0, 0, 0, "", ""
+    if source is None:
+        info.type, info.mode = tarfile.DIRTYPE, 0o755
+        tar.addfile(info)
+    elif isinstance(source, bytes):
+        info.mode, info.size = 0o644, len(source)
+        tar.addfile(info, io.BytesIO(source))
+    else:
+        status = os.stat(source)  # follows links: the file's content is packed, never a link
+        info.mode, info.size = 0o755 if status.st_mode & 0o100 else 0o644, status.st_size
+        with open(source, "rb") as handle:
+            tar.addfile(info, handle)
+
+
+def portable_config(name: str, content: bytes) -> bytes:
+    """config.json / tokenizer_config.json as transformers 5 writes them, made readable by 4.x with the same result.
+
+    transformers 5 writes what 4.x (the Hugging Face inference images run 4.37 to 4.51.3) cannot read or reads
+    differently:
+      * tokenizer_config.json ``extra_special_tokens`` as a list: 4.x expects a dict of named
+        tokens and fails; a list is 4.x's ``additional_special_tokens``, which 5.x reads too;
+      * ``tokenizer_class: TokenizersBackend``, a 5.x name: ``PreTrainedTokenizerFast`` is that
+        class in both;
+      * config.json ``dtype``, which 4.x calls ``torch_dtype``: both are written.
+    The rest is left as written (4.x ignores the keys it does not know). tests/test_inference_handler.py
+    serves every variant under 4.51.3 and 5.x: the same summaries. Idempotent, so an extracted
+    artifact packs to the same bytes again.
+    """
+    values = json.loads(content)
+    if name == "tokenizer_config.json":
+        extra = values.get("extra_special_tokens")
+        if isinstance(extra, list):
+            del values["extra_special_tokens"]
+            known = values.get("additional_special_tokens") or []
+            values["additional_special_tokens"] = list(dict.fromkeys([*known, *extra]))
+        if values.get("tokenizer_class") == "TokenizersBackend":
+            values["tokenizer_class"] = "PreTrainedTokenizerFast"
+    elif name == "config.json" and "dtype" in values:
+        values.setdefault("torch_dtype", values["dtype"])
+    return (json.dumps(values, indent=2, sort_keys=True, ensure_ascii=False) + "\n").encode("utf-8")

@@ -295,13 +295,21 @@ def load_quantized(folder: str | Path, flag: str = "--model-dir"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if method in HALF_METHODS:
-            model = AutoModelForSeq2SeqLM.from_pretrained(folder, dtype=HALF_METHODS[method])
+            model = AutoModelForSeq2SeqLM.from_pretrained(folder, **dtype_argument(HALF_METHODS[method]))
         else:
             model = load_int8_model(folder, flag)
     except (OSError, ValueError, RuntimeError) as err:
         raise StepError(f"{flag} {folder}: cannot load the {method} model ({first_line(err)}); "
                         "is a file corrupted or truncated?") from None
     return model, tokenizer
+
+
+def dtype_argument(dtype: torch.dtype) -> dict:
+    """``from_pretrained``'s dtype keyword: ``dtype`` in transformers 5, ``torch_dtype`` in 4.x (the
+    Hugging Face inference images; 4.51 passes ``dtype`` on to the config and fails serializing it)."""
+    import transformers
+
+    return {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": dtype}
 
 
 def load_int8_model(folder: str | Path, flag: str = "--model-dir"):

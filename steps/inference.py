@@ -1,0 +1,251 @@
+"""The endpoint's inference handler: ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``.
+
+Every ``model.tar.gz`` that flanops packages (``stepkit.modeling.package_model``) carries this file
+as ``code/inference.py``, with ``code/stepkit/`` beside it. The SageMaker Hugging Face inference
+toolkit (``sagemaker-huggingface-inference-toolkit``, in the Hugging Face inference images) puts
+``code/`` on ``sys.path``, calls ``model_fn(model_dir)`` once, then per request
+``input_fn(body, content_type)`` → ``predict_fn(data, model)`` → ``output_fn(prediction, accept)``.
+None takes the toolkit's optional trailing ``context`` argument. Every model variant (fp32, int8,
+pruned, distilled) loads through ``stepkit.modeling.load_model_and_tokenizer`` and generates
+through ``stepkit.modeling.summarize``, with the prompt template the model was trained and
+evaluated with; by default with the evaluation's settings (greedy, 64 new tokens).
+
+Request (``application/json``)::
+
+    {"inputs": "<dialogue>" | ["<dialogue>", ...],
+     "parameters": {"max_new_tokens": 64, "num_beams": 4, ...}}      # optional
+
+or ``text/plain``: the body is one dialogue (no Content-Type counts as JSON). Response (``application/json``; ``Accept`` may be
+``application/json`` or ``*/*``): ``[{"generated_text": "<summary>"}, ...]``, one per input, in order.
+
+Generation parameters allowed (anything else is refused):
+  max_new_tokens        1 … FLANOPS_MAX_NEW_TOKENS        (default 64)
+  min_new_tokens        0 … max_new_tokens
+  num_beams             1 … FLANOPS_MAX_NUM_BEAMS         (default 1: greedy)
+  length_penalty        -5.0 … 5.0                        (beam search: >0 favours longer summaries)
+  no_repeat_ngram_size  0 … 10                            (0: off)
+  repetition_penalty    1.0 … 2.0                         (1.0: off; below 1 rewards repeats)
+  early_stopping        true / false                      (beam search)
+  do_sample             true / false                      (default false)
+  temperature           0.01 … 2.0                        only with do_sample
+  top_p                 0.01 … 1.0                        only with do_sample
+  top_k                 1 … 1000                          only with do_sample
+
+Limits, set by the endpoint's environment (the Model's ``Environment``), whole numbers:
+  FLANOPS_MAX_DIALOGUE_CHARS  10000  characters per dialogue (the model reads its first 512
+                                     tokens, about 2,000 characters; this bounds tokenizing work)
+  FLANOPS_MAX_BATCH_SIZE      16     dialogues per request
+  FLANOPS_MAX_NEW_TOKENS      256    upper bound of max_new_tokens
+  FLANOPS_MAX_NUM_BEAMS       8      upper bound of num_beams
+Cost grows with batch x beams x new tokens: keep a request within the 60 s that SageMaker waits.
+
+A bad request raises :class:`RequestError` (a ValueError) whose ``status_code`` says why: 400 bad
+JSON, empty input or bad parameter, 413 too large, 415 unsupported content type, 406 unsupported
+Accept; ``str()`` is one sentence saying what was wrong and what is allowed. The toolkit answers
+any exception with HTTP 400 and that text; flanops' local endpoint server uses ``status_code``.
+Accept is only known to ``output_fn`` (the toolkit's interface), so a 406 comes after generating.
+
+Requests share only the model, which they read: generation settings go to ``generate`` per call,
+so ``predict_fn`` can serve requests from several threads one after another.
+"""
+from __future__ import annotations
+
+import codecs
+import inspect
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from stepkit.modeling import load_model_and_tokenizer, summarize
+
+JSON_TYPE = "application/json"
+TEXT_TYPE = "text/plain"
+
+
+def _limit(name: str, default: int) -> int:
+    """A positive whole number from the environment; a bad value stops the endpoint at start-up."""
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ValueError(f"environment variable {name}={raw!r}: expected a whole number of at least 1")
+    return value
+
+
+MAX_DIALOGUE_CHARS = _limit("FLANOPS_MAX_DIALOGUE_CHARS", 10000)
+MAX_BATCH_SIZE = _limit("FLANOPS_MAX_BATCH_SIZE", 16)
+MAX_NEW_TOKENS = _limit("FLANOPS_MAX_NEW_TOKENS", 256)
+MAX_NUM_BEAMS = _limit("FLANOPS_MAX_NUM_BEAMS", 8)
+
+# name → (type, lowest, highest); highest None: the limit above. Sampling knobs need do_sample.
+PARAMETERS: dict[str, tuple[type, float, float | None]] = {
+    "max_new_tokens": (int, 1, None),
+    "min_new_tokens": (int, 0, None),
+    "num_beams": (int, 1, None),
+    "length_penalty": (float, -5.0, 5.0),
+    "no_repeat_ngram_size": (int, 0, 10),
+    "repetition_penalty": (float, 1.0, 2.0),
+    "early_stopping": (bool, 0, 1),
+    "do_sample": (bool, 0, 1),
+    "temperature": (float, 0.01, 2.0),
+    "top_p": (float, 0.01, 1.0),
+    "top_k": (int, 1, 1000),
+}
+SAMPLING_ONLY = ("temperature", "top_p", "top_k")
+# summarize's own default, which evaluate.py scores the model with (for checking min_new_tokens against it)
+DEFAULT_MAX_NEW_TOKENS = inspect.signature(summarize).parameters["max_new_tokens"].default
+
+
+class RequestError(ValueError):
+    """A request the handler refuses; ``status_code`` is the HTTP status that fits."""
+
+    def __init__(self, message: str, status_code: int = 400):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class Summarizer:
+    """What ``model_fn`` loads: read-only afterwards, so requests share nothing else."""
+
+    model: Any
+    tokenizer: Any
+
+
+@dataclass(frozen=True)
+class SummarizationRequest:
+    dialogues: list[str]
+    generation: dict[str, Any] = field(default_factory=dict)
+
+
+def model_fn(model_dir):
+    model, tokenizer = load_model_and_tokenizer(model_dir, "model_dir")
+    model.eval()
+    return Summarizer(model, tokenizer)
+
+
+def input_fn(input_data, content_type):
+    media_type, charset = _media_type(content_type or JSON_TYPE)
+    if media_type not in (JSON_TYPE, TEXT_TYPE):
+        raise RequestError(f"content type {media_type!r} is not supported; send {JSON_TYPE} "
+                           f'({{"inputs": "<dialogue>" or a list, "parameters": {{...}}}}) or {TEXT_TYPE} (one dialogue)', 415)
+    text = _decode(input_data, charset)
+    if media_type == TEXT_TYPE:
+        return SummarizationRequest(_dialogues(text), {})
+    try:
+        body = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise RequestError(f"the request body is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
+                           'send {"inputs": "<dialogue>"}') from None
+    if not isinstance(body, dict) or "inputs" not in body:
+        raise RequestError('the JSON body must be an object with "inputs" (a dialogue or a list of dialogues) '
+                           'and optionally "parameters"')
+    unknown = sorted(set(body) - {"inputs", "parameters"})
+    if unknown:
+        raise RequestError(f"unknown key(s) {', '.join(map(repr, unknown))} in the JSON body; "
+                           'allowed: "inputs", "parameters"')
+    return SummarizationRequest(_dialogues(body["inputs"]), _generation(body.get("parameters")))
+
+
+def predict_fn(data, model):
+    return summarize(model.model, model.tokenizer, data.dialogues, batch_size=len(data.dialogues), **data.generation)
+
+
+def output_fn(prediction, accept):
+    accepted = [_media_type(part)[0] for part in (accept or "*/*").split(",")]
+    if not any(media_type in (JSON_TYPE, "application/*", "*/*") for media_type in accepted):
+        raise RequestError(f"Accept {accept!r} is not supported; responses are {JSON_TYPE} "
+                           "(send Accept: application/json or */*)", 406)
+    return json.dumps([{"generated_text": text} for text in prediction])
+
+
+# ----------------------------------------------------------------------------- request checks
+
+
+def _media_type(header: str) -> tuple[str, str | None]:
+    """``"text/plain; charset=latin-1"`` → ``("text/plain", "latin-1")``."""
+    media_type, *params = header.split(";")
+    charset = None
+    for param in params:
+        key, _, value = param.partition("=")
+        if key.strip().lower() == "charset":
+            charset = value.strip().strip('"')
+    return media_type.strip().lower(), charset
+
+
+def _decode(data, charset: str | None) -> str:
+    """The body as text: the toolkit passes str for JSON, bytes otherwise (and for ``...; charset=``)."""
+    if isinstance(data, str):
+        return data
+    charset = charset or "utf-8"
+    try:
+        codecs.lookup(charset)
+    except LookupError:
+        raise RequestError(f"charset {charset!r} is unknown; send UTF-8 text", 415) from None
+    try:
+        return bytes(data).decode(charset)
+    except UnicodeDecodeError:
+        raise RequestError(f"the request body is not valid {charset} text") from None
+
+
+def _dialogues(inputs) -> list[str]:
+    dialogues = [inputs] if isinstance(inputs, str) else inputs
+    if not isinstance(dialogues, list) or not all(isinstance(item, str) for item in dialogues):
+        raise RequestError('"inputs" must be a dialogue (a string) or a list of dialogues (strings)')
+    if not dialogues:
+        raise RequestError('"inputs" is an empty list; send at least one dialogue')
+    if len(dialogues) > MAX_BATCH_SIZE:
+        raise RequestError(f"{len(dialogues)} dialogues in one request; at most {MAX_BATCH_SIZE} are accepted", 413)
+    for index, dialogue in enumerate(dialogues):
+        where = "the dialogue" if isinstance(inputs, str) else f"dialogue {index}"
+        if not dialogue.strip():
+            raise RequestError(f"{where} is empty; send the conversation to summarize")
+        if len(dialogue) > MAX_DIALOGUE_CHARS:
+            raise RequestError(f"{where} has {len(dialogue)} characters; at most {MAX_DIALOGUE_CHARS} are accepted", 413)
+    return dialogues
+
+
+def _generation(parameters) -> dict[str, Any]:
+    """Checked generation settings: names from PARAMETERS, each of its type and in its range."""
+    if parameters is None:
+        return {}
+    if not isinstance(parameters, dict):
+        raise RequestError('"parameters" must be an object, e.g. {"max_new_tokens": 64, "num_beams": 4}')
+    settings = {name: value for name, value in parameters.items() if value is not None}  # null: the default
+    unknown = sorted(set(settings) - set(PARAMETERS))
+    if unknown:
+        raise RequestError(f"unknown generation parameter(s) {', '.join(map(repr, unknown))}; "
+                           f"allowed: {', '.join(PARAMETERS)}")
+    highest = {"max_new_tokens": MAX_NEW_TOKENS, "min_new_tokens": MAX_NEW_TOKENS, "num_beams": MAX_NUM_BEAMS}
+    for name, value in settings.items():
+        kind, low, high = PARAMETERS[name]
+        high = highest[name] if high is None else high
+        settings[name] = _checked(name, value, kind, low, high)
+    if settings.get("min_new_tokens", 0) > settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):
+        raise RequestError(f"min_new_tokens {settings['min_new_tokens']} is more than max_new_tokens "
+                           f"{settings.get('max_new_tokens', DEFAULT_MAX_NEW_TOKENS)}; it must not be")
+    sampling = [name for name in SAMPLING_ONLY if name in settings]
+    if sampling and not settings.get("do_sample"):
+        raise RequestError(f"{', '.join(sampling)} only apply when sampling; add \"do_sample\": true or leave them out")
+    return settings
+
+
+def _checked(name: str, value, kind: type, low: float, high: float):
+    if kind is bool:
+        if not isinstance(value, bool):
+            raise RequestError(f"parameter {name} must be true or false, not {json.dumps(value)}")
+        return value
+    number_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and not (number_ok and float(value).is_integer()):
+        raise RequestError(f"parameter {name} must be a whole number, not {json.dumps(value)}")
+    if not number_ok or not math.isfinite(value):
+        raise RequestError(f"parameter {name} must be a number, not {json.dumps(value)}")
+    if not low <= value <= high:
+        raise RequestError(f"parameter {name}={value} is out of range; allowed: {low} to {high}")
+    return kind(value)
