@@ -613,9 +613,9 @@ class LocalExecutor:
         self.run_process(name, command, code_dir, env, sandbox, entry, record)
         output_path = arguments["OutputDataConfig"]["S3OutputPath"].rstrip("/")
         artifact = sandbox / "model.tar.gz"
-        from .steps.stepkit.modeling import package_model   # the same packing the steps use: reproducible bytes
+        from .steps.stepkit.modeling import pack_folder   # /opt/ml/model as is, as SageMaker tars it: reproducible bytes
 
-        package_model(model_dir, artifact)
+        pack_folder(model_dir, artifact)
         from .definition import split_s3_uri
 
         bucket, key = split_s3_uri(f"{output_path}/{job_name}/output/model.tar.gz")
