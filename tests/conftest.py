@@ -71,9 +71,11 @@ def chain(tmp_path_factory):
             "result": json.loads((evaluation / "evaluation.json").read_text())}
 
 
+@pytest.hookimpl(wrapper=True)   # a wrapper runs before every plain hook, so before xdist's reads the markers
 def pytest_collection_modifyitems(config, items):
     """Keep each module on one xdist worker (its module fixtures are built once) and every test
     that needs ``chain`` on the same worker (the session fixture is built once per worker)."""
     for item in items:
         group = "chain" if "chain" in item.fixturenames else item.module.__name__
         item.add_marker(pytest.mark.xdist_group(group))
+    return (yield)
