@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from .embedded import process_alive
 from .errors import FlanopsError
+from .steps.stepkit.modeling import usable_cpus
 
 CONTAINER_ROOT = "/opt/ml"
 PLACEHOLDER_EXECUTION = "<execution-id>"   # stands in for the execution id in cache keys
@@ -649,7 +650,7 @@ class LocalExecutor:
         env = {**os.environ, **self.job_env, **{k: format_value(v) for k, v in extra.items()}}
         # The container's Python is this one; torchrun and friends live beside it.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-        env.update(PYTHONUNBUFFERED="1", SM_NUM_CPUS=str(os.cpu_count() or 1), FLANOPS_JOB_NAME=job_name)
+        env.update(PYTHONUNBUFFERED="1", SM_NUM_CPUS=str(usable_cpus()), FLANOPS_JOB_NAME=job_name)
         env.pop("PYTHONPATH", None)
         return env
 

@@ -158,6 +158,12 @@ class EndpointServer(ThreadingHTTPServer):
         self.model, self.endpoint_name, self.log = model, endpoint_name, log
         super().__init__(address, RequestHandler)
 
+    def handle_error(self, request, client_address) -> None:
+        """One line instead of socketserver's traceback; a client that hung up is no error of ours."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, (ConnectionError, TimeoutError)):
+            self.log(f"error serving {client_address[0]}:{client_address[1]}: {type(error).__name__}: {error}")
+
     @property
     def url(self) -> str:
         host, port = self.server_address[:2]

@@ -15,6 +15,27 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(STEPS))
 
 
+def pin_xdist_worker() -> None:
+    """Give each xdist worker cores of its own; jobs it starts inherit them.
+
+    Two torch trainings that each spread over both cores of a 2-core machine run many times
+    slower together than one per core (measured: the chain fixture took over 600 s instead of
+    about 250 s). Steps and the local executor size torch's threads to the cores they may use.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if count <= len(cores):
+        share = cores[int(worker[2:]) % count::count]
+        os.sched_setaffinity(0, share)
+        os.environ["OMP_NUM_THREADS"] = str(len(share))   # torch in this process, before anything imports it
+
+
+pin_xdist_worker()
+
+
 def run_step(script: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``steps/<script>`` as its own process, the way SageMaker and a user run it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

@@ -36,9 +36,16 @@ def configure_runtime() -> None:
     import torch
     from transformers.utils import logging as transformers_logging
 
-    cpus = int(os.environ.get("SM_NUM_CPUS") or os.cpu_count() or 1)
+    cpus = int(os.environ.get("SM_NUM_CPUS") or usable_cpus())
     torch.set_num_threads(max(1, cpus))
     transformers_logging.disable_progress_bar()
+
+
+def usable_cpus() -> int:
+    """The cores this process may run on (a CPU affinity mask or cgroup pinning counts), at least 1."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def read_model_card(model_dir: str | Path) -> dict[str, Any]:
