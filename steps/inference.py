@@ -45,6 +45,10 @@ Accept; ``str()`` is one sentence saying what was wrong and what is allowed. The
 any exception with HTTP 400 and that text; flanops' local endpoint server uses ``status_code``.
 Accept is only known to ``output_fn`` (the toolkit's interface), so a 406 comes after generating.
 
+An int8-dynamic model quantizes each layer's input with one scale over the whole batch, so its
+summary of a dialogue can change with the other dialogues sent in the same request (the other
+variants answer each dialogue the same whatever it is batched with).
+
 Requests share only the model, which they read: generation settings go to ``generate`` per call,
 so ``predict_fn`` can serve requests from several threads one after another.
 """

@@ -32,7 +32,7 @@ import pytest
 
 import inference
 from conftest import STEPS
-from stepkit.modeling import MODEL_ARCHIVE, extract_safely, package_model, summarize
+from stepkit.modeling import MODEL_ARCHIVE, extract_safely, package_model, read_model_card, summarize
 from stepkit.records import read_split
 
 TOOLKIT_TRANSFORMERS = "4.51.3"
@@ -194,7 +194,10 @@ def assert_artifacts_serve(model_dirs: dict[str, Path], data_dir: Path, tmp_path
         batch, plain, beam, empty = current
         assert [reply["status"] for reply in current] == [200, 200, 200, 400], (name, current)
         assert len(batch["body"]) == 2 and all(item["generated_text"].strip() for item in batch["body"]), (name, batch)
-        assert plain["body"] == batch["body"][:1]  # text/plain is the same dialogue, the same summary
+        # text/plain is the same dialogue, so the same summary; except under int8-dynamic, which quantizes
+        # each Linear's input with one scale taken over the whole batch (its answers depend on the batch)
+        if (read_model_card(folder).get("quantization") or {}).get("method") != "int8-dynamic":
+            assert plain["body"] == batch["body"][:1]
         assert beam["body"][0]["generated_text"].strip()
         assert "empty" in empty["message"]
         # The toolkit serves the same artifact unchanged, with the same words (greedy and beam search) and

@@ -419,7 +419,7 @@ def test_a_killed_launcher_job_neither_hangs_the_executor_nor_leaves_its_workers
         thread.join(timeout=5)   # the job is dead: the executor should notice within moments
         assert not thread.is_alive(), "the executor still waits for the killed job's output"
         assert "killed by signal 9" in outcome["failure"]
-        assert not running(worker), "the killed job's worker is still running"
+        wait_for(lambda: not running(worker), 10, "the killed job's worker to end")
     finally:
         if worker and running(worker):
             os.kill(worker, signal.SIGKILL)
