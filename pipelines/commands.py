@@ -220,7 +220,6 @@ def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -
     from .infra.deploy import resolve_package
     from .infra.stages import load_stage
     from .local import write_json_atomic
-    from .serving import runtime_client, serving, summarize_remotely
     from .steps.stepkit.synthetic import generate_splits
 
     summary_file = run_dir / "summary.json"
@@ -234,9 +233,7 @@ def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -
         package = resolve_package(target.session, model_package_arn=arn, stage=stage)
         result = deploy_stack(target.session, stage, package, default_bucket=target.bucket)
         dialogue = generate_splits({"test": 1}, SAMPLE_SEED)["test"][0]["dialogue"]
-        with serving(model_data_url(package), target.session, result.endpoint_name, log=lambda line: None) as server:
-            client = runtime_client(server.url, target.session.region_name)
-            generated = summarize_remotely(client, result.endpoint_name, [dialogue])[0]
+        generated = sample_invocation(arn, result.endpoint_name, target.session.region_name, dialogue)
     except FlanopsError as err:
         raise FlanopsError(f"the pipeline succeeded and registered {arn}, but deploying it to {stage.name} "
                            f"failed: {err}") from None
@@ -249,6 +246,37 @@ def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -
                              "model_package_arn": arn, "sample": {"dialogue": dialogue, "summary": generated}}
     write_json_atomic(summary_file, summary)
     return 0
+
+
+def sample_invocation(package_arn: str, endpoint_name: str, region: str, dialogue: str) -> str:
+    """One request through the Runtime API to the endpoint as ``flanops serve`` runs it, in its own process.
+
+    A process of its own also keeps torch out of the run's process, whose mix of native libraries
+    (pyarrow, scipy, torch) sometimes aborted at exit after serving from a thread.
+    """
+    import subprocess
+    import sys
+
+    from .serving import runtime_client, summarize_remotely
+
+    command = [sys.executable, "-m", "flanops.cli", "serve", "--model-package", package_arn,
+               "--endpoint-name", endpoint_name, "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "is serving at " in line:
+                url = line.split("is serving at ", 1)[1].split()[0]
+                return summarize_remotely(runtime_client(url, region), endpoint_name, [dialogue])[0]
+        raise FlanopsError("flanops serve ended before serving:\n" + "".join(lines[-15:]))
+    finally:
+        process.terminate()
+        try:
+            process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.communicate()
 
 
 def check_run_dir(output_dir: Path | None) -> None:
