@@ -127,8 +127,10 @@ class LoadedModel:
         self._lock = threading.Lock()
 
     def invoke(self, body: bytes, content_type: str, accept: str) -> Reply:
-        content_type = (content_type or "application/json").split(";")[0].strip().lower()
-        accept = (accept or "").split(";")[0].strip().lower()
+        # As the toolkit's handle(): the header as sent (parameters such as charset included) goes to
+        # input_fn, and only an exact UTF-8 type is decoded here
+        content_type = (content_type or "application/json").strip()
+        accept = (accept or "").strip()
         if not accept or accept == "*/*":
             accept = "application/json"
         data: Any = body
@@ -147,7 +149,8 @@ class LoadedModel:
                 return Reply.error(status, str(err))
             traceback.print_exc()
             return Reply.error(500, f"the model handler failed: {type(err).__name__}: {err}")
-        return Reply(200, output.encode() if isinstance(output, str) else bytes(output), accept)
+        # The toolkit echoes Accept as the content type; every flanops handler reply is JSON, so say so
+        return Reply(200, output.encode() if isinstance(output, str) else bytes(output), "application/json")
 
 
 # ----------------------------------------------------------------------------- HTTP
