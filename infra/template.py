@@ -186,11 +186,16 @@ def write_template(template: dict[str, Any], path: str | Path) -> Path:
 
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b`` → ``("bucket", "a/b")``."""
-    match = re.match(r"^s3://([^/]+)/?(.*)$", uri)
-    if not match:
+    """``s3://bucket/a/b/`` → ``("bucket", "a/b")``; a user's URI, so a bad one is a FlanopsError."""
+    from flanops.definition import split_s3_uri
+
+    try:
+        bucket, key = split_s3_uri(uri)
+    except ValueError:
+        bucket = key = ""
+    if not bucket:
         raise FlanopsError(f"{uri!r} is not an s3://bucket/key URI")
-    return match.group(1), match.group(2).rstrip("/")
+    return bucket, key.rstrip("/")
 
 
 def _package_parts(package: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:

@@ -31,7 +31,6 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -56,11 +55,13 @@ def fetch_model_data(source: str | Path, session, workdir: Path) -> Path:
 
     text = str(source)
     if text.startswith("s3://"):
-        bucket, _, key = text.removeprefix("s3://").partition("/")
-        if not bucket or not key:
+        from .infra.template import parse_s3_uri
+
+        bucket, key = parse_s3_uri(text)
+        if not key:
             raise FlanopsError(f"model data {text}: expected s3://bucket/key/model.tar.gz")
         if not key.endswith(".tar.gz"):
-            key = f"{key.rstrip('/')}/{MODEL_ARCHIVE}"
+            key = f"{key}/{MODEL_ARCHIVE}"
         archive = workdir / MODEL_ARCHIVE
         from botocore.exceptions import ClientError
 
