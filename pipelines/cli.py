@@ -60,6 +60,10 @@ def build_parser() -> argparse.ArgumentParser:
     pipeline_command("upsert", "create or update the pipeline")
     pipeline_command("start", "start an execution of the upserted pipeline").add_argument(
         "--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
+    report = pipeline_command("report", "write a run's report again: report.html and report.md in its run folder")
+    report.add_argument("run", metavar="RUN_OR_EXECUTION", help="a run folder, or an execution id or ARN "
+                                                                "(see flanops executions)")
+    report.add_argument("--output-dir", type=Path, help="--aws: where the report goes (default: runs/<execution id>)")
     pipeline_command("executions", "list the pipeline's executions")
     pipeline_command("steps", "list an execution's steps").add_argument("execution", help="execution id or ARN")
 

@@ -156,8 +156,12 @@ def run(args) -> int:
         definition_text = definition_for(config, target)
         upsert_pipeline(config, target, definition_text)
         code, run_dir = start_execution(config, target, definition_text, args.output_dir)
-    if code == 0 and run_dir and not args.no_deploy:
-        return deploy_and_try(target, run_dir)
+    try:
+        if code == 0 and run_dir and not args.no_deploy:
+            code = deploy_and_try(target, run_dir)
+    finally:
+        if run_dir:
+            write_run_report(target, run_dir)
     return code
 
 
@@ -168,7 +172,42 @@ def start(args) -> int:
     if not pipeline_exists(sagemaker, config.pipeline_name):
         raise FlanopsError(f"pipeline {config.pipeline_name!r} does not exist yet; run `flanops upsert` first")
     definition_text = sagemaker.describe_pipeline(PipelineName=config.pipeline_name)["PipelineDefinition"]
-    return start_execution(config, target, definition_text, args.output_dir)[0]
+    code, run_dir = start_execution(config, target, definition_text, args.output_dir)
+    if run_dir:
+        write_run_report(target, run_dir)
+    return code
+
+
+def write_run_report(target: Target, run_dir: Path) -> None:
+    """The run's report.html and report.md; a run's outcome stands even when its report cannot be drawn."""
+    from .embedded import flanops_home
+    from .report import find_record, report_run
+
+    try:
+        path = report_run(target.session, find_record(flanops_home(), "", str(run_dir)))
+    except FlanopsError as err:
+        print(f"report: not written ({err}); try again with `flanops report {run_dir}`")
+        return
+    print(f"report: {path}  (and report.md beside it)")
+
+
+def report(args) -> int:
+    """Write (again) a local run's report into its run folder."""
+    from .embedded import flanops_home
+    from .report import find_record, report_run
+
+    config = load_config(args.config, args.param)
+    if args.aws:   # a SageMaker execution: its record comes from the API, the report goes to a local folder
+        from .report import sagemaker_record
+
+        session = aws_session()
+        arn = execution_arn(session.client("sagemaker"), config.pipeline_name, args.run)
+        path = report_run(session, *sagemaker_record(session, arn, sagemaker_run_dir(args.output_dir, arn)))
+    else:
+        record = find_record(flanops_home(), config.pipeline_name, args.run)
+        path = report_run(open_target(args).session, record)
+    print(f"report: {path}\nmarkdown: {path.with_name('report.md')}")
+    return 0
 
 
 def start_execution(config: PipelineConfig, target: Target, definition_text: str,
@@ -179,7 +218,15 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
         arn = sagemaker.start_pipeline_execution(PipelineName=config.pipeline_name,
                                                  PipelineParameters=execution_parameters(config))["PipelineExecutionArn"]
         print(f"started {arn}")
-        return follow_on_sagemaker(target, arn), None
+        code = follow_on_sagemaker(target, arn)
+        from .report import report_run, sagemaker_record
+
+        try:
+            path = report_run(target.session, *sagemaker_record(target.session, arn, sagemaker_run_dir(output_dir, arn)))
+            print(f"report: {path}  (and report.md beside it)")
+        except FlanopsError as err:
+            print(f"report: not written ({err}); try again with `flanops report --aws {arn}`")
+        return code, None
     from .embedded import flanops_home
     from .local import LocalExecutor
 
@@ -190,7 +237,7 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
     executor = LocalExecutor(target.session, config.pipeline_name, json.loads(definition_text), flanops_home(),
                              run_dir, job_env=target.job_env)
     record = executor.start(config.parameter_values(), arn)
-    return report(record, run_dir), run_dir
+    return summarize_execution(record, run_dir), run_dir
 
 
 def resume_local(config: PipelineConfig, target: Target, execution: str) -> tuple[int, Path]:
@@ -208,7 +255,7 @@ def resume_local(config: PipelineConfig, target: Target, execution: str) -> tupl
     print(f"resuming {record['PipelineExecutionArn']}\nrun folder {run_dir}")
     executor = LocalExecutor(target.session, config.pipeline_name, json.loads(definition_text), flanops_home(),
                              run_dir, job_env=target.job_env)
-    return report(executor.resume(record), run_dir), run_dir
+    return summarize_execution(executor.resume(record), run_dir), run_dir
 
 
 SAMPLE_SEED = 7   # any seed: one synthetic dialogue for the sample invocation after a local run
@@ -254,29 +301,15 @@ def sample_invocation(package_arn: str, endpoint_name: str, region: str, dialogu
     A process of its own also keeps torch out of the run's process, whose mix of native libraries
     (pyarrow, scipy, torch) sometimes aborted at exit after serving from a thread.
     """
-    import subprocess
-    import sys
+    from .serving import runtime_client, serve_in_subprocess, summarize_remotely
 
-    from .serving import runtime_client, summarize_remotely
+    with serve_in_subprocess("--model-package", package_arn, "--endpoint-name", endpoint_name) as url:
+        return summarize_remotely(runtime_client(url, region), endpoint_name, [dialogue])[0]
 
-    command = [sys.executable, "-m", "flanops.cli", "serve", "--model-package", package_arn,
-               "--endpoint-name", endpoint_name, "--port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if "is serving at " in line:
-                url = line.split("is serving at ", 1)[1].split()[0]
-                return summarize_remotely(runtime_client(url, region), endpoint_name, [dialogue])[0]
-        raise FlanopsError("flanops serve ended before serving:\n" + "".join(lines[-15:]))
-    finally:
-        process.terminate()
-        try:
-            process.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
+
+def sagemaker_run_dir(output_dir: Path | None, arn: str) -> Path:
+    """Where a SageMaker execution's report goes on this machine: --output-dir or runs/<execution id>."""
+    return (output_dir or Path("runs") / arn.rsplit("/", 1)[-1]).absolute()
 
 
 def check_run_dir(output_dir: Path | None) -> None:
@@ -318,7 +351,7 @@ def gate_facts(record: dict) -> dict | None:
             "why": selection.get("rule"), "candidates": selection.get("candidates")}
 
 
-def report(record: dict, run_dir: Path) -> int:
+def summarize_execution(record: dict, run_dir: Path) -> int:
     from .definition import NAMES
 
     print()
@@ -404,7 +437,7 @@ def steps(args) -> int:
         entries = load_execution(flanops_home(), config.pipeline_name, args.execution)["Steps"]
     else:
         target = aws_target(args)
-        arn = args.execution if args.execution.startswith("arn:") else execution_arn(target, config, args.execution)
+        arn = execution_arn(target.client("sagemaker"), config.pipeline_name, args.execution)
         entries = target.client("sagemaker").list_pipeline_execution_steps(PipelineExecutionArn=arn,
                                                                            SortOrder="Ascending")["PipelineExecutionSteps"]
     print(f"{'step':<18}{'status':<11}{'start':<27}{'end':<27}{'cached':<8}failure")
@@ -414,12 +447,15 @@ def steps(args) -> int:
     return 0
 
 
-def execution_arn(target: Target, config: PipelineConfig, execution_id: str) -> str:
-    summaries = target.client("sagemaker").list_pipeline_executions(PipelineName=config.pipeline_name)
-    for summary in summaries["PipelineExecutionSummaries"]:
-        if summary["PipelineExecutionArn"].endswith(f"/{execution_id}"):
+def execution_arn(sagemaker, pipeline_name: str, execution: str) -> str:
+    """The ARN of an execution given by id or ARN."""
+    if execution.startswith("arn:"):
+        return execution
+    pages = sagemaker.get_paginator("list_pipeline_executions").paginate(PipelineName=pipeline_name)
+    for summary in (s for page in pages for s in page["PipelineExecutionSummaries"]):
+        if summary["PipelineExecutionArn"].endswith(f"/{execution}"):
             return summary["PipelineExecutionArn"]
-    raise FlanopsError(f"no execution {execution_id!r} of {config.pipeline_name}; see `flanops executions --aws`")
+    raise FlanopsError(f"no execution {execution!r} of {pipeline_name}; see `flanops executions --aws`")
 
 
 def follow_on_sagemaker(target: Target, arn: str, poll_seconds: int = 30) -> int:
@@ -440,7 +476,7 @@ def follow_on_sagemaker(target: Target, arn: str, poll_seconds: int = 30) -> int
 
 
 def retry_on_sagemaker(config: PipelineConfig, target: Target, execution: str) -> int:
-    arn = execution if execution.startswith("arn:") else execution_arn(target, config, execution)
+    arn = execution_arn(target.client("sagemaker"), config.pipeline_name, execution)
     target.client("sagemaker").retry_pipeline_execution(PipelineExecutionArn=arn)
     print(f"retrying {arn}")
     return follow_on_sagemaker(target, arn)
@@ -505,15 +541,20 @@ def serve(args) -> int:
     import signal
     import threading
 
-    from .serving import serving
+    from .serving import DataCapture, serving
 
     config = load_config(args.config, args.param)
     session = target_session(args)
     source, endpoint_name, package_arn = model_to_serve(args, session, package_group(config))
     record = {"model_data": str(source), "model_package_arn": package_arn, "region": session.region_name}
+    # A deployed stage's endpoint captures as its EndpointConfig says; a model served by itself does not
+    capture = DataCapture.of_endpoint(session, endpoint_name) if not (args.model_data or args.model_package) else None
+    if capture:
+        print(f"capturing {capture.sampling_percentage}% of invocations to {capture.destination}/{endpoint_name}/")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with serving(source, session, endpoint_name, host=args.host, port=args.port, record=record) as server:
+    with serving(source, session, endpoint_name, host=args.host, port=args.port, record=record,
+                 capture=capture) as server:
         print(f"endpoint {endpoint_name} is serving at {server.url} (GET /ping, POST /invocations, "
               f"POST /endpoints/{endpoint_name}/invocations); Ctrl-C stops it\n"
               f"try it: flanops invoke \"#Person1#: ... #Person2#: ...\"\n"

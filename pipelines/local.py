@@ -303,33 +303,26 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
 
 
-# ----------------------------------------------------------------------------- the executor
+# ----------------------------------------------------------------------------- the step graph
 @dataclass
-class LocalExecutor:
-    """Executes one pipeline's definition; ``session`` is a boto3 Session on the target AWS."""
+class StepGraph:
+    """A definition's steps (condition branches included) and what each waits for."""
 
-    session: Any
-    pipeline_name: str
-    definition: dict
-    home: Path
-    run_dir: Path
-    echo: Callable[[str], None] = print
-    job_env: dict[str, str] = field(default_factory=dict)
+    steps: dict[str, dict]
+    branch_of: dict[str, tuple[str, bool]]   # step in a condition's branch → (condition, True for IfSteps)
 
-    def __post_init__(self) -> None:
-        self.s3 = self.session.client("s3")
-        self.sagemaker = self.session.client("sagemaker")
-        self.steps = {}
-        self.branch_of: dict[str, tuple[str, bool]] = {}
-        for step in self.definition["Steps"]:
-            self.steps[step["Name"]] = step
+    @classmethod
+    def of(cls, definition: dict) -> "StepGraph":
+        steps, branch_of = {}, {}
+        for step in definition["Steps"]:
+            steps[step["Name"]] = step
             if step["Type"] == "Condition":
                 for branch, chosen in (("IfSteps", True), ("ElseSteps", False)):
                     for child in step["Arguments"].get(branch, []):
-                        self.steps[child["Name"]] = child
-                        self.branch_of[child["Name"]] = (step["Name"], chosen)
+                        steps[child["Name"]] = child
+                        branch_of[child["Name"]] = (step["Name"], chosen)
+        return cls(steps, branch_of)
 
-    # -- graph
     def dependencies(self, name: str) -> set[str]:
         step = self.steps[name]
         found = set(step.get("DependsOn", [])) | references(step.get("Arguments", {}))
@@ -350,6 +343,27 @@ class LocalExecutor:
             order.append(ready[0])
             placed.add(ready[0])
         return order
+
+
+# ----------------------------------------------------------------------------- the executor
+@dataclass
+class LocalExecutor:
+    """Executes one pipeline's definition; ``session`` is a boto3 Session on the target AWS."""
+
+    session: Any
+    pipeline_name: str
+    definition: dict
+    home: Path
+    run_dir: Path
+    echo: Callable[[str], None] = print
+    job_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.s3 = self.session.client("s3")
+        self.sagemaker = self.session.client("sagemaker")
+        self.graph = StepGraph.of(self.definition)
+        self.steps = self.graph.steps
+        self.branch_of = self.graph.branch_of
 
     # -- executions
     def start(self, parameters: dict[str, Any], execution_arn: str) -> dict:
@@ -385,7 +399,7 @@ class LocalExecutor:
                      for s in record["Steps"] if s["StepType"] == "Condition" and s["StepName"] in done}
         self.save(record)
         try:
-            for name in self.order():
+            for name in self.graph.order():
                 if name in done:
                     continue
                 if name in self.branch_of:

@@ -154,12 +154,93 @@ class LoadedModel:
         return Reply(200, output.encode() if isinstance(output, str) else bytes(output), "application/json")
 
 
+# ----------------------------------------------------------------------------- data capture
+@dataclass
+class DataCapture:
+    """Requests and responses written to S3 the way SageMaker's endpoint data capture writes them.
+
+    One JSON line per invocation (``captureData.endpointInput/endpointOutput`` and ``eventMetadata``)
+    under ``<destination>/<endpoint>/<variant>/yyyy/mm/dd/hh/``; JSON bodies as JSON, others base64.
+    SageMaker batches several events per file; here each event is its own file, read the same way.
+    """
+
+    s3: Any
+    destination: str                  # s3://bucket/prefix (the EndpointConfig's DestinationS3Uri)
+    endpoint_name: str
+    sampling_percentage: int = 100
+    json_content_types: tuple[str, ...] = ("application/json",)
+
+    @classmethod
+    def of_endpoint(cls, session, endpoint_name: str) -> DataCapture | None:
+        """The capture an endpoint's EndpointConfig asks for (None: it captures nothing or is unknown)."""
+        from botocore.exceptions import ClientError
+
+        sagemaker = session.client("sagemaker")
+        try:
+            config_name = sagemaker.describe_endpoint(EndpointName=endpoint_name)["EndpointConfigName"]
+            config = sagemaker.describe_endpoint_config(EndpointConfigName=config_name).get("DataCaptureConfig") or {}
+        except ClientError:
+            return None
+        if not config.get("EnableCapture", True) or not config.get("DestinationS3Uri"):
+            return None
+        json_types = config.get("CaptureContentTypeHeader", {}).get("JsonContentTypes") or ["application/json"]
+        return cls(session.client("s3"), config["DestinationS3Uri"].rstrip("/"), endpoint_name,
+                   int(config.get("InitialSamplingPercentage", 100)), tuple(json_types))
+
+    def payload(self, body: bytes, content_type: str, mode: str) -> dict:
+        if content_type.split(";")[0].strip() in self.json_content_types:
+            data, encoding = body.decode("utf-8", errors="replace"), "JSON"
+        else:
+            import base64
+
+            data, encoding = base64.b64encode(body).decode(), "BASE64"
+        return {"observedContentType": content_type, "mode": mode, "data": data, "encoding": encoding}
+
+    def record(self, request: bytes, content_type: str, reply: Reply) -> str | None:
+        """Capture one invocation (if sampled); the S3 key written, or None."""
+        import random
+        import uuid
+        from datetime import datetime, timezone
+
+        from .definition import split_s3_uri
+
+        if random.uniform(0, 100) >= self.sampling_percentage:
+            return None
+        now = datetime.now(timezone.utc)
+        event_id = str(uuid.uuid4())
+        line = {"captureData": {"endpointInput": self.payload(request, content_type or "application/json", "INPUT"),
+                                "endpointOutput": self.payload(reply.body, reply.content_type, "OUTPUT")},
+                "eventMetadata": {"eventId": event_id, "inferenceTime": now.strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"},
+                "eventVersion": "0"}
+        bucket, prefix = split_s3_uri(self.destination)
+        key = (f"{prefix}/{self.endpoint_name}/{VARIANT_NAME}/{now:%Y/%m/%d/%H}/"
+               f"{now:%M-%S}-{now.microsecond // 1000:03d}-{event_id}.jsonl").lstrip("/")
+        self.s3.put_object(Bucket=bucket, Key=key, Body=(json.dumps(line) + "\n").encode())
+        return key
+
+
+def read_capture(s3, destination: str, endpoint_name: str) -> list[dict]:
+    """Every capture record of ``endpoint_name`` under ``destination``, oldest first (keys sort by time)."""
+    from .definition import split_s3_uri
+
+    bucket, prefix = split_s3_uri(destination.rstrip("/"))
+    prefix = f"{prefix}/{endpoint_name}/".lstrip("/")
+    keys = sorted(item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+                  for item in page.get("Contents", []) if item["Key"].endswith(".jsonl"))
+    records = []
+    for key in keys:
+        text = s3.get_object(Bucket=bucket, Key=key)["Body"].read().decode("utf-8")
+        records.extend(json.loads(line) for line in text.splitlines() if line.strip())
+    return records
+
+
 # ----------------------------------------------------------------------------- HTTP
 class EndpointServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], model: LoadedModel, endpoint_name: str, log: Callable[[str], None]):
-        self.model, self.endpoint_name, self.log = model, endpoint_name, log
+    def __init__(self, address: tuple[str, int], model: LoadedModel, endpoint_name: str, log: Callable[[str], None],
+                 capture: DataCapture | None = None):
+        self.model, self.endpoint_name, self.log, self.capture = model, endpoint_name, log, capture
         super().__init__(address, RequestHandler)
 
     def handle_error(self, request, client_address) -> None:
@@ -209,9 +290,17 @@ class RequestHandler(BaseHTTPRequestHandler):
             reply = body
         else:
             reply = self.server.model.invoke(body, self.headers.get("Content-Type", ""), self.headers.get("Accept", ""))
+            if reply.status == 200 and self.server.capture:
+                self.capture(body, reply)
         if runtime_api and reply.status != 200:
             reply = model_error(reply)
         self.send(reply, started, variant=runtime_api and reply.status == 200)
+
+    def capture(self, body: bytes, reply: Reply) -> None:
+        try:
+            self.server.capture.record(body, self.headers.get("Content-Type", ""), reply)
+        except Exception as err:   # noqa: BLE001 - as on SageMaker, a capture failure never fails the request
+            self.server.log(f"data capture to {self.server.capture.destination} failed: {type(err).__name__}: {err}")
 
     def read_body(self) -> bytes | Reply:
         length = self.headers.get("Content-Length")
@@ -301,11 +390,12 @@ def running_endpoints() -> dict[str, dict]:
 
 @contextlib.contextmanager
 def serving(model_data: str | Path, session, endpoint_name: str, host: str = "127.0.0.1", port: int = 0,
-            log: Callable[[str], None] = print, record: dict | None = None) -> Iterator[EndpointServer]:
+            log: Callable[[str], None] = print, record: dict | None = None,
+            capture: DataCapture | None = None) -> Iterator[EndpointServer]:
     """Load the artifact and serve it on a background thread while the block runs.
 
     With ``record``, the endpoint is announced in ``$FLANOPS_HOME/endpoints/<name>.json`` (for
-    ``flanops invoke``) until the block ends.
+    ``flanops invoke``) until the block ends. With ``capture``, successful invocations are captured.
     """
     with tempfile.TemporaryDirectory(prefix="flanops-endpoint-") as workdir:
         started = time.monotonic()
@@ -313,7 +403,7 @@ def serving(model_data: str | Path, session, endpoint_name: str, host: str = "12
         model = LoadedModel(model_dir)
         log(f"loaded {model_data} through code/inference.py in {time.monotonic() - started:.1f} s")
         try:
-            server = EndpointServer((host, port), model, endpoint_name, log)
+            server = EndpointServer((host, port), model, endpoint_name, log, capture)
         except OSError as err:
             raise FlanopsError(f"cannot listen on {host}:{port} ({err.strerror}); choose another --port") from None
         thread = threading.Thread(target=server.serve_forever, name=f"endpoint-{endpoint_name}", daemon=True)
@@ -333,6 +423,35 @@ def serving(model_data: str | Path, session, endpoint_name: str, host: str = "12
             thread.join(timeout=10)
             if record_path:
                 record_path.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def serve_in_subprocess(*serve_arguments: str, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``flanops serve ARGS --port 0`` in a process of its own while the block runs; yields its URL.
+
+    For callers that should not load torch themselves (a notebook kernel, the run process).
+    """
+    import subprocess
+
+    command = [sys.executable, "-m", "flanops.cli", "serve", *serve_arguments, "--port", "0"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    lines: list[str] = []
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if "is serving at " in line:
+                # keep reading its output so a full pipe never blocks the server
+                threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
+                yield line.split("is serving at ", 1)[1].split()[0]
+                return
+        raise FlanopsError("flanops serve ended before serving:\n" + "".join(lines[-15:]))
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def runtime_client(endpoint_url: str, region: str):

@@ -1,0 +1,496 @@
+"""The run report: ``report.html`` (self-contained, charts inline: opens offline) and ``report.md``
+(charts beside it in ``report_files/``) in the run folder.
+
+Everything comes from the execution record and the steps' outputs in S3 (embedded or real), so a
+report can be made again at any time (``flanops report RUN_OR_EXECUTION``), cached steps included:
+their outputs are the earlier execution's, where the record's properties point.
+Charts are drawn with matplotlib; the pages are Jinja2 templates (HTML autoescaped).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .definition import NAMES, split_s3_uri
+from .errors import FlanopsError
+from .local import StepGraph, load_execution
+
+REPORT_HTML = "report.html"
+REPORT_MD = "report.md"
+REPORT_FILES = "report_files"
+SAMPLE_PREDICTIONS = 5
+DIALOGUE_PREVIEW_CHARS = 600
+ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+STATUS_COLORS = {"Succeeded": "#4caf50", "Failed": "#e53935", "Stopped": "#fb8c00", "Executing": "#1e88e5",
+                 "Starting": "#1e88e5", "cached": "#a5d6a7", "not run": "#e0e0e0"}
+BASELINE, FINETUNED = "base", "finetuned"   # row names in the variants table (evaluate.py calls them baseline/model)
+
+
+@dataclass
+class Variant:
+    name: str
+    metrics: dict[str, float]         # evaluation.json's metrics.<name>.value, flattened
+    method: str = ""                  # what made it (model card), e.g. "int8-dynamic"
+    selected: bool = False
+
+
+@dataclass
+class RunFacts:
+    execution: dict                   # id, arn, pipeline, status, failure_reason, parameters, run_dir
+    steps: list[dict]                 # name, type, status, seconds, cached, failure_reason (every defined step)
+    graph: StepGraph
+    data_card: dict | None = None
+    curves: dict[str, dict] = field(default_factory=dict)   # "fine-tune" / "distillation" → training_curve.json
+    evaluation: dict | None = None
+    variants: list[Variant] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)    # optimization branches not chosen → why
+    predictions: list[dict] = field(default_factory=list)
+    gate: dict | None = None
+    model_package_arn: str | None = None
+    deployment: dict | None = None
+    gaps: list[str] = field(default_factory=list)            # what could not be read, and why
+
+
+# ----------------------------------------------------------------------------- finding the execution
+def find_record(home: Path, pipeline_name: str, run_or_execution: str) -> dict:
+    """The local execution record for a run folder (holding summary.json), an execution id or an ARN."""
+    folder = Path(run_or_execution)
+    if folder.is_dir():
+        summary_file = folder / "summary.json"
+        if not summary_file.is_file():
+            raise FlanopsError(f"{folder} holds no summary.json: give a run folder that `flanops run` wrote, "
+                               "or an execution id or ARN (`flanops executions` lists them)")
+        arn = json.loads(summary_file.read_text(encoding="utf-8"))["execution_arn"]
+        pipeline_name = arn.split(":pipeline/", 1)[1].split("/", 1)[0]
+        return load_execution(home, pipeline_name, arn)
+    if "/" in run_or_execution and not run_or_execution.startswith("arn:"):
+        raise FlanopsError(f"{run_or_execution} is not a folder; give a run folder, an execution id or an ARN")
+    if run_or_execution.startswith("arn:") and ":pipeline/" in run_or_execution:
+        pipeline_name = run_or_execution.split(":pipeline/", 1)[1].split("/", 1)[0]
+    return load_execution(home, pipeline_name, run_or_execution)
+
+
+def sagemaker_record(session, execution_arn: str, run_dir: Path) -> tuple[dict, dict]:
+    """(record, definition) of an execution on SageMaker, in the local executor's record shape."""
+    from .definition import EVALUATION_REPORT
+
+    sagemaker = session.client("sagemaker")
+    try:
+        described = sagemaker.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
+        definition = json.loads(sagemaker.describe_pipeline_definition_for_execution(
+            PipelineExecutionArn=execution_arn)["PipelineDefinition"])
+        steps = [step for page in sagemaker.get_paginator("list_pipeline_execution_steps").paginate(
+            PipelineExecutionArn=execution_arn, SortOrder="Ascending") for step in page["PipelineExecutionSteps"]]
+        parameters = {p["Name"]: p["Value"] for page in sagemaker.get_paginator(
+            "list_pipeline_parameters_for_execution").paginate(PipelineExecutionArn=execution_arn)
+            for p in page["PipelineParameters"]}
+    except sagemaker.exceptions.ResourceNotFound:
+        raise FlanopsError(f"no pipeline execution {execution_arn} in this account and region "
+                           "(`flanops executions --aws` lists them)") from None
+    graph = StepGraph.of(definition)
+    record = {"PipelineName": execution_arn.split(":pipeline/", 1)[1].split("/", 1)[0],
+              "PipelineExecutionArn": execution_arn, "ExecutionId": execution_arn.rsplit("/", 1)[-1],
+              "PipelineExecutionStatus": described["PipelineExecutionStatus"],
+              "FailureReason": described.get("FailureReason"), "RunDir": str(run_dir),
+              "CreationTime": str(described.get("CreationTime", "")),
+              "LastModifiedTime": str(described.get("LastModifiedTime", "")),
+              "Parameters": parameters, "Steps": [], "Properties": {}, "PropertyFiles": {}}
+    for step in steps:
+        name, metadata = step["StepName"], step.get("Metadata", {})
+        started, ended = step.get("StartTime"), step.get("EndTime")
+        record["Steps"].append({
+            "StepName": name, "StepType": graph.steps.get(name, {}).get("Type", ""), "StepStatus": step["StepStatus"],
+            "DurationSeconds": round((ended - started).total_seconds(), 1) if started and ended else None,
+            "CacheHitResult": step.get("CacheHitResult"), "FailureReason": step.get("FailureReason"),
+            "Metadata": metadata})
+        if "ProcessingJob" in metadata:
+            record["Properties"][name] = sagemaker.describe_processing_job(
+                ProcessingJobName=metadata["ProcessingJob"]["Arn"].rsplit("/", 1)[-1])
+        elif "TrainingJob" in metadata:
+            record["Properties"][name] = sagemaker.describe_training_job(
+                TrainingJobName=metadata["TrainingJob"]["Arn"].rsplit("/", 1)[-1])
+    if NAMES.evaluate in record["Properties"]:
+        uri = processing_output_uri(record["Properties"][NAMES.evaluate], "evaluation")
+        evaluation = loads_json(read_s3_file(session.client("s3"), uri, "evaluation.json")) if uri else None
+        if evaluation:
+            record["PropertyFiles"][f"{NAMES.evaluate}.{EVALUATION_REPORT}"] = evaluation
+    return record, definition
+
+
+# ----------------------------------------------------------------------------- reading outputs
+def processing_output_uri(properties: dict, output_name: str) -> str | None:
+    for output in properties.get("ProcessingOutputConfig", {}).get("Outputs", []):
+        if output["OutputName"] == output_name:
+            return output["S3Output"]["S3Uri"]
+    return None
+
+
+def read_s3_file(s3, prefix_uri: str, name: str) -> bytes | None:
+    bucket, key = split_s3_uri(f"{prefix_uri.rstrip('/')}/{name}")
+    try:
+        return s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+    except s3.exceptions.NoSuchKey:
+        return None
+
+
+def read_archive_members(s3, archive_uri: str, names: set[str]) -> dict[str, bytes]:
+    """Top-level files ``names`` of a model.tar.gz in S3, streamed: it stops once it has them all."""
+    bucket, key = split_s3_uri(archive_uri)
+    body = s3.get_object(Bucket=bucket, Key=key)["Body"]
+    found: dict[str, bytes] = {}
+    with tarfile.open(fileobj=body, mode="r|gz") as archive:
+        for member in archive:
+            name = member.name.removeprefix("./")
+            if member.isfile() and name in names:
+                found[name] = archive.extractfile(member).read()
+                if len(found) == len(names):
+                    break
+    return found
+
+
+def loads_json(data: bytes | None) -> Any:
+    return json.loads(data) if data is not None else None
+
+
+def flat_metrics(entries: dict) -> dict[str, float]:
+    return {name: entry["value"] for name, entry in entries.items() if isinstance(entry, dict) and "value" in entry}
+
+
+def variants_of(evaluation: dict) -> tuple[list[Variant], dict[str, str]]:
+    """Base, fine-tuned and every optimized variant, as evaluate.py measured them side by side."""
+    selected = evaluation.get("selected_variant", FINETUNED)
+    finetuned = evaluation["model"].get("metrics") or evaluation["metrics"]   # without selection: top level
+    rows = [Variant(BASELINE, {**flat_metrics(evaluation["baseline"]["metrics"]), "compression_ratio": 1.0},
+                    "un-tuned foundation model"),
+            Variant(FINETUNED, flat_metrics(finetuned), "LoRA merged", selected == FINETUNED)]
+    for name, entry in evaluation.get("comparisons", {}).items():
+        card = entry.get("card") or {}
+        method = card.get("method") or card.get("optimization", {}).get("method") or ""
+        rows.append(Variant(name, flat_metrics(entry["metrics"]), str(method), selected == name))
+    skipped = {name: str(why) for name, why in (evaluation.get("skipped") or {}).items()}
+    return rows, skipped
+
+
+def collect(session, record: dict, definition: dict) -> RunFacts:
+    """What the report shows, read from the record and the steps' outputs; gaps are noted, not fatal."""
+    from .commands import gate_facts
+
+    s3 = session.client("s3")
+    graph = StepGraph.of(definition)
+    ran = {s["StepName"]: s for s in record["Steps"]}
+    steps = []
+    for name in graph.order():
+        step = ran.get(name)
+        steps.append({"name": name, "type": graph.steps[name]["Type"],
+                      "status": step["StepStatus"] if step else "not run",
+                      "seconds": step.get("DurationSeconds") if step else None,
+                      "cached": bool(step and step.get("CacheHitResult")),
+                      "failure_reason": step.get("FailureReason") if step else None})
+    facts = RunFacts(
+        execution={"id": record["ExecutionId"], "arn": record["PipelineExecutionArn"],
+                   "pipeline": record["PipelineName"], "status": record["PipelineExecutionStatus"],
+                   "failure_reason": record.get("FailureReason"), "parameters": record["Parameters"],
+                   "run_dir": record.get("RunDir"), "created": record.get("CreationTime"),
+                   "ended": record.get("LastModifiedTime")},
+        steps=steps, graph=graph, gate=gate_facts(record))
+    properties = record.get("Properties", {})
+
+    def fetch(what: str, read):
+        try:
+            return read()
+        except Exception as err:   # noqa: BLE001 - a report with a gap beats no report; the gap is shown
+            facts.gaps.append(f"{what}: {type(err).__name__}: {err}")
+            return None
+
+    if NAMES.prepare in properties:
+        uri = processing_output_uri(properties[NAMES.prepare], "data")
+        facts.data_card = fetch("data card", lambda: loads_json(read_s3_file(s3, uri, "data_card.json")))
+    if NAMES.finetune in properties:
+        uri = properties[NAMES.finetune]["ModelArtifacts"]["S3ModelArtifacts"]
+        members = fetch("fine-tune curve", lambda: read_archive_members(s3, uri, {"training_curve.json"})) or {}
+        if "training_curve.json" in members:
+            facts.curves["fine-tune (LoRA)"] = json.loads(members["training_curve.json"])
+    distill = NAMES.optimize("distill")
+    if distill in properties:
+        uri = processing_output_uri(properties[distill], "model")
+        curve = fetch("distillation curve", lambda: loads_json(read_s3_file(s3, uri, "training_curve.json")))
+        if curve:
+            facts.curves["distillation"] = curve
+    if NAMES.evaluate in properties:
+        uri = processing_output_uri(properties[NAMES.evaluate], "evaluation")
+        facts.evaluation = fetch("evaluation", lambda: loads_json(read_s3_file(s3, uri, "evaluation.json")))
+        lines = fetch("predictions", lambda: read_s3_file(s3, uri, "predictions.jsonl")) or b""
+        facts.predictions = [json.loads(line) for line in lines.decode("utf-8").splitlines()[:SAMPLE_PREDICTIONS]]
+    if facts.evaluation:
+        facts.variants, facts.skipped = variants_of(facts.evaluation)
+    register = ran.get(NAMES.register)
+    if register and register["StepStatus"] == "Succeeded":
+        facts.model_package_arn = register["Metadata"]["RegisterModel"]["Arn"]
+    summary_file = Path(record.get("RunDir", "")) / "summary.json"
+    if summary_file.is_file():
+        facts.deployment = json.loads(summary_file.read_text(encoding="utf-8")).get("deployment")
+    return facts
+
+
+# ----------------------------------------------------------------------------- charts
+def pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")   # files only: no display on servers, CI or Studio's kernel
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def png(figure) -> bytes:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=110, bbox_inches="tight")
+    pyplot().close(figure)
+    return buffer.getvalue()
+
+
+def graph_chart(graph: StepGraph, steps: list[dict]) -> bytes:
+    """The pipeline graph, each step colored by its status with its duration (``steps``: RunFacts.steps)."""
+    plt = pyplot()
+    from matplotlib.patches import FancyBboxPatch
+
+    depth: dict[str, int] = {}
+    for name in graph.order():
+        depth[name] = 1 + max((depth[d] for d in graph.dependencies(name) if d in depth), default=-1)
+    columns: dict[int, list[str]] = {}
+    for name, level in depth.items():
+        columns.setdefault(level, []).append(name)
+    position = {name: (level, -row + (len(names) - 1) / 2) for level, names in columns.items()
+                for row, name in enumerate(names)}
+    by_name = {s["name"]: s for s in steps}
+    height = max(len(names) for names in columns.values())
+    figure, axes = plt.subplots(figsize=(2.3 * len(columns), 1.1 * height + 0.8))
+    for name in position:
+        for dependency in graph.dependencies(name):
+            if dependency in position:
+                (x0, y0), (x1, y1) = position[dependency], position[name]
+                axes.annotate("", xy=(x1 - 0.42, y1), xytext=(x0 + 0.42, y0),
+                              arrowprops={"arrowstyle": "->", "color": "#757575", "lw": 1})
+    for name, (x, y) in position.items():
+        step = by_name[name]
+        color = STATUS_COLORS["cached"] if step["cached"] else STATUS_COLORS.get(step["status"], "#e0e0e0")
+        axes.add_patch(FancyBboxPatch((x - 0.42, y - 0.3), 0.84, 0.6, boxstyle="round,pad=0.02",
+                                      facecolor=color, edgecolor="#424242"))
+        detail = step["status"] if step["seconds"] is None else f"{step['seconds']:.1f} s"
+        if step["cached"]:
+            detail += " (cached)"
+        axes.text(x, y + 0.08, name, ha="center", va="center", fontsize=8, weight="bold")
+        axes.text(x, y - 0.14, detail, ha="center", va="center", fontsize=7)
+    axes.set_xlim(-0.6, len(columns) - 0.4)
+    axes.set_ylim(-height / 2 - 0.1, height / 2 + 0.1)
+    axes.axis("off")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=STATUS_COLORS[k]) for k in ("Succeeded", "cached", "Failed", "not run")]
+    axes.legend(handles, ["succeeded", "cached", "failed", "not run"], loc="upper center", ncol=4, fontsize=7,
+                frameon=False, bbox_to_anchor=(0.5, 1.08))
+    return png(figure)
+
+
+def curves_chart(curves: dict[str, dict]) -> bytes:
+    """Training loss per step (and validation loss where evaluated), one panel per training."""
+    plt = pyplot()
+    figure, panels = plt.subplots(1, len(curves), figsize=(5.2 * len(curves), 3.4), squeeze=False)
+    for axes, (label, document) in zip(panels[0], curves.items()):
+        points = document.get("curve", [])
+        train = [(p["step"], p["loss"]) for p in points if "loss" in p and "step" in p]
+        evaluation = [(p["step"], p["eval_loss"]) for p in points if "eval_loss" in p and "step" in p]
+        if train:
+            axes.plot(*zip(*train), label="train loss", color="#1e88e5")
+        if evaluation:
+            axes.plot(*zip(*evaluation), "o-", label="validation loss", color="#e53935")
+        axes.set_title(f"{label}: {document.get('loss', 'cross-entropy')} loss")
+        axes.set_xlabel("step")
+        axes.set_ylabel("loss")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=8)
+    figure.tight_layout()
+    return png(figure)
+
+
+def variants_chart(variants: list[Variant]) -> bytes:
+    """ROUGE-L, weights size and p95 latency of every variant, side by side."""
+    plt = pyplot()
+    names = [v.name for v in variants]
+    colors = ["#ff9800" if v.selected else "#90a4ae" for v in variants]
+    panels = [("ROUGE-L (F1)", "rougeL", 1), ("weights (MB)", "weights_bytes", 1e-6), ("p95 latency (ms)", "latency_p95_ms", 1)]
+    figure, axes_row = plt.subplots(1, 3, figsize=(12, 3.2))
+    for axes, (title, key, scale) in zip(axes_row, panels):
+        values = [v.metrics.get(key, 0) * scale for v in variants]
+        bars = axes.bar(names, values, color=colors)
+        axes.bar_label(bars, fmt="%.3g", fontsize=7)
+        axes.set_title(title)
+        axes.tick_params(axis="x", rotation=30, labelsize=8)
+        axes.grid(axis="y", alpha=0.3)
+    figure.suptitle("orange: the variant the gate judged and the pipeline registers", fontsize=9)
+    figure.tight_layout()
+    return png(figure)
+
+
+def tradeoff_chart(facts: RunFacts) -> bytes:
+    """Quality vs latency: every variant, the gate's thresholds, the chosen variant marked."""
+    plt = pyplot()
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    thresholds = (facts.gate or {}).get("thresholds") or {}
+    latencies = [v.metrics["latency_p95_ms"] for v in facts.variants if "latency_p95_ms" in v.metrics]
+    for variant in facts.variants:
+        if "latency_p95_ms" not in variant.metrics:
+            continue
+        x, y = variant.metrics["latency_p95_ms"], variant.metrics["rougeL"]
+        axes.scatter([x], [y], s=220 if variant.selected else 60, marker="*" if variant.selected else "o",
+                     color="#ff9800" if variant.selected else "#546e7a", zorder=3,
+                     label="registered" if variant.selected else None)
+        axes.annotate(variant.name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+    finetuned = next((v for v in facts.variants if v.name == FINETUNED), None)
+    max_latency = thresholds.get("MaxP95LatencyMs")
+    if thresholds.get("MinRougeL") is not None:
+        axes.axhline(float(thresholds["MinRougeL"]), color="#e53935", ls="--", lw=1,
+                     label=f"MinRougeL {float(thresholds['MinRougeL']):.2f}")
+    if finetuned and thresholds.get("MaxRougeLDrop") is not None:
+        floor = finetuned.metrics["rougeL"] - float(thresholds["MaxRougeLDrop"])
+        axes.axhline(floor, color="#8e24aa", ls=":", lw=1,
+                     label=f"fine-tuned − MaxRougeLDrop {float(thresholds['MaxRougeLDrop']):.2f}")
+    if max_latency is not None:
+        axes.axvline(float(max_latency), color="#e53935", ls="-.", lw=1, label=f"MaxP95LatencyMs {float(max_latency):g}")
+    if latencies:
+        axes.set_xscale("log")   # the latency limit is often far from the measured figures
+        right = max([*latencies, float(max_latency or 0)]) * 1.6
+        axes.set_xlim(min(latencies) / 1.6, right)
+    axes.set_xlabel("p95 latency at batch 1 (ms, log scale)")
+    axes.set_ylabel("ROUGE-L (F1)")
+    axes.set_title("quality vs latency; pass: above the red dashed line, left of the red dash-dot line")
+    axes.title.set_fontsize(9)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=7, loc="best")
+    return png(figure)
+
+
+def draw_charts(facts: RunFacts) -> dict[str, bytes]:
+    charts = {"pipeline": graph_chart(facts.graph, facts.steps)}
+    if facts.curves:
+        charts["training_curves"] = curves_chart(facts.curves)
+    if facts.variants:
+        charts["variants"] = variants_chart(facts.variants)
+        charts["quality_vs_latency"] = tradeoff_chart(facts)
+    return charts
+
+
+# ----------------------------------------------------------------------------- pages
+def variant_rows(facts: RunFacts) -> list[dict[str, str]]:
+    """The variants table's cells, formatted once for both pages."""
+    def number(value, fmt):
+        return "" if value is None else format(value, fmt)
+
+    rows = []
+    for v in facts.variants:
+        m = v.metrics
+        flops = m.get("flops_per_generated_token")
+        rows.append({
+            "variant": v.name + (" ★" if v.selected else ""), "method": v.method,
+            **{column: number(m.get(column) and 100 * m[column], ".1f") for column in ROUGE_COLUMNS},
+            "parameters": number(m.get("parameters") and m["parameters"] / 1e6, ".2f") + "M",
+            "size MB": number(m.get("weights_bytes") and m["weights_bytes"] / 1e6, ".2f"),
+            "compression": number(m.get("compression_ratio"), ".2f") + "×",
+            "p50 ms": number(m.get("latency_p50_ms"), ".1f"), "p95 ms": number(m.get("latency_p95_ms"), ".1f"),
+            "MFLOP/token": number(flops and flops / 1e6, ".2f") or "n/a",
+        })
+    return rows
+
+
+def data_card_rows(card: dict | None) -> list[tuple[str, str]]:
+    if not card:
+        return []
+    rows = [("source", json.dumps(card.get("source"), ensure_ascii=False)),
+            ("examples", ", ".join(f"{split} {n}" for split, n in card.get("counts", {}).items())),
+            ("prompt template", card.get("prompt_template", "").replace("\n", " ⏎ ")),
+            ("max source / target tokens", f"{card.get('max_source_length')} / {card.get('max_target_length')}")]
+    for key, value in card.items():
+        if key not in {"source", "counts", "prompt_template", "max_source_length", "max_target_length", "seed"}:
+            rows.append((key.replace("_", " "), json.dumps(value, ensure_ascii=False)))
+    return rows
+
+
+def sample_rows(facts: RunFacts) -> list[dict[str, str]]:
+    chosen = (facts.gate or {}).get("variant") or FINETUNED
+    column = "prediction" if chosen == FINETUNED else f"{chosen}_prediction"
+    rows = []
+    for row in facts.predictions:
+        dialogue = row["dialogue"]
+        rows.append({"id": row.get("id", ""),
+                     "dialogue": dialogue if len(dialogue) <= DIALOGUE_PREVIEW_CHARS
+                     else dialogue[:DIALOGUE_PREVIEW_CHARS] + " …",
+                     "reference": (row.get("references") or [""])[0],
+                     "base": row.get("baseline_prediction", ""), "finetuned": row.get("prediction", ""),
+                     "chosen_name": chosen, "chosen": row.get(column, row.get("prediction", ""))})
+    return rows
+
+
+def page_context(facts: RunFacts, images: dict[str, str]) -> dict:
+    gate = facts.gate or {}
+    return {"facts": facts, "images": images, "variant_rows": variant_rows(facts),
+            "variant_columns": ["variant", "method", *ROUGE_COLUMNS, "parameters", "size MB", "compression",
+                                "p50 ms", "p95 ms", "MFLOP/token"],
+            "data_card": data_card_rows(facts.data_card), "samples": sample_rows(facts),
+            "verdict": {True: "PASSED", False: "FAILED", None: "not reached"}[gate.get("passed")] if gate else None,
+            "total_seconds": sum(s["seconds"] or 0 for s in facts.steps)}
+
+
+def templates():
+    from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+    return Environment(loader=PackageLoader("flanops", "templates"), undefined=StrictUndefined,
+                       autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+
+
+def write_report(facts: RunFacts, run_dir: Path) -> Path:
+    """Write report.html, report.md and report_files/ into ``run_dir``; returns the HTML's path.
+
+    Each file appears complete or not at all (temporary sibling, then rename).
+    """
+    import shutil
+    import tempfile
+
+    charts = draw_charts(facts)
+    environment = templates()
+    inline = {name: "data:image/png;base64," + base64.b64encode(data).decode() for name, data in charts.items()}
+    html = environment.get_template("report.html.j2").render(**page_context(facts, inline))
+    markdown = environment.get_template("report.md.j2").render(
+        **page_context(facts, {name: f"{REPORT_FILES}/{name}.png" for name in charts}))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
+    try:
+        for name, data in charts.items():
+            (staging / f"{name}.png").write_bytes(data)
+        old = run_dir / REPORT_FILES
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(staging, old)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    for name, text in ((REPORT_MD, markdown), (REPORT_HTML, html)):
+        temporary = run_dir / f".{name}.tmp"
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, run_dir / name)
+    return run_dir / REPORT_HTML
+
+
+def report_run(session, record: dict, definition: dict | None = None) -> Path:
+    """Collect and write the report of one execution into its run folder (``record["RunDir"]``)."""
+    run_dir = Path(record["RunDir"])
+    if definition is None:
+        definition_file = run_dir / "definition.json"
+        if not definition_file.is_file():
+            raise FlanopsError(f"the run folder {run_dir} of execution {record['ExecutionId']} has no "
+                               "definition.json (moved or deleted?); the report is written into the run folder")
+        definition = json.loads(definition_file.read_text(encoding="utf-8"))
+    return write_report(collect(session, record, definition), run_dir)
+
