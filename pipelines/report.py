@@ -416,7 +416,7 @@ def data_card_rows(card: dict | None) -> list[tuple[str, str]]:
     for key, value in card.items():
         if key not in {"source", "counts", "prompt_template", "max_source_length", "max_target_length", "seed"}:
             rows.append((key.replace("_", " "), json.dumps(value, ensure_ascii=False)))
-    return rows
+    return [(key, value) for key, value in rows if value not in ("null", "None / None", "")]
 
 
 def sample_rows(facts: RunFacts) -> list[dict[str, str]]:
@@ -448,7 +448,7 @@ def templates():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
     return Environment(loader=PackageLoader("flanops", "templates"), undefined=StrictUndefined,
-                       autoescape=select_autoescape(["html"]), trim_blocks=True, lstrip_blocks=True)
+                       autoescape=select_autoescape(["html", "html.j2"]), trim_blocks=True, lstrip_blocks=True)
 
 
 def write_report(facts: RunFacts, run_dir: Path) -> Path:

@@ -30,7 +30,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -162,6 +162,8 @@ class DataCapture:
     One JSON line per invocation (``captureData.endpointInput/endpointOutput`` and ``eventMetadata``)
     under ``<destination>/<endpoint>/<variant>/yyyy/mm/dd/hh/``; JSON bodies as JSON, others base64.
     SageMaker batches several events per file; here each event is its own file, read the same way.
+    Sampling is deterministic (SageMaker's is random): exactly the share asked for, the first request
+    included, so that a few requests to a 20% stage always leave a record to look at.
     """
 
     s3: Any
@@ -169,6 +171,15 @@ class DataCapture:
     endpoint_name: str
     sampling_percentage: int = 100
     json_content_types: tuple[str, ...] = ("application/json",)
+    seen: int = 0                     # successful invocations so far (the sampler's counter)
+    counter_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def sampled(self) -> bool:
+        """Whether this invocation is captured: the k-th is when the running share first crosses k."""
+        with self.counter_lock:   # requests are served on threads
+            index, self.seen = self.seen, self.seen + 1
+        return index == 0 and self.sampling_percentage > 0 or \
+            (index * self.sampling_percentage) // 100 != ((index - 1) * self.sampling_percentage) // 100
 
     @classmethod
     def of_endpoint(cls, session, endpoint_name: str) -> DataCapture | None:
@@ -198,13 +209,12 @@ class DataCapture:
 
     def record(self, request: bytes, content_type: str, reply: Reply) -> str | None:
         """Capture one invocation (if sampled); the S3 key written, or None."""
-        import random
         import uuid
         from datetime import datetime, timezone
 
         from .definition import split_s3_uri
 
-        if random.uniform(0, 100) >= self.sampling_percentage:
+        if not self.sampled():
             return None
         now = datetime.now(timezone.utc)
         event_id = str(uuid.uuid4())

@@ -5,6 +5,7 @@ and end to end by ``flanops run`` / ``flanops serve`` in test_pipeline_local.py.
 """
 from __future__ import annotations
 
+import base64
 import http.client
 import json
 import tarfile
@@ -196,3 +197,56 @@ def test_model_data_that_is_not_an_artifact_is_refused(tmp_path):
     broken.write_bytes(b"not a tarball")
     with pytest.raises(FlanopsError, match="not a readable tar archive"):
         fetch_model_data(broken, None, tmp_path / "work")
+
+
+# ----------------------------------------------------------------------------- data capture
+def test_data_capture_writes_sagemakers_records_for_the_sampled_share(artifact, monkeypatch):
+    """Requests and responses land in S3 in SageMaker's capture format; 25%: the 1st, 5th and 9th."""
+    import boto3
+    from moto import mock_aws
+
+    from flanops.serving import DataCapture, read_capture
+
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        s3 = boto3.client("s3", region_name="us-east-1")
+        s3.create_bucket(Bucket="capture-bucket")
+        capture = DataCapture(s3, "s3://capture-bucket/group/staging/data-capture", "ep", sampling_percentage=25)
+        with serving(artifact, None, "ep", log=lambda line: None, capture=capture) as endpoint:
+            client = runtime_client(endpoint.url, "us-east-1")
+            for i in range(8):
+                summarize_remotely(client, "ep", [f"dialogue {i}"])
+            status, _, _ = post(endpoint, "/invocations", b"plain words", {"Content-Type": "text/plain"})
+            assert status == 200
+            with pytest.raises(FlanopsError):   # a failed request is not captured, nor counted
+                summarize_remotely(client, "ep", ["boom"])
+        records = read_capture(s3, "s3://capture-bucket/group/staging/data-capture", "ep")
+        keys = [item["Key"] for item in s3.list_objects_v2(Bucket="capture-bucket")["Contents"]]
+    assert [json.loads(r["captureData"]["endpointInput"]["data"])["inputs"] for r in records[:2]] == \
+        ["dialogue 0", "dialogue 4"]
+    assert len(records) == 3 and records[2]["captureData"]["endpointInput"]["encoding"] == "BASE64"
+    assert base64.b64decode(records[2]["captureData"]["endpointInput"]["data"]) == b"plain words"
+    first = records[0]
+    assert first["eventVersion"] == "0" and first["eventMetadata"]["eventId"]
+    assert first["captureData"]["endpointInput"]["mode"] == "INPUT"
+    assert first["captureData"]["endpointInput"]["encoding"] == "JSON"
+    assert json.loads(first["captureData"]["endpointOutput"]["data"]) == [{"generated_text": "summary of: dialogue 0"}]
+    assert all(key.startswith("group/staging/data-capture/ep/AllTraffic/") and key.endswith(".jsonl") for key in keys)
+
+
+def test_a_failing_capture_never_fails_the_request(artifact):
+    class BrokenS3:
+        def put_object(self, **kwargs):
+            raise ConnectionError("S3 is unreachable")
+
+    from flanops.serving import DataCapture
+
+    lines: list[str] = []
+    capture = DataCapture(BrokenS3(), "s3://bucket/prefix", "ep")
+    with serving(artifact, None, "ep", log=lines.append, capture=capture) as endpoint:
+        status, _, body = post(endpoint, "/invocations", json.dumps({"inputs": "hi"}).encode(),
+                               {"Content-Type": "application/json"})
+    assert status == 200 and json.loads(body) == [{"generated_text": "summary of: hi"}]
+    assert any("data capture to s3://bucket/prefix failed: ConnectionError" in line for line in lines)

@@ -1,0 +1,272 @@
+"""The run report: facts read from an execution record and the step outputs in S3 (moto, in process),
+pages that show them with every chart inline, escaping, failed runs and gaps, and SageMaker's
+execution APIs turned into the same record (botocore's Stubber: moto lacks the steps listing).
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import tarfile
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.stub import Stubber
+from moto import mock_aws
+
+from flanops.definition import EVALUATION_REPORT, NAMES
+from flanops.errors import FlanopsError
+from flanops.report import (REPORT_FILES, REPORT_HTML, REPORT_MD, collect, find_record, report_run,
+                            sagemaker_record, write_report)
+
+BUCKET = "report-test-bucket"
+HOSTILE = "<script>alert('x')</script> | pipes | and\nnewlines"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def output(name: str, uri: str) -> dict:
+    return {"OutputName": name, "S3Output": {"S3Uri": uri, "LocalPath": f"/opt/ml/processing/output/{name}",
+                                             "S3UploadMode": "EndOfJob"}}
+
+
+def definition() -> dict:
+    def job(name, kind, depends=()):
+        return {"Name": name, "Type": kind, "Arguments": {}, "DependsOn": list(depends)}
+
+    return {"Version": "2020-12-01", "Parameters": [], "Steps": [
+        job(NAMES.prepare, "Processing"), job(NAMES.finetune, "Training", [NAMES.prepare]),
+        job("OptimizeQuantize", "Processing", [NAMES.finetune]),
+        job(NAMES.evaluate, "Processing", [NAMES.finetune, "OptimizeQuantize"]),
+        {"Name": NAMES.gate, "Type": "Condition", "DependsOn": [NAMES.evaluate], "Arguments": {
+            "Conditions": [], "IfSteps": [{"Name": NAMES.register, "Type": "RegisterModel", "Arguments": {}}],
+            "ElseSteps": [{"Name": NAMES.fail, "Type": "Fail", "Arguments": {}}]}}]}
+
+
+def metrics(rouge_l: float, p95: float, weights: int, **extra: float) -> dict:
+    values = {"rouge1": rouge_l + 0.05, "rouge2": rouge_l - 0.2, "rougeL": rouge_l, "rougeLsum": rouge_l,
+              "parameters": 1_500_000, "weights_bytes": weights, "latency_p50_ms": p95 * 0.8,
+              "latency_p95_ms": p95, "flops_per_generated_token": 3_000_000, **extra}
+    return {name: {"value": value} for name, value in values.items()}
+
+
+EVALUATION = {
+    "metrics": {**metrics(0.60, 60.0, 6_000_000, compression_ratio=1.0), "rougeL_drop": {"value": 0.0}},
+    "selected_variant": "finetuned",
+    "selection": {"variant": "finetuned", "rule": "lowest p95 within 0.05 ROUGE-L of finetuned",
+                  "candidates": [{"name": "finetuned", "rougeL": 0.6, "rougeL_drop": 0.0, "latency_p95_ms": 60.0,
+                                  "why": "won"},
+                                 {"name": "quantize", "rougeL": 0.59, "rougeL_drop": 0.01, "latency_p95_ms": 90.0,
+                                  "why": "slower"}]},
+    "baseline": {"metrics": metrics(0.10, 50.0, 6_000_000)},
+    "model": {"metrics": metrics(0.60, 60.0, 6_000_000, compression_ratio=1.0), "card": {}},
+    "comparisons": {"quantize": {"metrics": metrics(0.59, 90.0, 2_000_000, compression_ratio=3.0),
+                                 "card": {"method": "int8-dynamic"}}},
+    "skipped": {"distill": "OptimizationMethod is quantize"},
+}
+
+
+@pytest.fixture
+def aws(monkeypatch):
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    with mock_aws():
+        session = boto3.Session(region_name="us-east-1")
+        session.client("s3").create_bucket(Bucket=BUCKET)
+        yield session
+
+
+def put(session, key: str, body: bytes | str) -> str:
+    session.client("s3").put_object(Bucket=BUCKET, Key=key, Body=body.encode() if isinstance(body, str) else body)
+    return f"s3://{BUCKET}/{key}"
+
+
+def model_archive(curve: dict) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as archive:
+        for name, data in (("config.json", b"{}"), ("training_curve.json", json.dumps(curve).encode())):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def make_record(session, run_dir: Path, *, failed: bool = False) -> dict:
+    """A record as the local executor writes it, and the outputs its properties point to."""
+    curve = {"steps": 20, "curve": [{"step": s, "loss": 3.0 / s} for s in range(1, 21)] +
+             [{"step": 10, "eval_loss": 0.5}, {"step": 20, "eval_loss": 0.4}]}
+    put(session, "run/data/data_card.json", json.dumps({"counts": {"train": 200, "validation": 20, "test": 20},
+                                                         "prompt_template": "Summarize:\n{dialogue}"}))
+    put(session, "run/finetune/model.tar.gz", model_archive(curve))
+    put(session, "run/evaluation/evaluation.json", json.dumps(EVALUATION))
+    put(session, "run/evaluation/predictions.jsonl", "".join(json.dumps(
+        {"id": f"t{i}", "dialogue": HOSTILE, "references": ["ref " + HOSTILE], "prediction": f"pred {i}",
+         "baseline_prediction": "base", "quantize_prediction": "q"}) + "\n" for i in range(8)))
+    steps = [
+        {"StepName": NAMES.prepare, "StepType": "Processing", "StepStatus": "Succeeded", "DurationSeconds": 3.2,
+         "CacheHitResult": {"SourcePipelineExecutionArn": "x"}, "Metadata": {}},
+        {"StepName": NAMES.finetune, "StepType": "Training", "StepStatus": "Failed" if failed else "Succeeded",
+         "DurationSeconds": 40.0, "Metadata": {}, "FailureReason": "out of memory" if failed else None},
+    ]
+    properties = {NAMES.prepare: {"ProcessingOutputConfig": {"Outputs": [output("data", f"s3://{BUCKET}/run/data")]}}}
+    files = {}
+    if not failed:
+        properties[NAMES.finetune] = {"ModelArtifacts": {"S3ModelArtifacts": f"s3://{BUCKET}/run/finetune/model.tar.gz"}}
+        properties[NAMES.evaluate] = {"ProcessingOutputConfig": {"Outputs": [
+            output("evaluation", f"s3://{BUCKET}/run/evaluation")]}}
+        files[f"{NAMES.evaluate}.{EVALUATION_REPORT}"] = EVALUATION
+        steps += [{"StepName": "OptimizeQuantize", "StepType": "Processing", "StepStatus": "Succeeded",
+                   "DurationSeconds": 5.0, "Metadata": {}},
+                  {"StepName": NAMES.evaluate, "StepType": "Processing", "StepStatus": "Succeeded",
+                   "DurationSeconds": 12.0, "Metadata": {}},
+                  {"StepName": NAMES.gate, "StepType": "Condition", "StepStatus": "Succeeded", "DurationSeconds": 0.0,
+                   "Metadata": {"Condition": {"Outcome": "True"}}},
+                  {"StepName": NAMES.register, "StepType": "RegisterModel", "StepStatus": "Succeeded",
+                   "DurationSeconds": 0.3, "Metadata": {"RegisterModel": {
+                       "Arn": "arn:aws:sagemaker:us-east-1:123456789012:model-package/g/1"}}}]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "definition.json").write_text(json.dumps(definition()), encoding="utf-8")
+    return {"PipelineName": "p", "ExecutionId": "exec1",
+            "PipelineExecutionArn": "arn:aws:sagemaker:us-east-1:123456789012:pipeline/p/execution/exec1",
+            "PipelineExecutionStatus": "Failed" if failed else "Succeeded",
+            "FailureReason": "FineTuneLoRA: out of memory" if failed else None, "RunDir": str(run_dir),
+            "CreationTime": "2026-11-30T00:00:00+00:00", "LastModifiedTime": "2026-11-30T00:01:00+00:00",
+            "Parameters": {"MinRougeL": 0.4, "MaxP95LatencyMs": 5000, "MaxRougeLDrop": 0.05},
+            "Steps": steps, "Properties": properties, "PropertyFiles": files}
+
+
+def test_collect_reads_every_section_from_the_record_and_s3(aws, tmp_path):
+    facts = collect(aws, make_record(aws, tmp_path / "run"), definition())
+    assert facts.gaps == []
+    assert [s["name"] for s in facts.steps][:3] == [NAMES.prepare, NAMES.finetune, "OptimizeQuantize"]
+    assert facts.steps[0]["cached"] and not facts.steps[1]["cached"]
+    assert {s["name"]: s["status"] for s in facts.steps}[NAMES.fail] == "not run"
+    assert facts.data_card["counts"]["train"] == 200
+    assert len(facts.curves["fine-tune (LoRA)"]["curve"]) == 22
+    assert [(v.name, v.selected, v.method) for v in facts.variants] == [
+        ("base", False, "un-tuned foundation model"), ("finetuned", True, "LoRA merged"),
+        ("quantize", False, "int8-dynamic")]
+    assert facts.skipped == {"distill": "OptimizationMethod is quantize"}
+    assert len(facts.predictions) == 5 and facts.gate["passed"] is True
+    assert facts.model_package_arn.endswith("model-package/g/1")
+
+
+def test_the_pages_show_everything_inline_and_escape_what_the_data_says(aws, tmp_path):
+    run_dir = tmp_path / "run"
+    path = report_run(aws, make_record(aws, run_dir))
+    html = path.read_text(encoding="utf-8")
+    sources = re.findall(r'<img src="([^"]+)"', html)
+    assert len(sources) == 4, "pipeline graph, quality vs latency, variants, training curves"
+    for source in sources:
+        assert source.startswith("data:image/png;base64,"), "self-contained: nothing fetched when opened"
+        assert base64.b64decode(source.split(",", 1)[1])[:8] == PNG_MAGIC
+    assert "<script>alert" not in html and "&lt;script&gt;alert" in html
+    for expected in ("PASSED", "finetuned ★", "int8-dynamic", "3.00×", "FineTuneLoRA", "not run (OptimizationMethod"):
+        assert expected in html, expected
+    markdown = (run_dir / REPORT_MD).read_text(encoding="utf-8")
+    images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)
+    assert len(images) == 4 and all((run_dir / image).read_bytes()[:8] == PNG_MAGIC for image in images)
+    assert "\\| pipes \\|" in markdown, "a | inside a cell does not split the table"
+    header = next(line for line in markdown.splitlines() if line.startswith("| variant |"))
+    rows = [line for line in markdown.splitlines() if line.startswith("| finetuned ★ |")]
+    assert len(rows) == 1 and rows[0].count(" | ") == header.count(" | "), "one cell per column"
+
+
+def test_a_failed_run_gets_a_report_that_says_what_is_missing(aws, tmp_path):
+    run_dir = tmp_path / "run"
+    record = make_record(aws, run_dir, failed=True)
+    aws.client("s3").delete_object(Bucket=BUCKET, Key="run/data/data_card.json")
+    html = report_run(aws, record).read_text(encoding="utf-8")
+    assert "out of memory" in html and "No evaluation" in html and "The gate was not reached" in html
+    assert "No data card" in html
+    assert len(re.findall(r"<img ", html)) == 1, "only the pipeline graph"
+
+
+def test_rewriting_replaces_the_report_and_leaves_no_temporary_files(aws, tmp_path):
+    run_dir = tmp_path / "run"
+    record = make_record(aws, run_dir)
+    report_run(aws, record)
+    (run_dir / REPORT_FILES / "stale.png").write_bytes(b"old")
+    report_run(aws, record)
+    assert not (run_dir / REPORT_FILES / "stale.png").exists()
+    leftovers = [p.name for p in run_dir.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+    assert {p.name for p in run_dir.iterdir()} == {"definition.json", REPORT_HTML, REPORT_MD, REPORT_FILES}
+
+
+def test_unreadable_outputs_become_gaps_not_errors(aws, tmp_path):
+    record = make_record(aws, tmp_path / "run")
+    aws.client("s3").put_object(Bucket=BUCKET, Key="run/finetune/model.tar.gz", Body=b"not a tarball")
+    facts = collect(aws, record, definition())
+    assert "fine-tune (LoRA)" not in facts.curves
+    assert len(facts.gaps) == 1 and facts.gaps[0].startswith("fine-tune curve: ReadError")
+    write_report(facts, tmp_path / "run")
+    assert "fine-tune curve: ReadError" in (tmp_path / "run" / REPORT_HTML).read_text(encoding="utf-8")
+
+
+def test_find_record_names_what_is_wrong(tmp_path):
+    with pytest.raises(FlanopsError, match="holds no summary.json"):
+        find_record(tmp_path, "p", str(tmp_path))
+    with pytest.raises(FlanopsError, match="is not a folder"):
+        find_record(tmp_path, "p", "no/such/folder")
+    with pytest.raises(FlanopsError, match="exec-missing"):
+        find_record(tmp_path, "p", "exec-missing")
+
+
+def test_a_sagemaker_execution_becomes_the_same_record(aws, tmp_path):
+    """describe/list calls of a SageMaker execution → the record collect() reads (outputs in moto S3)."""
+    local = make_record(aws, tmp_path / "local")
+    arn = local["PipelineExecutionArn"]
+    sagemaker = boto3.Session(region_name="us-east-1").client("sagemaker")
+    start = datetime(2026, 11, 30, tzinfo=timezone.utc)
+    job = "arn:aws:sagemaker:us-east-1:123456789012:{}/{}"
+    with Stubber(sagemaker) as stub:
+        stub.add_response("describe_pipeline_execution", {"PipelineExecutionArn": arn,
+                                                          "PipelineExecutionStatus": "Succeeded"})
+        stub.add_response("describe_pipeline_definition_for_execution", {"PipelineDefinition": json.dumps(definition())})
+        stub.add_response("list_pipeline_execution_steps", {"PipelineExecutionSteps": [
+            {"StepName": NAMES.prepare, "StepStatus": "Succeeded", "StartTime": start,
+             "EndTime": start + timedelta(seconds=30), "Metadata": {"ProcessingJob": {"Arn": job.format("processing-job", "prep")}}},
+            {"StepName": NAMES.finetune, "StepStatus": "Succeeded", "StartTime": start,
+             "EndTime": start + timedelta(seconds=90), "Metadata": {"TrainingJob": {"Arn": job.format("training-job", "ft")}}},
+            {"StepName": NAMES.evaluate, "StepStatus": "Succeeded", "StartTime": start,
+             "EndTime": start + timedelta(seconds=20), "Metadata": {"ProcessingJob": {"Arn": job.format("processing-job", "ev")}}},
+            {"StepName": NAMES.gate, "StepStatus": "Succeeded", "Metadata": {"Condition": {"Outcome": "True"}}},
+        ]})
+        stub.add_response("list_pipeline_parameters_for_execution",
+                          {"PipelineParameters": [{"Name": "MinRougeL", "Value": "0.4"}]})
+        for name, step in (("prep", NAMES.prepare), ("ev", NAMES.evaluate)):
+            stub.add_response("describe_processing_job", {
+                "ProcessingJobName": name, "ProcessingJobArn": job.format("processing-job", name),
+                "ProcessingResources": {"ClusterConfig": {"InstanceCount": 1, "InstanceType": "ml.m5.xlarge",
+                                                          "VolumeSizeInGB": 30}},
+                "AppSpecification": {"ImageUri": "image"}, "ProcessingJobStatus": "Completed",
+                "CreationTime": start, "ProcessingOutputConfig": local["Properties"][step]["ProcessingOutputConfig"]},
+                {"ProcessingJobName": name})
+            if name == "prep":
+                stub.add_response("describe_training_job", {
+                    "TrainingJobName": "ft", "TrainingJobArn": job.format("training-job", "ft"),
+                    "ModelArtifacts": local["Properties"][NAMES.finetune]["ModelArtifacts"],
+                    "TrainingJobStatus": "Completed", "SecondaryStatus": "Completed",
+                    "AlgorithmSpecification": {"TrainingInputMode": "File"},
+                    "ResourceConfig": {"InstanceCount": 1, "InstanceType": "ml.m5.xlarge", "VolumeSizeInGB": 30},
+                    "StoppingCondition": {}, "CreationTime": start}, {"TrainingJobName": "ft"})
+
+        class Session:   # sagemaker stubbed, S3 from moto
+            region_name = "us-east-1"
+
+            def client(self, name):
+                return sagemaker if name == "sagemaker" else aws.client(name)
+
+        record, got_definition = sagemaker_record(Session(), arn, tmp_path / "cloud")
+    assert record["ExecutionId"] == "exec1" and record["Parameters"] == {"MinRougeL": "0.4"}
+    assert [s["DurationSeconds"] for s in record["Steps"]] == [30.0, 90.0, 20.0, None]
+    assert record["PropertyFiles"][f"{NAMES.evaluate}.{EVALUATION_REPORT}"]["selected_variant"] == "finetuned"
+    facts = collect(aws, record, got_definition)
+    assert facts.gaps == [] and facts.data_card and "fine-tune (LoRA)" in facts.curves
+    assert [v.name for v in facts.variants] == ["base", "finetuned", "quantize"]
+    assert facts.gate["variant"] == "finetuned"
