@@ -170,11 +170,22 @@ def variants_of(evaluation: dict) -> tuple[list[Variant], dict[str, str]]:
                     "un-tuned foundation model"),
             Variant(FINETUNED, flat_metrics(finetuned), "LoRA merged", selected == FINETUNED)]
     for name, entry in evaluation.get("comparisons", {}).items():
-        card = entry.get("card") or {}
-        method = card.get("method") or card.get("optimization", {}).get("method") or ""
-        rows.append(Variant(name, flat_metrics(entry["metrics"]), str(method), selected == name))
-    skipped = {name: str(why) for name, why in (evaluation.get("skipped") or {}).items()}
+        rows.append(Variant(name, flat_metrics(entry["metrics"]), method_label(entry.get("card") or {}),
+                            selected == name))
+    skipped = {entry["name"]: str(entry.get("reason", "")) for entry in evaluation.get("skipped") or []}
     return rows, skipped
+
+
+def method_label(card: dict) -> str:
+    """What made a variant, from its model card: "int8-dynamic", "structured pruning 50% (ffn)", …"""
+    if isinstance(card.get("quantization"), dict):
+        return str(card["quantization"].get("method", "quantized"))
+    if isinstance(card.get("pruning"), dict):
+        pruning = card["pruning"]
+        amount = f" {pruning['amount']:.0%}" if isinstance(pruning.get("amount"), (int, float)) else ""
+        target = f" ({pruning['target']})" if pruning.get("target") else ""
+        return f"{pruning.get('method', '')} pruning{amount}{target}".strip()
+    return str(card.get("method", ""))
 
 
 def collect(session, record: dict, definition: dict) -> RunFacts:
@@ -365,6 +376,13 @@ def tradeoff_chart(facts: RunFacts) -> bytes:
         axes.set_xscale("log")   # the latency limit is often far from the measured figures
         right = max([*latencies, float(max_latency or 0)]) * 1.6
         axes.set_xlim(min(latencies) / 1.6, right)
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        axes.xaxis.set_major_locator(LogLocator(subs=(1, 2, 5)))
+        axes.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))   # 1000, not 10³
+        axes.xaxis.set_minor_formatter(NullFormatter())
+    top = max((v.metrics.get("rougeL", 0) for v in facts.variants), default=1)
+    axes.set_ylim(top=top + 0.08)   # room for the labels above the highest point
     axes.set_xlabel("p95 latency at batch 1 (ms, log scale)")
     axes.set_ylabel("ROUGE-L (F1)")
     axes.set_title("quality vs latency; pass: above the red dashed line, left of the red dash-dot line")

@@ -454,6 +454,27 @@ def test_executions_and_steps_commands(flanops, quick_run, gate_failed_run):
     assert missing.returncode == 2 and "no execution 'no-such-execution'" in missing.stderr
 
 
+def test_every_run_writes_its_report_and_flanops_report_rewrites_it(flanops, quick_run, gate_failed_run):
+    """The run prints the report's path; the report shows the deployment and the gate; failed runs get one too."""
+    html_path = quick_run.run_dir / "report.html"
+    assert f"report: {html_path}" in quick_run.process.stdout
+    html = html_path.read_text(encoding="utf-8")
+    assert quick_run.summary["deployment"]["endpoint_name"] in html, "written after the staging deploy"
+    assert "PASSED" in html and quick_run.summary["model_package_arn"] in html
+    failed_html = (gate_failed_run[0].run_dir / "report.html").read_text(encoding="utf-8")
+    assert "FAILED" in failed_html and "GateFailed" in failed_html
+
+    html_path.unlink()
+    rewritten = flanops("report", str(quick_run.run_dir))
+    assert rewritten.returncode == 0, rewritten.stderr
+    assert html_path.is_file() and (quick_run.run_dir / "report.md").is_file()
+    by_id = flanops("report", gate_failed_run[0].summary["execution_id"])
+    assert by_id.returncode == 0 and str(gate_failed_run[0].run_dir / "report.html") in by_id.stdout
+
+    missing = flanops("report", str(flanops.root))   # a folder, but no run's
+    assert missing.returncode == 2 and "holds no summary.json" in missing.stderr
+
+
 # ----------------------------------------------------------------------------- deploy and serve
 def test_the_run_deploys_to_local_staging_and_shows_a_sample_invocation(flanops, quick_run):
     deployment = quick_run.summary["deployment"]

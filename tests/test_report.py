@@ -63,8 +63,9 @@ EVALUATION = {
     "baseline": {"metrics": metrics(0.10, 50.0, 6_000_000)},
     "model": {"metrics": metrics(0.60, 60.0, 6_000_000, compression_ratio=1.0), "card": {}},
     "comparisons": {"quantize": {"metrics": metrics(0.59, 90.0, 2_000_000, compression_ratio=3.0),
-                                 "card": {"method": "int8-dynamic"}}},
-    "skipped": {"distill": "OptimizationMethod is quantize"},
+                                 "card": {"method": "quantize", "quantization": {"method": "int8-dynamic"}}}},
+    "skipped": [{"name": "distill", "model_dir": "/opt/ml/processing/input/distill",
+                 "reason": "OptimizationMethod is quantize"}],
 }
 
 
