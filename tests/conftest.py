@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -92,11 +93,60 @@ def chain(tmp_path_factory):
             "result": json.loads((evaluation / "evaluation.json").read_text())}
 
 
+# ----------------------------------------------------------------------------- one embedded AWS for two modules
+# test_pipeline_local, then test_notebooks, share one FLANOPS_HOME (one embedded AWS server and one
+# job cache): the notebooks' quick pipeline run then comes from the cache that the pipeline tests
+# filled instead of training again (about 80 s less on the suite's longest worker).
+EMBEDDED_GROUP = "embedded-aws"
+EMBEDDED_MODULES = ("test_pipeline_local", "test_notebooks")    # in this order
+
+
+def processes_under(root: Path) -> list[int]:
+    """Pids (not ours) whose command line or working folder lies in ``root``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            cwd = os.readlink(entry / "cwd")
+        except OSError:
+            continue
+        if str(root) in cmdline or cwd == str(root) or cwd.startswith(f"{root}/"):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_processes_under(root: Path) -> None:
+    for pid in processes_under(root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture(scope="session")
+def embedded_root(tmp_path_factory):
+    """The folder of the shared FLANOPS_HOME (``<root>/home``); at the end its server is stopped and
+    whatever still runs in it (a server, executor or job a failed test left behind) is killed."""
+    from flanops.embedded import stop_server
+
+    root = tmp_path_factory.mktemp("embedded")
+    yield root
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("FLANOPS_HOME", str(root / "home"))
+        stop_server()
+    kill_processes_under(root)
+
+
 @pytest.hookimpl(wrapper=True)   # a wrapper runs before every plain hook, so before xdist's reads the markers
 def pytest_collection_modifyitems(config, items):
-    """Keep each module on one xdist worker (its module fixtures are built once) and every test
-    that needs ``chain`` on the same worker (the session fixture is built once per worker)."""
+    """Keep each module on one xdist worker (its module fixtures are built once), every test that
+    needs ``chain`` on the same worker (the session fixture is built once per worker), and the two
+    embedded-AWS modules on one worker, the pipeline tests first."""
     for item in items:
-        group = "chain" if "chain" in item.fixturenames else item.module.__name__
+        module = item.module.__name__
+        group = "chain" if "chain" in item.fixturenames else EMBEDDED_GROUP if module in EMBEDDED_MODULES else module
         item.add_marker(pytest.mark.xdist_group(group))
+    items.sort(key=lambda item: item.module.__name__ == EMBEDDED_MODULES[1])   # stable: notebooks last
     return (yield)

@@ -1,8 +1,8 @@
 """The Studio notebooks run top to bottom (papermill, a real Jupyter kernel) against embedded AWS,
 with quick settings through their parameter cell, in order: 01 runs the pipeline, 02 upserts and
-starts the same one (its jobs come from 01's cache), 03 approves, deploys, invokes and reads the
-data capture, 04 runs distill, quantize and prune side by side. One FLANOPS_HOME for the module;
-a finaliser stops its embedded AWS server and whatever still runs in its folders.
+starts the same one (its jobs come from the cache), 03 approves, deploys, invokes and reads the
+data capture, 04 runs distill, quantize and prune side by side. They share test_pipeline_local's
+FLANOPS_HOME and run after it (conftest), so 01's jobs come from that module's cache when it ran.
 """
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from flanops.embedded import stop_server
 
 papermill = pytest.importorskip("papermill", reason="the test extra installs papermill")
 
@@ -31,20 +29,16 @@ AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ENDPOIN
 
 
 @pytest.fixture(scope="module")
-def workspace(tmp_path_factory) -> Iterator[Path]:
-    root = tmp_path_factory.mktemp("notebooks")
+def workspace(embedded_root) -> Iterator[Path]:
+    """conftest's shared FLANOPS_HOME: after test_pipeline_local, whose quick run fills the job cache."""
+    root = embedded_root / "notebooks"
+    root.mkdir(exist_ok=True)
     with pytest.MonkeyPatch.context() as monkeypatch:
         for name in AWS_VARIABLES:
             monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("FLANOPS_HOME", str(root / "home"))   # the kernels inherit it
+        monkeypatch.setenv("FLANOPS_HOME", str(embedded_root / "home"))   # the kernels inherit it
         monkeypatch.setenv("MPLBACKEND", "Agg")
-        try:
-            yield root
-        finally:
-            stop_server()
-            from test_pipeline_local import kill_processes_under
-
-            kill_processes_under(root)
+        yield root
 
 
 def execute(workspace: Path, name: str, **parameters) -> dict:

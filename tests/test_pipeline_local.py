@@ -22,8 +22,9 @@ from typing import Any
 
 import pytest
 
+from conftest import processes_under
 from flanops.definition import NAMES
-from flanops.embedded import server_status, stop_server
+from flanops.embedded import server_status
 from flanops.local import Context, LocalExecutor, StepFailed
 
 PIPELINE = "flanops-quick"          # configs/quick.yaml
@@ -43,35 +44,11 @@ AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT
 
 
 # ----------------------------------------------------------------------------- process helpers
-def processes_under(root: Path) -> list[int]:
-    """Pids (not ours) whose command line or working folder lies in ``root``."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            cwd = os.readlink(entry / "cwd")
-        except OSError:
-            continue
-        if str(root) in cmdline or cwd == str(root) or cwd.startswith(f"{root}/"):
-            found.append(int(entry.name))
-    return found
-
-
 def cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return ""
-
-
-def kill_processes_under(root: Path) -> None:
-    for pid in processes_under(root):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def wait_for(condition: Callable[[], Any], timeout: float, what: str, interval: float = 0.2) -> Any:
@@ -141,18 +118,14 @@ def run_pipeline(flanops: Flanops, name: str, *params: str, expect: int = 0) -> 
 
 
 @pytest.fixture(scope="module")
-def flanops(tmp_path_factory) -> Iterator[Flanops]:
-    root = tmp_path_factory.mktemp("flanops-local")
-    tool = Flanops(root, root / "home")
+def flanops(embedded_root) -> Iterator[Flanops]:
+    """In conftest's shared FLANOPS_HOME, fresh when this module starts (test_notebooks follows)."""
+    tool = Flanops(embedded_root, embedded_root / "home")
     with pytest.MonkeyPatch.context() as monkeypatch:
         for name in AWS_VARIABLES:
             monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("FLANOPS_HOME", str(tool.home))   # for server_status() and stop_server() here
-        try:
-            yield tool
-        finally:
-            stop_server()
-            kill_processes_under(root)   # a server, executor or job a failed test left behind
+        monkeypatch.setenv("FLANOPS_HOME", str(tool.home))   # for server_status() here
+        yield tool
 
 
 @pytest.fixture(scope="module")
