@@ -483,21 +483,29 @@ def write_report(facts: RunFacts, run_dir: Path) -> Path:
     html = environment.get_template("report.html.j2").render(**page_context(facts, inline))
     markdown = environment.get_template("report.md.j2").render(
         **page_context(facts, {name: f"{REPORT_FILES}/{name}.png" for name in charts}))
-    run_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
     try:
-        for name, data in charts.items():
-            (staging / f"{name}.png").write_bytes(data)
-        old = run_dir / REPORT_FILES
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(staging, old)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    for name, text in ((REPORT_MD, markdown), (REPORT_HTML, html)):
-        temporary = run_dir / f".{name}.tmp"
-        temporary.write_text(text, encoding="utf-8")
-        os.replace(temporary, run_dir / name)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".report-", dir=run_dir))
+        try:
+            staging.chmod(0o755)   # mkdtemp's 0700 would hide the charts from whoever may read the report
+            for name, data in charts.items():
+                (staging / f"{name}.png").write_bytes(data)
+            old = run_dir / REPORT_FILES
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(staging, old)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        for name, text in ((REPORT_MD, markdown), (REPORT_HTML, html)):
+            temporary = run_dir / f".{name}.tmp"
+            try:
+                temporary.write_text(text, encoding="utf-8")
+                os.replace(temporary, run_dir / name)
+            finally:
+                temporary.unlink(missing_ok=True)
+    except OSError as err:
+        raise FlanopsError(f"cannot write the report into {run_dir}: {err.strerror or err} "
+                           "(a full disk or a read-only folder?)") from None
     return run_dir / REPORT_HTML
 
 

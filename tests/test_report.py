@@ -271,3 +271,26 @@ def test_a_sagemaker_execution_becomes_the_same_record(aws, tmp_path):
     assert facts.gaps == [] and facts.data_card and "fine-tune (LoRA)" in facts.curves
     assert [v.name for v in facts.variants] == ["base", "finetuned", "quantize"]
     assert facts.gate["variant"] == "finetuned"
+
+
+def test_a_failed_write_leaves_no_partial_report(aws, tmp_path, monkeypatch):
+    """Whatever stops the write (a full disk: ENOSPC), the old report stays and no temporary file is left."""
+    import errno
+    import os
+
+    run_dir = tmp_path / "run"
+    record = make_record(aws, run_dir)
+    report_run(aws, record)
+    before = (run_dir / REPORT_HTML).read_bytes()
+    real_replace = os.replace
+
+    def full_disk(source, destination):
+        if str(destination).endswith(REPORT_HTML):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(FlanopsError, match="No space left on device"):
+        report_run(aws, record)
+    assert (run_dir / REPORT_HTML).read_bytes() == before
+    assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
