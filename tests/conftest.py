@@ -93,6 +93,16 @@ def chain(tmp_path_factory):
             "result": json.loads((evaluation / "evaluation.json").read_text())}
 
 
+@pytest.fixture
+def fake_aws_credentials(monkeypatch):
+    """moto's fake keys and a region, and no endpoint or profile of the developer's: for mock_aws tests."""
+    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
+        monkeypatch.delenv(name, raising=False)
+
+
 # ----------------------------------------------------------------------------- one embedded AWS for two modules
 # test_pipeline_local, then test_notebooks, share one FLANOPS_HOME (one embedded AWS server and one
 # job cache): the notebooks' quick pipeline run then comes from the cache that the pipeline tests

@@ -316,15 +316,10 @@ def test_non_empty_output_needs_overwrite(tmp_path, capsys):
 # --- S3 ------------------------------------------------------------------------------------
 
 @pytest.fixture
-def s3(monkeypatch):
+def s3(fake_aws_credentials):
     import boto3
     from moto import mock_aws
 
-    for name, value in {"AWS_DEFAULT_REGION": "us-east-1", "AWS_ACCESS_KEY_ID": "testing",
-                        "AWS_SECRET_ACCESS_KEY": "testing"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    monkeypatch.delenv("AWS_PROFILE", raising=False)
     with mock_aws():
         client = boto3.client("s3")
         client.create_bucket(Bucket="raw-data")

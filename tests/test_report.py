@@ -70,11 +70,7 @@ EVALUATION = {
 
 
 @pytest.fixture
-def aws(monkeypatch):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+def aws(fake_aws_credentials):
     with mock_aws():
         session = boto3.Session(region_name="us-east-1")
         session.client("s3").create_bucket(Bucket=BUCKET)

@@ -264,12 +264,7 @@ def test_local_model_tarball_with_a_wrapping_folder(small_model_dir, tmp_path):
 
 
 @pytest.fixture
-def s3(monkeypatch, tmp_path):
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                        "AWS_SESSION_TOKEN": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
-        monkeypatch.setenv(name, value)
-    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE"):
-        monkeypatch.delenv(name, raising=False)
+def s3(monkeypatch, tmp_path, fake_aws_credentials):
     # Downloads go under tmp_path, so a test can see that nothing escaped the work folder.
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "work"))
     (tmp_path / "work").mkdir()

@@ -200,16 +200,13 @@ def test_model_data_that_is_not_an_artifact_is_refused(tmp_path):
 
 
 # ----------------------------------------------------------------------------- data capture
-def test_data_capture_writes_sagemakers_records_for_the_sampled_share(artifact, monkeypatch):
+def test_data_capture_writes_sagemakers_records_for_the_sampled_share(artifact, fake_aws_credentials):
     """Requests and responses land in S3 in SageMaker's capture format; 25%: the 1st, 5th and 9th."""
     import boto3
     from moto import mock_aws
 
     from flanops.serving import DataCapture, read_capture
 
-    for name, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}.items():
-        monkeypatch.setenv(name, value)
-    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
         s3.create_bucket(Bucket="capture-bucket")
