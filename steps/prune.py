@@ -33,7 +33,7 @@ from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
                               read_model_card, save_model, write_model_card)
-from stepkit.pruning import (IMPORTANCE, STRUCTURED_TARGETS, UNSTRUCTURED_SCOPES, activation_scores,
+from stepkit.pruning import (HONESTY_NOTE, IMPORTANCE, STRUCTURED_TARGETS, UNSTRUCTURED_SCOPES, activation_scores,
                              check_structured_amount, choose_units, prune_structured, prune_unstructured,
                              reapply_masks, sparsity, structured_units, weight_scores, weights_size)
 from stepkit.records import read_split
@@ -43,12 +43,6 @@ MODEL_ENV = ("SM_CHANNEL_MODEL",)
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
 OUTPUT_ENV = ("SM_MODEL_DIR",)
 METHODS = ("structured", "unstructured")
-HONESTY_NOTE = (
-    "Unstructured pruning only sets weights to zero: the tensors keep their shape, so dense kernels "
-    "(PyTorch, the SageMaker Hugging Face containers) do the same work and the dense safetensors file "
-    "has the same size. Only compression (model.tar.gz's gzip, see size) or a sparse storage format "
-    "and sparse kernels can turn the zeros into smaller files or faster inference."
-)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

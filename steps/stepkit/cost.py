@@ -33,12 +33,14 @@ def size_on_disk(folder: str | Path) -> dict[str, int]:
     return {"weights_bytes": weights, "folder_bytes": sum(p.stat().st_size for p in files)}
 
 
-def _encode(tokenizer, dialogues: list[str], max_source_length: int):
+def encode_prompts(tokenizer, dialogues: list[str], max_source_length: int):
+    """The prompts of ``dialogues`` as one padded batch of model inputs, each cut to ``max_source_length`` tokens."""
     return tokenizer([format_prompt(d) for d in dialogues], return_tensors="pt", padding=True, truncation=True,
                      max_length=max_source_length)
 
 
-def _generate(model, inputs, new_tokens: int):
+def generate_fixed(model, inputs, new_tokens: int):
+    """Greedy generation of exactly ``new_tokens`` per input (min = max): equal work for every model."""
     return model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, num_beams=1, do_sample=False)
 
 
@@ -51,10 +53,10 @@ def flops_per_generated_token(model, tokenizer, dialogue: str, settings: CostSet
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    inputs = _encode(tokenizer, [dialogue], settings.max_source_length)
+    inputs = encode_prompts(tokenizer, [dialogue], settings.max_source_length)
     counter = FlopCounterMode(display=False)
     with torch.inference_mode(), counter:
-        _generate(model, inputs, settings.new_tokens)
+        generate_fixed(model, inputs, settings.new_tokens)
     total = counter.get_total_flops()
     if total == 0 or _has_quantized_modules(model):
         return None
@@ -70,33 +72,33 @@ def measure_speed(model, tokenizer, dialogues: list[str], settings: CostSettings
     import torch
 
     model.eval()
-    singles = [_encode(tokenizer, [d], settings.max_source_length) for d in dialogues[: settings.latency_inputs]]
-    batch = _encode(tokenizer, (dialogues * settings.throughput_batch)[: settings.throughput_batch],
+    singles = [encode_prompts(tokenizer, [d], settings.max_source_length) for d in dialogues[: settings.latency_inputs]]
+    batch = encode_prompts(tokenizer, (dialogues * settings.throughput_batch)[: settings.throughput_batch],
                     settings.max_source_length)
     latencies_ms: list[float] = []
     with torch.inference_mode():
         for _ in range(settings.warmup_runs):
-            _generate(model, singles[0], settings.new_tokens)
-            _generate(model, batch, settings.new_tokens)
+            generate_fixed(model, singles[0], settings.new_tokens)
+            generate_fixed(model, batch, settings.new_tokens)
         for _ in range(settings.repeats):
             for inputs in singles:
                 started = time.perf_counter()
-                _generate(model, inputs, settings.new_tokens)
+                generate_fixed(model, inputs, settings.new_tokens)
                 latencies_ms.append(1000 * (time.perf_counter() - started))
         batch_seconds = []
         for _ in range(settings.repeats):
             started = time.perf_counter()
-            _generate(model, batch, settings.new_tokens)
+            generate_fixed(model, batch, settings.new_tokens)
             batch_seconds.append(time.perf_counter() - started)
     generated = settings.throughput_batch * settings.new_tokens
     return {
-        "latency_p50_ms": round(_percentile(latencies_ms, 50), 3),
-        "latency_p95_ms": round(_percentile(latencies_ms, 95), 3),
+        "latency_p50_ms": round(percentile(latencies_ms, 50), 3),
+        "latency_p95_ms": round(percentile(latencies_ms, 95), 3),
         "throughput_tokens_per_s": round(generated / statistics.median(batch_seconds), 2),
     }
 
 
-def _percentile(values: list[float], percent: float) -> float:
+def percentile(values: list[float], percent: float) -> float:
     """Linear-interpolated percentile (numpy's default), without needing numpy here."""
     ordered = sorted(values)
     position = (len(ordered) - 1) * percent / 100

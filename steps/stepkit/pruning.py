@@ -41,6 +41,13 @@ from .errors import StepError
 STRUCTURED_TARGETS = ("ffn", "heads", "both")
 UNSTRUCTURED_SCOPES = ("global", "layer")
 IMPORTANCE = ("weight", "activation")
+# What a model card (prune.py) and the benchmarks say about unstructured pruning's speed and size.
+HONESTY_NOTE = (
+    "Unstructured pruning only sets weights to zero: the tensors keep their shape, so dense kernels "
+    "(PyTorch, the SageMaker Hugging Face containers) do the same work and the dense safetensors file "
+    "has the same size. Only compression (model.tar.gz's gzip, see size) or a sparse storage format "
+    "and sparse kernels can turn the zeros into smaller files or faster inference."
+)
 
 
 # -- how many units ---------------------------------------------------------------------------
