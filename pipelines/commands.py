@@ -634,3 +634,28 @@ def deployed_endpoint(session, args) -> str:
     if result is None or not result.endpoint_name:
         raise FlanopsError(f"no endpoint deployed to stage {args.stage}; pass --endpoint NAME or deploy first")
     return result.endpoint_name
+
+
+# ----------------------------------------------------------------------------- benchmarks
+def bench(args) -> int:
+    """``flanops bench``: the benchmarks in benchmarks/ (imported only here: they load torch)."""
+    import sys
+
+    from . import benchmarks
+
+    models = benchmarks.resolve_models([name for name in args.models.split(",") if name.strip()])
+    sections = benchmarks.resolve_sections(args.sections)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = args.out or Path("benchmarks") / "results" / stamp
+    settings = benchmarks.preset("quick" if args.quick else "full", models, sections)
+    results = benchmarks.run(settings, out, progress=lambda line: print(line, flush=True),
+                             command=" ".join(["flanops", *sys.argv[1:]]))
+    print(f"\nbenchmarks finished in {results['wall_seconds']:.0f} s")
+    for item in results["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[item["met"]]
+        measured = "–" if item["measured"] is None else f"{item['measured']:,.4g} {item['unit']}"
+        print(f"  {verdict:>12}  {item['description']}: {measured} ({item['comparison']} {item['threshold']:g})")
+    if results["failed_sections"]:
+        print(f"failed sections: {', '.join(results['failed_sections'])} (see results.json)")
+    print(f"results: {Path(out) / 'results.json'}\nreport:  {Path(out) / 'BENCHMARKS.md'}")
+    return 1 if results["failed_sections"] else 0

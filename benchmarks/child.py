@@ -1,0 +1,110 @@
+"""Benchmark tasks in processes of their own, so that each one's peak RSS is its own (see harness.run_child).
+
+``python -m flanops.benchmarks.child`` is a small fork server: it imports torch and transformers
+once, says ``ready``, then reads one task (JSON) per line from stdin, forks a fresh process for
+it and writes that process's report as one JSON line to stdout. Every task therefore starts
+with the libraries loaded and no model in memory, as a new process would, without paying for
+the imports again.
+
+Tasks:
+  generate  load a model folder (as an endpoint does) and generate one batch of fixed length
+  train     build a random model of given dims, full or LoRA, and take optimizer steps
+
+Each report holds ``peak_rss_bytes`` (getrusage's ru_maxrss of the task's process) and the RSS
+before the model was loaded or built (the interpreter and libraries).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import traceback
+from pathlib import Path
+
+import torch   # imported once in the server; every forked task inherits it
+import transformers.models.t5.modeling_t5  # noqa: F401 - the same
+
+READY = "ready"
+
+
+def current_rss_bytes() -> int:
+    """Resident memory now (Linux /proc), else the peak so far."""
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return peak_rss_bytes()
+
+
+def peak_rss_bytes() -> int:
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, KiB on Linux
+
+
+def generate(task: dict) -> dict:
+    from ..steps.stepkit.cost import generate_fixed
+    from ..steps.stepkit.modeling import load_model_and_tokenizer
+
+    before = current_rss_bytes()
+    model, _ = load_model_and_tokenizer(task["model_dir"])
+    inputs = {name: torch.tensor(values) for name, values in task["inputs"].items()}
+    with torch.inference_mode():
+        generate_fixed(model.eval(), inputs, task["new_tokens"])
+    return {"rss_before_load_bytes": before}
+
+
+def train(task: dict) -> dict:
+    from ..steps.stepkit.catalog import T5Dims
+    from .lora import TrainingSide
+
+    before = current_rss_bytes()
+    batch = {name: torch.tensor(values) for name, values in task["batch"].items()}
+    side = TrainingSide.build(task["kind"], T5Dims(**task["dims"]), task, batch)
+    for _ in range(task["steps"]):
+        side.step()
+    return {"rss_before_load_bytes": before, **side.facts()}
+
+
+TASKS = {"generate": generate, "train": train}
+
+
+def run_task(task: dict) -> dict:
+    try:
+        return {**TASKS[task["task"]](task), "peak_rss_bytes": peak_rss_bytes()}
+    except BaseException as err:   # noqa: BLE001 - reported to the parent, which raises it there
+        return {"error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc()}
+
+
+def serve() -> int:
+    from ..steps.stepkit.modeling import configure_runtime
+
+    configure_runtime()   # threads only: no parallel region runs before the forks
+    protocol = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)   # prints of libraries (peft's parameter line) go to stderr, never into the protocol
+    print(READY, file=protocol)
+    for line in sys.stdin:
+        if not line.strip():
+            continue
+        task = json.loads(line)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:   # the task's own process
+            os.close(read_end)
+            with os.fdopen(write_end, "w") as out:
+                out.write(json.dumps(run_task(task)))
+            os._exit(0)
+        os.close(write_end)
+        with os.fdopen(read_end) as inp:
+            report = inp.read()
+        _, status = os.waitpid(pid, 0)
+        if not report:
+            report = json.dumps({"error": f"the task's process ended without a report (wait status {status})"})
+        print(report, file=protocol)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve())

@@ -1,0 +1,296 @@
+"""results.json, BENCHMARKS.md and its charts (PNG files beside it) from a run's results.
+
+The charts are drawn with the run report's matplotlib helpers (flanops.report.pyplot/png).
+Files are written to temporary names and renamed, results.json last: an interrupted run
+leaves no results.json, and never one that looks complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+RESULTS = "results.json"
+MARKDOWN = "BENCHMARKS.md"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    staging = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        staging.write_bytes(data)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
+
+
+def write(results: dict, out: Path) -> None:
+    out = Path(out)
+    lines = markdown(results, out)
+    write_atomic(out / MARKDOWN, ("\n".join(lines) + "\n").encode("utf-8"))
+    write_atomic(out / RESULTS, (json.dumps(results, indent=2) + "\n").encode("utf-8"))
+
+
+# ----------------------------------------------------------------------------- formatting
+def mb(value: float | int | None) -> str:
+    return "–" if value is None else f"{value / 1e6:,.1f} MB"
+
+
+def stat(figure: dict | None) -> str:
+    """Median (min–max) with its unit."""
+    if not figure:
+        return "–"
+    return f"{figure['median']:,.4g} ({figure['min']:,.4g}–{figure['max']:,.4g}) {figure['unit']}"
+
+
+def times(figure: dict | None) -> str:
+    """A ratio in bold, with the range of its per-round ratios."""
+    if not figure:
+        return "–"
+    text = f"**{figure['value']:.2f}x**"
+    if figure.get("per_round_min") is not None:
+        text += f" ({figure['per_round_min']:.2f}–{figure['per_round_max']:.2f})"
+    return text
+
+
+def table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|",
+            *["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows], ""]
+
+
+def get(figure: dict | None, key: str = "value") -> Any:
+    return None if figure is None else figure.get(key)
+
+
+# ----------------------------------------------------------------------------- charts
+def chart(out: Path, name: str, title: str, draw: Callable[[Any], Any]) -> list[str]:
+    """Draw a chart into ``out/name`` (``draw(plt)`` returns the figure); the Markdown that shows it."""
+    from ..report import png, pyplot
+
+    write_atomic(out / name, png(draw(pyplot())))
+    return [f"![{title}]({name})", ""]
+
+
+def bars(axes, labels: list[str], figures: list[dict | None], ylabel: str, title: str, scale: float = 1.0) -> None:
+    """Bars at each figure's median (or value), whiskers from min to max when there is a spread."""
+    heights, low, high = [], [], []
+    for figure in figures:
+        middle = (get(figure, "median") if figure and "median" in figure else get(figure)) or 0
+        heights.append(middle / scale)
+        low.append((middle - figure["min"]) / scale if figure and "min" in figure else 0)
+        high.append((figure["max"] - middle) / scale if figure and "max" in figure else 0)
+    axes.bar(range(len(labels)), heights, yerr=[low, high], capsize=3, color="#5c8ecb")
+    axes.set_xticks(range(len(labels)), labels, rotation=20, ha="right", fontsize=8)
+    axes.set_ylabel(ylabel)
+    axes.set_title(title, fontsize=9)
+
+
+def grid(plt, rows: int, columns: int):
+    figure, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 2.8 * rows), squeeze=False)
+    return figure, axes
+
+
+# ----------------------------------------------------------------------------- the page
+def markdown(results: dict, out: Path) -> list[str]:
+    machine, versions = results["machine"], results["versions"]
+    lines = [f"# flanops benchmarks ({results['mode']})", "",
+             f"Run {results['started']} in {results['wall_seconds']:.0f} s: `{results.get('command') or 'flanops bench'}`.",
+             f"Machine: {machine['cpu_model']}, {machine['usable_cpus']} usable of {machine['cores']} cores, "
+             f"{machine['torch_threads']} torch threads, {machine.get('memory_gib')} GiB; "
+             + ", ".join(f"{k} {v}" for k, v in versions.items() if v) + ".", "",
+             "Models have the real Flan-T5 dimensions and random weights (sizes and speed do not depend on the "
+             "weights). Timings: the sides of each comparison run in one process after warm-up, interleaved and "
+             "repeated; cells show the median (min–max) and ratios of medians in bold (range of the per-round "
+             "ratios). Every figure with its unit is in `results.json`.", ""]
+    lines += ["## Targets", ""]
+    rows = [[t["description"], "–" if t["measured"] is None else f"{t['measured']:,.4g} {t['unit']}",
+             f"{t['comparison']} {t['threshold']:g} {t['unit']}",
+             {True: "met", False: "**missed**", None: "not measured"}[t["met"]]] for t in results["targets"]]
+    lines += table(["target", "measured", "threshold", "result"], rows) if rows else ["No targets measured.", ""]
+    for name, section in results["sections"].items():
+        lines += [f"## {section['title']}", ""]
+        if section["status"] != "ok":
+            lines += [f"**Failed**: {section['error']}", ""]
+            continue
+        lines += RENDERERS[name](section["figures"], results["settings"], out)
+        lines += [f"- {note}" for note in section.get("notes", [])] + ([""] if section.get("notes") else [])
+        lines += [f"_{section['seconds']:.0f} s_", ""]
+    return lines
+
+
+def quantization(figures: dict, settings: dict, out: Path) -> list[str]:
+    lines = [f"Prompt {settings['input_tokens']} tokens, {settings['new_tokens']} generated tokens (greedy, fixed); "
+             f"throughput at batch {settings['throughput_batch']}; peak RSS of a fresh process that loads the "
+             "variant and generates one batch.", ""]
+    for run in figures["runs"]:
+        rows = []
+        for variant, v in run["variants"].items():
+            r = run["ratios"].get(variant, {})
+            rows.append([variant, mb(get(v["weights_bytes"])), times(r.get("size_smaller")), stat(v["latency_batch1"]),
+                         times(r.get("latency_faster")), stat(v["throughput"]), times(r.get("throughput_gain")),
+                         mb(get(v.get("peak_rss")))])
+        lines += [f"### {run['model']['name']} ({run['model']['parameters']:,} parameters)", ""]
+        lines += table(["variant", "weights", "smaller", "latency, batch 1", "faster",
+                        f"throughput, batch {settings['throughput_batch']}", "gain", "peak RSS"], rows)
+
+    def draw(plt):
+        runs = figures["runs"]
+        figure, axes = grid(plt, len(runs), 4)
+        for row, run in enumerate(runs):
+            names = list(run["variants"])
+            v = run["variants"]
+            bars(axes[row][0], names, [v[n]["weights_bytes"] for n in names], "MB", f"{run['model']['name']}: weights", 1e6)
+            bars(axes[row][1], names, [v[n]["latency_batch1"] for n in names], "ms", "latency, batch 1")
+            bars(axes[row][2], names, [v[n]["throughput"] for n in names], "tokens/s",
+                 f"throughput, batch {settings['throughput_batch']}")
+            bars(axes[row][3], names, [v[n].get("peak_rss") for n in names], "MB", "peak RSS", 1e6)
+        figure.tight_layout()
+        return figure
+
+    return lines + chart(out, "quantization.png", "Quantization", draw)
+
+
+def distillation(figures: dict, settings: dict, out: Path) -> list[str]:
+    rows = []
+    for run in figures["runs"]:
+        s, r = run["sides"], run["ratios"]
+        rows.append([run["model"]["name"],
+                     f"{s['teacher']['layers']['encoder']}+{s['teacher']['layers']['decoder']} → "
+                     f"{s['student']['layers']['encoder']}+{s['student']['layers']['decoder']}",
+                     f"{get(s['teacher']['parameters']):,} → {get(s['student']['parameters']):,}",
+                     f"{mb(get(s['teacher']['weights_bytes']))} → {mb(get(s['student']['weights_bytes']))}",
+                     times(r["size_smaller"]), stat(s["teacher"]["latency_batch1"]),
+                     stat(s["student"]["latency_batch1"]), times(r["latency_faster"])])
+    lines = [f"The default student: the teacher with {figures['student_layers_fraction']:g} of its encoder and "
+             "decoder blocks (distill.py's default), before training.", ""]
+    lines += table(["teacher", "layers (enc+dec)", "parameters", "weights", "smaller", "teacher latency",
+                    "student latency", "faster"], rows)
+
+    def draw(plt):
+        runs = figures["runs"]
+        figure, axes = grid(plt, 1, len(runs))
+        for column, run in enumerate(runs):
+            bars(axes[0][column], ["teacher", "student"], [run["sides"][k]["latency_batch1"] for k in ("teacher", "student")],
+                 "ms", f"{run['model']['name']}: latency, batch 1")
+        figure.tight_layout()
+        return figure
+
+    return lines + chart(out, "distillation.png", "Distillation", draw)
+
+
+def pruning(figures: dict, settings: dict, out: Path) -> list[str]:
+    lines = [f"Structured: feed-forward neurons removed in every block ({figures['importance']} importance, as "
+             "prune.py ranks them without data).", ""]
+    for run in figures["runs"]:
+        rows = []
+        for name, v in run["variants"].items():
+            r = run["ratios"].get(name, {})
+            rows.append([name, v.get("d_ff", run["model"]["dims"]["d_ff"]), f"{get(v['parameters']):,}",
+                         mb(get(v["weights_bytes"])), times(r.get("size_smaller")), stat(v["latency_batch1"]),
+                         times(r.get("latency_faster"))])
+        lines += [f"### {run['model']['name']}", ""]
+        lines += table(["variant", "d_ff", "parameters", "weights", "smaller", "latency, batch 1", "faster"], rows)
+        u = run.get("unstructured")
+        if u:
+            lines += [f"Unstructured ({u['name']}, {u['scope']} magnitude; {100 * get(u['sparsity_pruned_layers']):.1f}% "
+                      f"of the block weights zero): dense weights {mb(get(u['dense']['weights_bytes']))} → "
+                      f"{mb(get(u['pruned']['weights_bytes']))} ({times(u['ratios']['size_smaller'])}); gzip "
+                      f"{mb(get(u['dense']['weights_gzip_bytes']))} → {mb(get(u['pruned']['weights_gzip_bytes']))} "
+                      f"({times(u['ratios']['gzip_size_smaller'])}). Latency {u['latency']}.", ""]
+    lines += [f"Why unstructured pruning does not speed up dense kernels: {figures['unstructured_note']}", ""]
+
+    def draw(plt):
+        runs = figures["runs"]
+        figure, axes = grid(plt, len(runs), 2)
+        for row, run in enumerate(runs):
+            names = list(run["variants"])
+            v = run["variants"]
+            bars(axes[row][0], names, [v[n]["weights_bytes"] for n in names], "MB", f"{run['model']['name']}: weights", 1e6)
+            bars(axes[row][1], names, [v[n]["latency_batch1"] for n in names], "ms", "latency, batch 1")
+        figure.tight_layout()
+        return figure
+
+    return lines + chart(out, "pruning.png", "Pruning", draw)
+
+
+def lora(figures: dict, settings: dict, out: Path) -> list[str]:
+    sides, r = figures["sides"], figures["ratios"]
+    batch, adapter = figures["batch"], figures["lora"]
+    lines = [f"{figures['model']['name']}-shaped model ({figures['model']['parameters']:,} parameters); LoRA r "
+             f"{adapter['r']}, alpha {adapter['alpha']}, on {adapter['target_modules']}; {figures['optimizer']}; "
+             f"batch of {batch['examples']} examples, {batch['source_tokens']} source + {batch['target_tokens']} "
+             "target tokens.", ""]
+    rows = []
+    for kind in ("full", "lora"):
+        s = sides[kind]
+        rows.append([kind, f"{get(s['trainable_parameters']):,}", mb(get(s["optimizer_state_bytes"])),
+                     mb(get(s["gradient_bytes"])), mb(get(s.get("peak_rss"))), stat(s["step_time"])])
+    rows.append(["full / LoRA", times(r["trainable_fewer"]), times(r["optimizer_state_smaller"]), "",
+                 times(r.get("peak_rss_smaller")), times(r["step_faster"])])
+    lines += table(["", "trainable parameters", "optimizer state", "gradients", "peak RSS", "step time"], rows)
+
+    def draw(plt):
+        figure, axes = grid(plt, 1, 3)
+        names = ["full", "lora"]
+        bars(axes[0][0], names, [sides[n]["optimizer_state_bytes"] for n in names], "MB", "optimizer state", 1e6)
+        bars(axes[0][1], names, [sides[n].get("peak_rss") for n in names], "MB", "peak RSS", 1e6)
+        bars(axes[0][2], names, [sides[n]["step_time"] for n in names], "ms", "step time")
+        figure.tight_layout()
+        return figure
+
+    return lines + chart(out, "lora.png", "LoRA vs full fine-tuning", draw)
+
+
+def serving(figures: dict, settings: dict, out: Path) -> list[str]:
+    latency, overhead, load = figures["latency"], figures["overhead"], figures["load"]
+    lines = [f"{figures['model']['name']} (fp32) served from its model.tar.gz ({mb(get(figures['artifact_bytes']))}) "
+             f"through code/inference.py; generation parameters {json.dumps(figures['parameters'])}. Client: "
+             f"{figures['client']}. Bare: {figures['bare']}.", ""]
+    lines += table(["batch 1", "p50", "p99", "median (min–max)"],
+                   [[side, f"{latency[side]['p50']:,.4g} ms", f"{latency[side]['p99']:,.4g} ms", stat(latency[side])]
+                    for side in ("endpoint", "bare")])
+    lines += [f"Serving overhead: {times(overhead['ratio'])} = {get(overhead['percent']):+.2f}% over bare generation.", ""]
+    rows = [[level["clients"], stat(level["throughput"]), times(load["scaling"].get(name)),
+             f"{get(level['latency_p50']):,.4g} ms", f"{get(level['latency_p99']):,.4g} ms", get(level["requests"])]
+            for name, level in load["levels"].items()]
+    lines += [f"Concurrent clients, {load['seconds_per_level']:g} s per level and round:", ""]
+    lines += table(["clients", "throughput", "vs first level", "latency p50", "latency p99", "requests"], rows)
+
+    def draw(plt):
+        figure, axes = grid(plt, 1, 2)
+        sides = ["endpoint", "bare"]
+        bars(axes[0][0], sides, [latency[s] for s in sides], "ms", "latency per request, batch 1")
+        levels = list(load["levels"].values())
+        axes[0][1].errorbar([lv["clients"] for lv in levels], [lv["throughput"]["median"] for lv in levels],
+                            yerr=[[lv["throughput"]["median"] - lv["throughput"]["min"] for lv in levels],
+                                  [lv["throughput"]["max"] - lv["throughput"]["median"] for lv in levels]],
+                            marker="o", capsize=3)
+        axes[0][1].set_xscale("log", base=2)
+        axes[0][1].set_xlabel("concurrent clients")
+        axes[0][1].set_ylabel("requests/s")
+        axes[0][1].set_title("throughput", fontsize=9)
+        figure.tight_layout()
+        return figure
+
+    return lines + chart(out, "serving.png", "Serving", draw)
+
+
+def executor(figures: dict, settings: dict, out: Path) -> list[str]:
+    lines = [f"The {figures['step']} job through the local executor (embedded AWS: code from S3, sandbox, outputs to "
+             f"S3, execution record) vs `python steps/prepare_data.py {' '.join(figures['job_arguments'])}` by hand.", ""]
+    lines += table(["executor", "by hand", "overhead", "ratio"],
+                   [[stat(figures["executor"]), stat(figures["by_hand"]), f"{get(figures['overhead']):,.0f} ms",
+                     times(figures["ratio"])]])
+    lines += [f"Building the definition (once per run): {get(figures['definition_build']):.1f} s.", ""]
+
+    def draw(plt):
+        figure, axes = grid(plt, 1, 1)
+        bars(axes[0][0], ["executor", "by hand"], [figures["executor"], figures["by_hand"]], "ms", "PrepareData job")
+        figure.tight_layout()
+        return figure
+
+    return lines + chart(out, "executor.png", "Local executor overhead", draw)
+
+
+RENDERERS = {"quantization": quantization, "distillation": distillation, "pruning": pruning, "lora": lora,
+             "serving": serving, "executor": executor}
