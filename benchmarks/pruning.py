@@ -70,8 +70,7 @@ def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> Se
         del models, dense
         gc.collect()
     return SectionResult(figures={"runs": runs, "structured_target": TARGET, "importance": "weight",
-                                  "unstructured_note": HONESTY_NOTE},
-                         notes=[f"Unstructured pruning: {HONESTY_NOTE}"])
+                                  "unstructured_note": HONESTY_NOTE})
 
 
 def unstructured(dense, source, spec, settings: BenchSettings, workspace: Workspace, progress: Progress,
