@@ -28,7 +28,7 @@ SAMPLE_PREDICTIONS = 5
 DIALOGUE_PREVIEW_CHARS = 600
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 STATUS_COLORS = {"Succeeded": "#4caf50", "Failed": "#e53935", "Stopped": "#fb8c00", "Executing": "#1e88e5",
-                 "Starting": "#1e88e5", "cached": "#a5d6a7", "not run": "#e0e0e0"}
+                 "Starting": "#1e88e5", "cached": "#a5d6a7", "skipped": "#b0bec5", "not run": "#e0e0e0"}
 BASELINE, FINETUNED = "base", "finetuned"   # row names in the variants table (evaluate.py calls them baseline/model)
 
 
@@ -202,7 +202,7 @@ def collect(session, record: dict, definition: dict) -> RunFacts:
                       "status": step["StepStatus"] if step else "not run",
                       "seconds": step.get("DurationSeconds") if step else None,
                       "cached": bool(step and step.get("CacheHitResult")),
-                      "failure_reason": step.get("FailureReason") if step else None})
+                      "failure_reason": step.get("FailureReason") if step else None, "skipped": False})
     facts = RunFacts(
         execution={"id": record["ExecutionId"], "arn": record["PipelineExecutionArn"],
                    "pipeline": record["PipelineName"], "status": record["PipelineExecutionStatus"],
@@ -240,6 +240,8 @@ def collect(session, record: dict, definition: dict) -> RunFacts:
         facts.predictions = [json.loads(line) for line in lines.decode("utf-8").splitlines()[:SAMPLE_PREDICTIONS]]
     if facts.evaluation:
         facts.variants, facts.skipped = variants_of(facts.evaluation)
+        for step in facts.steps:   # an optimize branch that was not chosen ran, but made no model
+            step["skipped"] = any(step["name"] == NAMES.optimize(variant) for variant in facts.skipped)
     register = ran.get(NAMES.register)
     if register and register["StepStatus"] == "Succeeded":
         facts.model_package_arn = register["Metadata"]["RegisterModel"]["Arn"]
@@ -290,10 +292,13 @@ def graph_chart(graph: StepGraph, steps: list[dict]) -> bytes:
                               arrowprops={"arrowstyle": "->", "color": "#757575", "lw": 1})
     for name, (x, y) in position.items():
         step = by_name[name]
-        color = STATUS_COLORS["cached"] if step["cached"] else STATUS_COLORS.get(step["status"], "#e0e0e0")
+        look = "skipped" if step.get("skipped") else "cached" if step["cached"] else step["status"]
+        color = STATUS_COLORS.get(look, "#e0e0e0")
         axes.add_patch(FancyBboxPatch((x - 0.42, y - 0.3), 0.84, 0.6, boxstyle="round,pad=0.02",
                                       facecolor=color, edgecolor="#424242"))
         detail = step["status"] if step["seconds"] is None else f"{step['seconds']:.1f} s"
+        if step.get("skipped"):
+            detail = "skipped, " + detail
         if step["cached"]:
             detail += " (cached)"
         axes.text(x, y + 0.08, name, ha="center", va="center", fontsize=8, weight="bold")
@@ -301,8 +306,9 @@ def graph_chart(graph: StepGraph, steps: list[dict]) -> bytes:
     axes.set_xlim(-0.6, len(columns) - 0.4)
     axes.set_ylim(-height / 2 - 0.1, height / 2 + 0.1)
     axes.axis("off")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=STATUS_COLORS[k]) for k in ("Succeeded", "cached", "Failed", "not run")]
-    axes.legend(handles, ["succeeded", "cached", "failed", "not run"], loc="upper center", ncol=4, fontsize=7,
+    kinds = ("Succeeded", "cached", "skipped", "Failed", "not run")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=STATUS_COLORS[k]) for k in kinds]
+    axes.legend(handles, [k.lower() for k in kinds], loc="upper center", ncol=len(kinds), fontsize=7,
                 frameon=False, bbox_to_anchor=(0.5, 1.08))
     return png(figure)
 

@@ -38,8 +38,8 @@ def definition() -> dict:
 
     return {"Version": "2020-12-01", "Parameters": [], "Steps": [
         job(NAMES.prepare, "Processing"), job(NAMES.finetune, "Training", [NAMES.prepare]),
-        job("OptimizeQuantize", "Processing", [NAMES.finetune]),
-        job(NAMES.evaluate, "Processing", [NAMES.finetune, "OptimizeQuantize"]),
+        job("OptimizeDistill", "Processing", [NAMES.finetune]), job("OptimizeQuantize", "Processing", [NAMES.finetune]),
+        job(NAMES.evaluate, "Processing", [NAMES.finetune, "OptimizeDistill", "OptimizeQuantize"]),
         {"Name": NAMES.gate, "Type": "Condition", "DependsOn": [NAMES.evaluate], "Arguments": {
             "Conditions": [], "IfSteps": [{"Name": NAMES.register, "Type": "RegisterModel", "Arguments": {}}],
             "ElseSteps": [{"Name": NAMES.fail, "Type": "Fail", "Arguments": {}}]}}]}
@@ -116,7 +116,9 @@ def make_record(session, run_dir: Path, *, failed: bool = False) -> dict:
         properties[NAMES.evaluate] = {"ProcessingOutputConfig": {"Outputs": [
             output("evaluation", f"s3://{BUCKET}/run/evaluation")]}}
         files[f"{NAMES.evaluate}.{EVALUATION_REPORT}"] = EVALUATION
-        steps += [{"StepName": "OptimizeQuantize", "StepType": "Processing", "StepStatus": "Succeeded",
+        steps += [{"StepName": "OptimizeDistill", "StepType": "Processing", "StepStatus": "Succeeded",
+                   "DurationSeconds": 0.3, "Metadata": {}},
+                  {"StepName": "OptimizeQuantize", "StepType": "Processing", "StepStatus": "Succeeded",
                    "DurationSeconds": 5.0, "Metadata": {}},
                   {"StepName": NAMES.evaluate, "StepType": "Processing", "StepStatus": "Succeeded",
                    "DurationSeconds": 12.0, "Metadata": {}},
@@ -139,7 +141,7 @@ def make_record(session, run_dir: Path, *, failed: bool = False) -> dict:
 def test_collect_reads_every_section_from_the_record_and_s3(aws, tmp_path):
     facts = collect(aws, make_record(aws, tmp_path / "run"), definition())
     assert facts.gaps == []
-    assert [s["name"] for s in facts.steps][:3] == [NAMES.prepare, NAMES.finetune, "OptimizeQuantize"]
+    assert [s["name"] for s in facts.steps][:4] == [NAMES.prepare, NAMES.finetune, "OptimizeDistill", "OptimizeQuantize"]
     assert facts.steps[0]["cached"] and not facts.steps[1]["cached"]
     assert {s["name"]: s["status"] for s in facts.steps}[NAMES.fail] == "not run"
     assert facts.data_card["counts"]["train"] == 200
@@ -148,6 +150,7 @@ def test_collect_reads_every_section_from_the_record_and_s3(aws, tmp_path):
         ("base", False, "un-tuned foundation model"), ("finetuned", True, "LoRA merged"),
         ("quantize", False, "int8-dynamic")]
     assert facts.skipped == {"distill": "OptimizationMethod is quantize"}
+    assert [s["name"] for s in facts.steps if s["skipped"]] == ["OptimizeDistill"], "ran, but was not chosen"
     assert len(facts.predictions) == 5 and facts.gate["passed"] is True
     assert facts.model_package_arn.endswith("model-package/g/1")
 
