@@ -266,6 +266,7 @@ def serving(figures: dict, settings: dict, out: Path) -> list[str]:
                                   [lv["throughput"]["max"] - lv["throughput"]["median"] for lv in levels]],
                             marker="o", capsize=3)
         axes[0][1].set_xscale("log", base=2)
+        axes[0][1].set_ylim(bottom=0)
         axes[0][1].set_xlabel("concurrent clients")
         axes[0][1].set_ylabel("requests/s")
         axes[0][1].set_title("throughput", fontsize=9)
