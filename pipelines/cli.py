@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         "bench", help="benchmark quantization, distillation, pruning, LoRA, serving and the local executor",
         description="Measure what each optimization saves and what serving and the local executor cost, on "
                     "random-weight Flan-T5 models of the real dimensions; writes results.json and BENCHMARKS.md "
-                    "(with charts). The full run takes up to 30 minutes on 2 cores; --quick under 5.")
+                    "(with charts). The full run is meant to stay under 30 minutes on 2 cores, --quick under 5.")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions, shorter inputs and loads (a few minutes)")
     bench.add_argument("--models", default="flan-t5-small,flan-t5-base",
                        help="comma-separated Flan-T5 sizes for quantization, distillation and pruning (the first "
