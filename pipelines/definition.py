@@ -186,6 +186,32 @@ def quiet_sdk() -> None:
         handler.setLevel(logging.WARNING)
 
 
+def validate_sdk_config_once() -> None:
+    """Make the SDK validate a config once, not on each of its ~120 lookups while a pipeline is built.
+
+    sagemaker 3.x's ``get_sagemaker_config_value`` runs ``jsonschema.validate`` against its whole
+    config schema on every call; the config (``SDK_CONFIG``) never changes, so the result is
+    remembered by the config's JSON. A config that fails validation still raises every time.
+    """
+    import json as json_module
+
+    from sagemaker.core.config.config_manager import SageMakerConfig
+
+    validate = SageMakerConfig.validate_sagemaker_config
+    if getattr(validate, "remembers_valid_configs", False):
+        return
+    valid: set[str] = set()
+
+    def validate_once(sagemaker_config=None):
+        key = json_module.dumps(sagemaker_config, sort_keys=True, default=str)
+        if key not in valid:
+            validate(sagemaker_config)
+            valid.add(key)
+
+    validate_once.remembers_valid_configs = True
+    SageMakerConfig.validate_sagemaker_config = staticmethod(validate_once)
+
+
 def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, session):
     """Build the pipeline. ``session`` is a boto3 Session bound to the target AWS and region."""
     from sagemaker.core import image_uris
@@ -211,6 +237,7 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     from sagemaker.train.distributed import Torchrun
 
     quiet_sdk()
+    validate_sdk_config_once()
     region = session.region_name
     pipeline_session = PipelineSession(boto_session=session, default_bucket=default_bucket,
                                        sagemaker_config=SDK_CONFIG)

@@ -589,3 +589,20 @@ def test_every_shipped_config_loads():
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         assert config.parameter_values() == {**Parameters().model_dump(), **raw.get("parameters", {})}
     assert load_config("quick").pipeline_name == "flanops-quick"
+
+
+def test_the_sdk_validates_a_config_once_and_still_refuses_a_bad_one():
+    """validate_sdk_config_once remembers valid configs only: a bad one raises on every lookup."""
+    import jsonschema
+    from sagemaker.core.config.config_manager import SageMakerConfig
+
+    from flanops.definition import SDK_CONFIG, validate_sdk_config_once
+
+    validate_sdk_config_once()
+    validate_sdk_config_once()   # idempotent: still one wrapper
+    assert SageMakerConfig.validate_sagemaker_config.remembers_valid_configs
+    SageMakerConfig.validate_sagemaker_config(SDK_CONFIG)
+    bad = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": "sometimes"}}}}
+    for _ in range(2):
+        with pytest.raises(jsonschema.ValidationError):
+            SageMakerConfig.validate_sagemaker_config(bad)
