@@ -80,7 +80,7 @@ def run(settings: BenchSettings, out: Path, progress: Progress = print, command:
     started = time.perf_counter()
     progress(f"flanops bench ({settings.mode}): sections {', '.join(settings.sections)}; models "
              f"{', '.join(m.name for m in settings.models)}; writing to {out}")
-    sections, targets, charts = {}, [], {}
+    sections, targets = {}, []
     workspace = Workspace(Path(tempfile.mkdtemp(prefix="flanops-bench-")))
     if settings.memory:
         start_children()
