@@ -83,14 +83,14 @@ def session(aws: bool = False):
     return target_session(Namespace(aws=aws))
 
 
-def run_facts(run_or_execution: str | Path):
-    """The report's facts of a local run folder or execution id."""
+def run_facts(run_or_execution: str | Path, config: str | None = None):
+    """The report's facts of a local run folder, or of an execution id or ARN of the configured pipeline."""
+    from .config import load_config
     from .embedded import flanops_home
-    from .report import collect, find_record
+    from .report import collect, find_record, run_definition
 
-    record = find_record(flanops_home(), "", str(run_or_execution))
-    definition = json.loads((Path(record["RunDir"]) / "definition.json").read_text(encoding="utf-8"))
-    return collect(session(), record, definition)
+    record = find_record(flanops_home(), load_config(config, []).pipeline_name, str(run_or_execution))
+    return collect(session(), record, run_definition(record))
 
 
 def variants_table(facts):

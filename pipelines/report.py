@@ -515,14 +515,17 @@ def write_report(facts: RunFacts, run_dir: Path) -> Path:
     return run_dir / REPORT_HTML
 
 
+def run_definition(record: dict) -> dict:
+    """The definition a local execution ran, kept in its run folder."""
+    definition_file = Path(record["RunDir"]) / "definition.json"
+    if not definition_file.is_file():
+        raise FlanopsError(f"the run folder {record['RunDir']} of execution {record['ExecutionId']} has no "
+                           "definition.json (moved or deleted?); the report is written into the run folder")
+    return json.loads(definition_file.read_text(encoding="utf-8"))
+
+
 def report_run(session, record: dict, definition: dict | None = None) -> Path:
     """Collect and write the report of one execution into its run folder (``record["RunDir"]``)."""
-    run_dir = Path(record["RunDir"])
-    if definition is None:
-        definition_file = run_dir / "definition.json"
-        if not definition_file.is_file():
-            raise FlanopsError(f"the run folder {run_dir} of execution {record['ExecutionId']} has no "
-                               "definition.json (moved or deleted?); the report is written into the run folder")
-        definition = json.loads(definition_file.read_text(encoding="utf-8"))
-    return write_report(collect(session, record, definition), run_dir)
+    facts = collect(session, record, definition if definition is not None else run_definition(record))
+    return write_report(facts, Path(record["RunDir"]))
 

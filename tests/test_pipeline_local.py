@@ -447,6 +447,16 @@ def test_every_run_writes_its_report_and_flanops_report_rewrites_it(flanops, qui
     missing = flanops("report", str(flanops.root))   # a folder, but no run's
     assert missing.returncode == 2 and "holds no summary.json" in missing.stderr
 
+    from flanops.api import run_facts   # what the notebooks read, by execution id as well as by folder
+
+    saved = dict(os.environ)   # flanops.api points this process's environment at embedded AWS
+    try:
+        facts = run_facts(gate_failed_run[0].summary["execution_id"])
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    assert facts.execution["status"] == "Failed" and facts.gate["passed"] is False and facts.variants
+
 
 # ----------------------------------------------------------------------------- deploy and serve
 def test_the_run_deploys_to_local_staging_and_shows_a_sample_invocation(flanops, quick_run):
