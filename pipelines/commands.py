@@ -7,7 +7,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import PipelineConfig, load_config
 from .definition import quiet_sdk
@@ -179,14 +179,20 @@ def start(args) -> int:
 
 
 def write_run_report(target: Target, run_dir: Path) -> None:
-    """The run's report.html and report.md; a run's outcome stands even when its report cannot be drawn."""
+    """A local run's report.html and report.md."""
     from .embedded import flanops_home
     from .report import find_record, report_run
 
+    announce_report(lambda: report_run(target.session, find_record(flanops_home(), "", str(run_dir))),
+                    f"flanops report {run_dir}")
+
+
+def announce_report(write: Callable[[], Path], retry: str) -> None:
+    """Write a run's report and say where; a run's outcome stands even when its report cannot be written."""
     try:
-        path = report_run(target.session, find_record(flanops_home(), "", str(run_dir)))
+        path = write()
     except FlanopsError as err:
-        print(f"report: not written ({err}); try again with `flanops report {run_dir}`")
+        print(f"report: not written ({err}); try again with `{retry}`")
         return
     print(f"report: {path}  (and report.md beside it)")
 
@@ -221,11 +227,8 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
         code = follow_on_sagemaker(target, arn)
         from .report import report_run, sagemaker_record
 
-        try:
-            path = report_run(target.session, *sagemaker_record(target.session, arn, sagemaker_run_dir(output_dir, arn)))
-            print(f"report: {path}  (and report.md beside it)")
-        except FlanopsError as err:
-            print(f"report: not written ({err}); try again with `flanops report --aws {arn}`")
+        announce_report(lambda: report_run(target.session, *sagemaker_record(
+            target.session, arn, sagemaker_run_dir(output_dir, arn))), f"flanops report --aws {arn}")
         return code, None
     from .embedded import flanops_home
     from .local import LocalExecutor
