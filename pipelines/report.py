@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .definition import NAMES, split_s3_uri
+from .definition import EVALUATION_REPORT, NAMES, split_s3_uri
 from .errors import FlanopsError
 from .local import StepGraph, load_execution
 
@@ -78,8 +78,6 @@ def find_record(home: Path, pipeline_name: str, run_or_execution: str) -> dict:
 
 def sagemaker_record(session, execution_arn: str, run_dir: Path) -> tuple[dict, dict]:
     """(record, definition) of an execution on SageMaker, in the local executor's record shape."""
-    from .definition import EVALUATION_REPORT
-
     sagemaker = session.client("sagemaker")
     try:
         described = sagemaker.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
@@ -235,7 +233,9 @@ def collect(session, record: dict, definition: dict) -> RunFacts:
             facts.curves["distillation"] = curve
     if NAMES.evaluate in properties:
         uri = processing_output_uri(properties[NAMES.evaluate], "evaluation")
-        facts.evaluation = fetch("evaluation", lambda: loads_json(read_s3_file(s3, uri, "evaluation.json")))
+        # the gate's PropertyFile is evaluation.json itself: read it from S3 only when the record lacks it
+        facts.evaluation = record.get("PropertyFiles", {}).get(f"{NAMES.evaluate}.{EVALUATION_REPORT}") or fetch(
+            "evaluation", lambda: loads_json(read_s3_file(s3, uri, "evaluation.json")))
         lines = fetch("predictions", lambda: read_s3_file(s3, uri, "predictions.jsonl")) or b""
         facts.predictions = [json.loads(line) for line in lines.decode("utf-8").splitlines()[:SAMPLE_PREDICTIONS]]
     if facts.evaluation:

@@ -153,6 +153,9 @@ def test_collect_reads_every_section_from_the_record_and_s3(aws, tmp_path):
     assert [s["name"] for s in facts.steps if s["skipped"]] == ["OptimizeDistill"], "ran, but was not chosen"
     assert len(facts.predictions) == 5 and facts.gate["passed"] is True
     assert facts.model_package_arn.endswith("model-package/g/1")
+    record = make_record(aws, tmp_path / "run")
+    record["PropertyFiles"] = {}   # a record without the gate's property file: evaluation.json comes from S3
+    assert collect(aws, record, definition()).evaluation == EVALUATION
 
 
 def test_the_pages_show_everything_inline_and_escape_what_the_data_says(aws, tmp_path):
