@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parent.parent
 STEPS = REPO / "steps"
 SHARED_DATA = REPO.parent / "shared" / "data"
 sys.path.insert(0, str(STEPS))
+pytest_plugins = ("reliability",)   # RELIABILITY.md, from the tests that prove each case
 
 
 def pin_xdist_worker() -> None:
