@@ -10,6 +10,7 @@ needs no AWS region.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -143,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        from .local import aws_unreachable, connection_errors
+
+        if not isinstance(err, connection_errors()):
+            raise
+        print(f"error: {aws_unreachable(f'flanops {args.command}', err, os.environ.get('AWS_ENDPOINT_URL'))}",
+              file=sys.stderr)
+        return 1
 
 
 def local_command(action: str) -> int:

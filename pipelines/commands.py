@@ -189,9 +189,11 @@ def write_run_report(target: Target, run_dir: Path) -> None:
 
 def announce_report(write: Callable[[], Path], retry: str) -> None:
     """Write a run's report and say where; a run's outcome stands even when its report cannot be written."""
+    from .local import connection_errors
+
     try:
         path = write()
-    except FlanopsError as err:
+    except (FlanopsError, *connection_errors()) as err:
         print(f"report: not written ({err}); try again with `{retry}`")
         return
     print(f"report: {path}  (and report.md beside it)")
@@ -253,6 +255,8 @@ def resume_local(config: PipelineConfig, target: Target, execution: str) -> tupl
         raise FlanopsError(f"execution {record['ExecutionId']} succeeded; there is nothing to resume")
     if record["PipelineExecutionStatus"] == "Executing":
         raise FlanopsError(f"execution {record['ExecutionId']} is still running (pid {record.get('ExecutorPid')})")
+    if record.get("Resumable") is False:
+        raise FlanopsError(f"execution {record['ExecutionId']} cannot be resumed: {record['FailureReason']}")
     run_dir = Path(record["RunDir"])
     definition_text = (run_dir / "definition.json").read_text(encoding="utf-8")
     print(f"resuming {record['PipelineExecutionArn']}\nrun folder {run_dir}")
@@ -389,7 +393,7 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
     if status == "Failed" and gate_failed:
         print("the model did not pass the gate; change the model or the thresholds (--param MinRougeL=…) and run "
               "again: unchanged jobs come from the cache")
-    elif status in ("Failed", "Stopped"):
+    elif status in ("Failed", "Stopped") and record.get("Resumable", True):
         print(f"fix the cause, then: flanops run --resume {record['ExecutionId']}")
     summary = {
         "execution_arn": record["PipelineExecutionArn"], "execution_id": record["ExecutionId"], "status": status,

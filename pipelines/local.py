@@ -46,6 +46,30 @@ class StepFailed(FlanopsError):
     """A step ended in failure; the message is its FailureReason."""
 
 
+class AwsUnreachable(StepFailed):
+    """AWS stopped answering mid-step. With embedded AWS its state died with the server, so the
+    execution cannot be resumed; a new run restores the finished steps from their local copies."""
+
+
+def connection_errors() -> tuple[type[BaseException], ...]:
+    from botocore.exceptions import ConnectionError as BotoConnectionError
+    from botocore.exceptions import HTTPClientError
+
+    return BotoConnectionError, HTTPClientError
+
+
+def aws_unreachable(step: str, err: BaseException, endpoint_url: str | None) -> AwsUnreachable:
+    from .embedded import log_file
+
+    if endpoint_url:   # embedded AWS
+        return AwsUnreachable(
+            f"{step}: embedded AWS at {endpoint_url} stopped answering ({err}); its buckets, pipelines, model "
+            f"packages and stacks went with it (server log: {log_file()}). Run the command again: a new server "
+            "starts, and `flanops run` restores the steps that finished from their local copies")
+    return AwsUnreachable(f"{step}: lost the connection to AWS ({err}); check the network and credentials, "
+                          "then run again (finished steps come from SageMaker's cache)")
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -387,8 +411,8 @@ class LocalExecutor:
         record["Steps"] = [s for s in record["Steps"] if s["StepName"] in succeeded]
         record["Properties"] = {k: v for k, v in record["Properties"].items() if k in succeeded}
         record["PropertyFiles"] = {k: v for k, v in record["PropertyFiles"].items() if k.split(".")[0] in succeeded}
-        record.update(PipelineExecutionStatus="Executing", FailureReason=None, ExecutorPid=os.getpid(),
-                      LastModifiedTime=utcnow())
+        record.update(PipelineExecutionStatus="Executing", FailureReason=None, Resumable=True,
+                      ExecutorPid=os.getpid(), LastModifiedTime=utcnow())
         return self.execute(record)
 
     def execute(self, record: dict) -> dict:
@@ -411,6 +435,7 @@ class LocalExecutor:
         except StepFailed as failure:
             record["PipelineExecutionStatus"] = "Failed"
             record["FailureReason"] = str(failure)
+            record["Resumable"] = not isinstance(failure, AwsUnreachable)
         except KeyboardInterrupt:
             record["PipelineExecutionStatus"] = "Stopped"
             record["FailureReason"] = "interrupted (Ctrl-C); `flanops run --resume` continues it"
@@ -454,11 +479,13 @@ class LocalExecutor:
                 self.echo(f"    registered {arn}")
             else:
                 raise StepFailed(f"{name}: step type {step['Type']} is not supported by the local executor")
-        except StepFailed as failure:
+        except (StepFailed, *connection_errors()) as error:
+            failure = error if isinstance(error, StepFailed) else aws_unreachable(
+                name, error, self.job_env.get("AWS_ENDPOINT_URL"))
             entry.update(StepStatus="Failed", FailureReason=str(failure), EndTime=utcnow(),
                          DurationSeconds=round(time.perf_counter() - started, 1))
             self.save(record)
-            raise
+            raise failure from None
         entry.update(StepStatus="Succeeded", EndTime=utcnow(), DurationSeconds=round(time.perf_counter() - started, 1))
         self.save(record)
 
@@ -496,7 +523,7 @@ class LocalExecutor:
             ctx.property_files[f"{name}.{file_name}"] = document
         write_json_atomic(self.cache_path(name, key), {
             "CreationTime": utcnow(), "SourcePipelineExecutionArn": ctx.execution_arn,
-            "Properties": properties, "PropertyFiles": files})
+            "Properties": properties, "PropertyFiles": files, "LocalCopies": local_copies(properties, sandbox)})
 
     def reuse(self, name: str, key: str, cache: dict, ctx: Context, entry: dict) -> bool:
         path = self.cache_path(name, key)
@@ -506,9 +533,14 @@ class LocalExecutor:
         age = datetime.now(timezone.utc) - datetime.fromisoformat(hit["CreationTime"])
         if age > parse_duration(cache.get("ExpireAfter", "")):
             return False
-        outputs = output_uris(hit["Properties"])
-        if not all(prefix_exists(self.s3, uri) for uri in outputs):
-            return False   # the earlier outputs are gone (embedded AWS restarted): run again
+        missing = [uri for uri in output_uris(hit["Properties"]) if not prefix_exists(self.s3, uri)]
+        if missing:   # the earlier outputs are gone (embedded AWS restarted): restore them, or run again
+            copies = hit.get("LocalCopies", {})
+            if not all(copy_is_intact(copies.get(uri)) for uri in missing):
+                return False
+            for uri in missing:
+                restore_copy(self.s3, copies[uri], uri)
+            self.echo(f"    restored {len(missing)} output(s) to S3 from the local copy in {copies[missing[0]]['path']}")
         ctx.properties[name] = hit["Properties"]
         for file_name, document in hit["PropertyFiles"].items():
             ctx.property_files[f"{name}.{file_name}"] = document
@@ -755,6 +787,38 @@ def kill_job_processes(job_name: str) -> int:
         except (OSError, ValueError):
             continue   # gone already, or not ours to read
     return killed
+
+
+def local_copies(properties: dict, sandbox: Path) -> dict[str, dict]:
+    """Each output's S3 location → the job's own copy of it in the run folder, with each file's size."""
+    copies = {item["S3Output"]["S3Uri"]: sandbox / item["S3Output"]["LocalPath"].lstrip("/")
+              for item in properties.get("ProcessingOutputConfig", {}).get("Outputs", [])}
+    artifact = properties.get("ModelArtifacts", {}).get("S3ModelArtifacts")
+    if artifact:
+        copies[artifact] = sandbox / "model.tar.gz"
+    return {uri: {"path": str(path), "files": file_sizes(path)} for uri, path in copies.items() if path.exists()}
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    if path.is_file():
+        return {"": path.stat().st_size}
+    return {p.relative_to(path).as_posix(): p.stat().st_size for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def copy_is_intact(copy: dict | None) -> bool:
+    """True when the local copy still holds exactly the files the job wrote (a later edit is not an output)."""
+    return bool(copy) and Path(copy["path"]).exists() and file_sizes(Path(copy["path"])) == copy["files"]
+
+
+def restore_copy(s3, copy: dict, uri: str) -> None:
+    from .definition import split_s3_uri
+
+    path = Path(copy["path"])
+    if path.is_file():
+        bucket, key = split_s3_uri(uri)
+        s3.upload_file(str(path), bucket, key)
+    else:
+        upload_folder(s3, path, uri)
 
 
 def output_uris(properties: dict) -> list[str]:

@@ -260,7 +260,7 @@ def s3_keys(session, uri: str) -> list[str]:
     return [obj["Key"] for obj in response.get("Contents", [])]
 
 
-def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_run):
+def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_run, reliability):
     """SIGKILL a job's process group mid-run; the execution fails, --resume completes it."""
     records = flanops.home / "executions" / PIPELINE
     known = set(records.glob("*.json"))
@@ -303,6 +303,7 @@ def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_r
     assert list(steps) == [NAMES.prepare, NAMES.select]
     assert steps[NAMES.select]["StepStatus"] == "Failed"
     assert "killed by signal 9" in steps[NAMES.select]["FailureReason"]
+    kill_reason = steps[NAMES.select]["FailureReason"]
     earlier = steps[NAMES.prepare]
     assert earlier["StepStatus"] == "Succeeded" and earlier["CacheHitResult"] is None, "it ran in this execution"
     assert f"resume {execution_id}" in log_path.read_text(encoding="utf-8")
@@ -341,6 +342,10 @@ def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_r
 
     again = flanops("run", "--resume", execution_id)
     assert again.returncode == 2 and "nothing to resume" in again.stderr
+    reliability.record("fault.sigkill_resume",
+                       f"SIGKILL to {NAMES.select}'s job: execution Failed (\"{kill_reason[:80]}…\"), "
+                       f"nothing of it in S3, no process left; --resume reran {len(JOB_STEPS) - 1} jobs and reused "
+                       f"{NAMES.prepare} untouched; Succeeded")
 
 
 LAUNCHER = """
@@ -553,3 +558,65 @@ def test_approve_deploy_serve_and_invoke_as_the_readme_shows(flanops, quick_run)
     assert "DELETE_COMPLETE" in destroyed.stdout
     again = flanops("destroy", "--stage", "staging")
     assert again.returncode == 2 and "nothing to destroy" in again.stderr
+
+
+# Last in the module: it kills the shared embedded AWS server (test_notebooks, which follows, then
+# starts on a new one and gets its jobs from the local copies this test proves).
+def test_embedded_aws_dying_mid_run_is_a_clear_error_and_a_rerun_restores_the_finished_steps(flanops, quick_run,
+                                                                                              reliability):
+    records = flanops.home / "executions" / PIPELINE
+    known = set(records.glob("*.json"))
+    # Only Evaluate differs from quick_run: everything before it is a cache hit.
+    params = [*FAST, "--param", "steps.evaluate.max_examples=19", "--no-deploy"]
+    log_path = flanops.root / "aws-dies-run.log"
+    with open(log_path, "w", encoding="utf-8") as log:
+        process = subprocess.Popen(flanops.command("run", "--output-dir", str(flanops.run_dir("aws-dies")), *params),
+                                   env=flanops.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        record_path = wait_for(lambda: next(iter(set(records.glob("*.json")) - known), None), 180,
+                               "the execution record")
+
+        def evaluate_executing():
+            assert process.poll() is None, f"flanops exited early:\n{log_path.read_text()}"
+            record = json.loads(record_path.read_text(encoding="utf-8"))
+            entry = next((s for s in record["Steps"] if s["StepName"] == NAMES.evaluate), None)
+            return entry if entry and entry["StepStatus"] == "Executing" and entry["Metadata"].get("Pid") else None
+
+        wait_for(evaluate_executing, 300, "Evaluate to be executing")
+        server = server_status()
+        assert server is not None
+        os.kill(server.pid, signal.SIGKILL)   # as a crash or the OOM killer would
+        code = process.wait(timeout=300)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    output = log_path.read_text(encoding="utf-8")
+    assert code != 0, output
+    assert "Traceback" not in output, output[-4000:]
+    assert "stopped answering" in output and "restores the steps that finished" in output, output[-4000:]
+    execution_id = record_path.stem
+    record = flanops.record(execution_id)
+    assert record["PipelineExecutionStatus"] == "Failed" and record["Resumable"] is False
+    failed = next(s for s in record["Steps"] if s["StepStatus"] == "Failed")
+    assert failed["StepName"] == NAMES.evaluate and "stopped answering" in failed["FailureReason"]
+    assert "--resume" not in output.split("execution " + execution_id + ": Failed", 1)[-1]
+    resumed = flanops("run", "--resume", execution_id)
+    assert resumed.returncode == 2 and "cannot be resumed" in resumed.stderr, resumed.stderr
+
+    rerun = run_pipeline(flanops, "aws-dies-rerun", "--param", "steps.evaluate.max_examples=19", "--no-deploy")
+    steps = rerun.steps()
+    cached = [name for name in (NAMES.prepare, NAMES.select, NAMES.finetune, "OptimizeQuantize") if steps[name]["cached"]]
+    assert cached == [NAMES.prepare, NAMES.select, NAMES.finetune, "OptimizeQuantize"], rerun.output
+    assert not steps[NAMES.evaluate]["cached"] and steps[NAMES.evaluate]["status"] == "Succeeded"
+    restored = rerun.process.stdout.count("restored ")
+    assert restored >= 4, rerun.output
+    package = flanops.session().client("sagemaker").describe_model_package(
+        ModelPackageName=rerun.summary["model_package_arn"])
+    assert package["ModelPackageStatus"] == "Completed"
+    reason = failed["FailureReason"]
+    reliability.record("fault.embedded_aws_dies",
+                       f"run exit {code}, no traceback: \"{reason[:150]}…\"; --resume refused (exit 2); "
+                       f"rerun succeeded with {len(cached)} steps restored from local copies and only Evaluate rerun, "
+                       f"registered {rerun.summary['model_package_arn'].rsplit('/', 2)[-2]} v"
+                       f"{rerun.summary['model_package_arn'].rsplit('/', 1)[-1]}", rerun_seconds=round(rerun.seconds))
