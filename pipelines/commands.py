@@ -190,11 +190,14 @@ def write_run_report(target: Target, run_dir: Path) -> None:
 def announce_report(write: Callable[[], Path], retry: str) -> None:
     """Write a run's report and say where; a run's outcome stands even when its report cannot be written."""
     from .local import connection_errors
+    from .steps.stepkit.errors import storage_problem
 
     try:
         path = write()
-    except (FlanopsError, *connection_errors()) as err:
-        print(f"report: not written ({err}); try again with `{retry}`")
+    except Exception as err:
+        if not (isinstance(err, (FlanopsError, *connection_errors())) or storage_problem(err)):
+            raise
+        print(f"report: not written ({storage_problem(err) or err}); try again with `{retry}`")
         return
     print(f"report: {path}  (and report.md beside it)")
 
@@ -322,6 +325,12 @@ def sagemaker_run_dir(output_dir: Path | None, arn: str) -> Path:
 def check_run_dir(output_dir: Path | None) -> None:
     if output_dir is not None and output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())):
         raise FlanopsError(f"--output-dir {output_dir} is not an empty folder; choose another (nothing was changed)")
+    folder = (output_dir or Path("runs")).absolute()
+    existing = next(parent for parent in (folder, *folder.parents) if parent.exists())
+    if not os.access(existing, os.W_OK):   # before hours of work, not after
+        raise FlanopsError(f"{'--output-dir ' + str(output_dir) if output_dir else 'runs/ in ' + str(Path.cwd())}: "
+                           f"{existing} is not writable (read-only file system or no permission); choose another "
+                           "folder with --output-dir")
 
 
 def prepare_run_dir(output_dir: Path | None) -> Path:

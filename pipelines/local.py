@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from .embedded import process_alive
 from .errors import FlanopsError
+from .steps.stepkit.errors import first_line, storage_problem
 from .steps.stepkit.modeling import usable_cpus
 
 CONTAINER_ROOT = "/opt/ml"
@@ -82,8 +83,12 @@ def records_dir(home: Path, pipeline_name: str) -> Path:
 def write_json_atomic(path: Path, value: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_name(f".{path.name}.tmp")
-    staging.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-    os.replace(staging, path)
+    try:
+        staging.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(staging, path)
+    except BaseException:
+        staging.unlink(missing_ok=True)   # a half-written file must not outlive the failure
+        raise
 
 
 def load_execution(home: Path, pipeline_name: str, execution: str) -> dict:
@@ -448,6 +453,18 @@ class LocalExecutor:
         self.save(record)
         return record
 
+    def as_step_failure(self, name: str, error: Exception) -> StepFailed | None:
+        """What failed a step, as its FailureReason; None for a bug of ours (it keeps its traceback)."""
+        if isinstance(error, StepFailed):
+            return error
+        if isinstance(error, connection_errors()):
+            return aws_unreachable(name, error, self.job_env.get("AWS_ENDPOINT_URL"))
+        problem = storage_problem(error)
+        if problem:
+            return StepFailed(f"{name}: {problem} while staging the job under {self.run_dir} ({first_line(error)}); "
+                              "free space there or choose another --output-dir")
+        return None
+
     def save(self, record: dict) -> None:
         write_json_atomic(records_dir(self.home, self.pipeline_name) / f"{record['ExecutionId']}.json", record)
 
@@ -479,9 +496,10 @@ class LocalExecutor:
                 self.echo(f"    registered {arn}")
             else:
                 raise StepFailed(f"{name}: step type {step['Type']} is not supported by the local executor")
-        except (StepFailed, *connection_errors()) as error:
-            failure = error if isinstance(error, StepFailed) else aws_unreachable(
-                name, error, self.job_env.get("AWS_ENDPOINT_URL"))
+        except Exception as error:
+            failure = self.as_step_failure(name, error)
+            if failure is None:
+                raise
             entry.update(StepStatus="Failed", FailureReason=str(failure), EndTime=utcnow(),
                          DurationSeconds=round(time.perf_counter() - started, 1))
             self.save(record)

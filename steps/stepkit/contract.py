@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
-from .errors import StepError
+from .errors import StepError, storage_problem
 from .modeling import MODEL_ARCHIVE, extract_model_archive
 
 COMPLETE_MARKER = "_SUCCESS"
@@ -132,8 +132,12 @@ def atomic_output_dir(target: str | Path, overwrite: bool = False, flag: str = "
         yield staging
         (staging / COMPLETE_MARKER).write_text("")
         _publish(staging, target)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(staging, ignore_errors=True)
+        problem = storage_problem(err)
+        if problem:
+            raise StepError(f"writing {target}: {problem}; nothing was published and the partial output was "
+                            f"removed. Free space there or choose another {flag}, then run again") from None
         raise
 
 

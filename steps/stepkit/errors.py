@@ -1,8 +1,15 @@
 """One error type for everything a user can get wrong, and one way to report it."""
 from __future__ import annotations
 
+import errno
 import sys
 from typing import Callable
+
+# What a full or read-only disk looks like from Python, and from libraries that format the OS error.
+_STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+                   errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for the file system"}
+_STORAGE_TEXTS = {"No space left on device": errno.ENOSPC, "Disk quota exceeded": errno.EDQUOT,
+                  "Read-only file system": errno.EROFS}
 
 
 class StepError(Exception):
@@ -13,6 +20,17 @@ def first_line(err: BaseException) -> str:
     """The first line of a library's error message: enough to say what failed, without its traceback."""
     text = str(err).strip()
     return text.splitlines()[0] if text else type(err).__name__
+
+
+def storage_problem(err: BaseException) -> str | None:
+    """"no space left on the device" and the like when ``err`` is a full or read-only disk, else None.
+
+    safetensors and torch wrap the OS error in their own types, so their message is read too.
+    """
+    code = err.errno if isinstance(err, OSError) else None
+    if code is None:
+        code = next((number for text, number in _STORAGE_TEXTS.items() if text in str(err)), None)
+    return _STORAGE_ERRNOS.get(code)
 
 
 def run_step(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
