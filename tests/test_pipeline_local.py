@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -37,6 +38,11 @@ FAST = ["--param", "steps.prepare.train_size=200", "--param", "steps.prepare.tes
         "--param", "MaxP95LatencyMs=600000"]
 JOB_STEPS = [NAMES.prepare, NAMES.select, NAMES.finetune, "OptimizeDistill", "OptimizeQuantize", "OptimizePrune",
              NAMES.evaluate]
+# Secrets a user's shell may hold: every command here runs with them, and none may show up anywhere
+# it prints or writes (test_no_secret_reaches_output_logs_reports_or_records, last in the module).
+SECRET_CANARIES = {"HF_TOKEN": "hf_CanaryTokenQ7vX2mP9sL4kR8tW1yZ6nB3cD5",
+                   "WANDB_API_KEY": "canary0wandb4f1c9e2b7a8d3f6c5e1b9a7d2c8f4e6b3a",
+                   "FLANOPS_CANARY_SECRET": "canary-secret-3b9f1e7c2d8a4f6b"}
 CACHED_STEP_SECONDS = 3.0           # a cache hit is a few S3 listings; a job is never this quick here
 AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL",
                  "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE",
@@ -69,7 +75,7 @@ class Flanops:
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES}
-        return {**env, "FLANOPS_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
+        return {**env, **SECRET_CANARIES, "FLANOPS_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
 
     def command(self, *args: str) -> list[str]:
         return [sys.executable, "-m", "flanops.cli", *args]
@@ -620,3 +626,32 @@ def test_embedded_aws_dying_mid_run_is_a_clear_error_and_a_rerun_restores_the_fi
                        f"rerun succeeded with {len(cached)} steps restored from local copies and only Evaluate rerun, "
                        f"registered {rerun.summary['model_package_arn'].rsplit('/', 2)[-2]} v"
                        f"{rerun.summary['model_package_arn'].rsplit('/', 1)[-1]}", rerun_seconds=round(rerun.seconds))
+
+
+SECRET_PATTERNS = {
+    "AWS access key id": re.compile(r"\b(AKIA|ASIA)[A-Z0-9]{16}\b"),
+    "AWS secret key assignment": re.compile(r"aws_secret_access_key\s*[=:]\s*['\"]?(?!testing\b)[A-Za-z0-9/+=]{40}", re.I),
+    "private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    "Hugging Face token": re.compile(r"\bhf_[A-Za-z0-9]{30,}\b"),
+}
+
+
+def test_no_secret_reaches_output_logs_reports_or_records(flanops, quick_run, reliability):
+    """Every run in this module had SECRET_CANARIES in its environment; scan all it left."""
+    files = [path for path in flanops.root.rglob("*") if path.is_file() and path.stat().st_size < 50_000_000
+             and not path.name.endswith((".safetensors", ".bin", ".pt", ".tar.gz", ".png"))]
+    texts = {str(path): path.read_bytes().decode("utf-8", errors="replace") for path in files}
+    texts["quick run's output"] = quick_run.process.stdout + quick_run.process.stderr
+    found = [f"{where}: {name}" for where, text in texts.items() for name, value in SECRET_CANARIES.items()
+             if value in text]
+    found += [f"{where}: {what}" for where, text in texts.items() for what, pattern in SECRET_PATTERNS.items()
+              if pattern.search(text)]
+    assert not found, found[:10]
+    kinds = {"run folders": "runs/", "execution records": "/executions/", "step cache": "/cache/",
+             "job logs": "job.log", "reports": "report.", "embedded AWS log": "server.log"}
+    covered = {kind: sum(marker in where for where in texts) for kind, marker in kinds.items()}
+    assert all(covered.values()), covered   # the scan did see each kind of file
+    reliability.record("security.secrets",
+                       f"{len(texts)} files and outputs of every `flanops run` in test_pipeline_local (each run's "
+                       f"environment held {len(SECRET_CANARIES)} canary secrets) hold none of them and no AWS key, "
+                       "private key or hub token pattern; scanned: " + ", ".join(f"{kind} {n}" for kind, n in covered.items()))
