@@ -62,7 +62,7 @@ moto serves every region; this default only names one for clients."""
 
 # moto's documented fake credentials. They are set explicitly so that a user's real keys are never sent anywhere.
 _FAKE_ACCESS_KEY_ID = "testing"
-_FAKE_SECRET_ACCESS_KEY = "testing"
+_FAKE_SECRET_ACCESS_KEY = "testing"  # nosec B105 # moto's dummy key; embedded AWS takes any
 _HOST = "127.0.0.1"
 _LAUNCHER_MODULE = "flanops.embedded"  # also how stop_server recognises its process in /proc
 _START_TIMEOUT_S = 30.0  # moto imports in 1-3 s; a loaded 2-core CI machine can be much slower
@@ -395,7 +395,8 @@ def _command_line(pid: int) -> str:
         except OSError:
             return ""
     try:  # no /proc (macOS): ps is POSIX
-        return subprocess.run(["ps", "-o", "command=", "-p", str(pid)], capture_output=True, text=True).stdout
+        return subprocess.run(["ps", "-o", "command=", "-p", str(pid)],  # nosec B607 # ps from PATH, as a shell finds it
+                              capture_output=True, text=True).stdout
     except OSError:
         return ""
 

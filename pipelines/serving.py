@@ -469,7 +469,8 @@ def runtime_client(endpoint_url: str, region: str):
     import boto3
     from botocore.config import Config
 
-    return boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing", region_name=region).client(
+    return boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing",  # nosec B106 # never sent anywhere
+                         region_name=region).client(
         "sagemaker-runtime", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 1},
                                                                       read_timeout=300))
 

@@ -64,6 +64,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     student.add_argument("--student", default=SHRUNK,
                          help=f"'{SHRUNK}' (the teacher shrunk), a catalog name (flan-t5-small) or a model folder "
                               f"sharing the teacher's tokenizer (default: {SHRUNK})")
+    student.add_argument("--student-revision", default="main",
+                         help="Hub revision of a catalog --student: a commit sha pins exactly those weights (default: main)")
     student.add_argument("--student-layers-fraction", type=float, default=0.5,
                          help="share of the teacher's encoder and decoder blocks the shrunk student keeps (default: 0.5)")
     student.add_argument("--student-encoder-layers", type=int, help="encoder blocks to keep (overrides the fraction)")
@@ -113,7 +115,7 @@ def plan_student(args: argparse.Namespace, teacher_config: dict) -> dict:
                         "tokenizer; use the default student (the teacher shrunk) instead")
     if entry is not None:
         check_same_vocabulary(None, None, teacher_vocab, entry.dims.vocab_size, f"--student {spec}")
-        return {"kind": "catalog", "entry": entry}
+        return {"kind": "catalog", "entry": entry, "revision": args.student_revision}
     path = Path(spec)
     if not path.exists():
         known = ", ".join(e.name for e in catalog.FAMILY)
@@ -133,7 +135,7 @@ def load_student(plan: dict, teacher, teacher_tokenizer):
             "initialised_from": "the teacher's blocks listed in layers_kept, its embeddings and LM head"}
     if plan["kind"] == "catalog":
         entry = plan["entry"]
-        student, tokenizer = download_from_hub(entry.hub_id)
+        student, tokenizer = download_from_hub(entry.hub_id, plan["revision"])
         where = {"source": entry.hub_id, "initialised_from": f"pretrained {entry.hub_id}"}
         label = f"--student {entry.name}"
     else:
@@ -145,12 +147,13 @@ def load_student(plan: dict, teacher, teacher_tokenizer):
     return student.to(teacher.dtype), tokenizer, where
 
 
-def download_from_hub(hub_id: str):
+def download_from_hub(hub_id: str, revision: str):
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    print(f"downloading the student {hub_id} from the Hugging Face Hub")
+    print(f"downloading the student {hub_id} at revision {revision} from the Hugging Face Hub")
     try:
-        return AutoModelForSeq2SeqLM.from_pretrained(hub_id), AutoTokenizer.from_pretrained(hub_id)
+        return (AutoModelForSeq2SeqLM.from_pretrained(hub_id, revision=revision),
+                AutoTokenizer.from_pretrained(hub_id, revision=revision))
     except OSError as err:
         raise StepError(f"--student {hub_id}: cannot download it ({first_line(err)}); offline, use the default "
                         "student (the teacher shrunk) or a local model folder") from None

@@ -100,6 +100,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="target tokens the fine-tune step keeps; longer summaries are counted as truncated (default: 128)")
     parser.add_argument("--tokenizer", help="local tokenizer folder or Hub id to count tokens with (default: an approximate "
                                             "word/punctuation count)")
+    parser.add_argument("--revision", default="main",
+                        help="Hub revision for a Hub dataset --input or Hub --tokenizer: a commit sha pins exactly that "
+                             "data (default: main)")
     return parser.parse_args(argv)
 
 
@@ -380,11 +383,11 @@ def s3_units(uri: str) -> tuple[list[Unit], list[str]]:
     return units, names
 
 
-def hub_units(dataset_id: str) -> list[Unit]:
+def hub_units(dataset_id: str, revision: str) -> list[Unit]:
     import datasets
 
     try:
-        loaded = datasets.load_dataset(dataset_id)
+        loaded = datasets.load_dataset(dataset_id, revision=revision)
     except Exception as err:  # offline, missing, gated and broken datasets all raise different types
         raise StepError(
             f"--input {dataset_id}: not a local file or folder, and the Hugging Face Hub cannot load it as a dataset "
@@ -401,7 +404,7 @@ def hub_units(dataset_id: str) -> list[Unit]:
     return units
 
 
-def load_units(source: str) -> tuple[list[Unit], dict]:
+def load_units(source: str, revision: str = "main") -> tuple[list[Unit], dict]:
     """Read ``--input`` (other than synthetic) into units, and describe the source for the data card."""
     if source.startswith("s3://"):
         units, names = s3_units(source)
@@ -413,8 +416,9 @@ def load_units(source: str) -> tuple[list[Unit], dict]:
     if path.suffix.lower() in FORMATS or not HUB_ID.fullmatch(source):
         raise StepError(f"--input {source}: no such file or folder")
     print(f"{source} is not a local path; loading it as a Hugging Face dataset id")
-    units = hub_units(source)
-    return units, {"kind": "huggingface", "input": source, "splits": {unit.label: unit.split for unit in units}}
+    units = hub_units(source, revision)
+    return units, {"kind": "huggingface", "input": source, "revision": revision,
+                   "splits": {unit.label: unit.split for unit in units}}
 
 
 def assign_splits(units: list[Unit], fractions: dict[str, float], seed: int, source: str) -> tuple[dict[str, list[dict]], str]:
@@ -460,7 +464,7 @@ class TokenCounter:
     count: Callable[[list[str]], list[int]]
 
 
-def token_counter(tokenizer_name: str | None) -> TokenCounter:
+def token_counter(tokenizer_name: str | None, revision: str = "main") -> TokenCounter:
     if not tokenizer_name:
         # The model's own tokenizer may not exist yet (offline it is trained later), so count approximately.
         return TokenCounter(
@@ -472,7 +476,7 @@ def token_counter(tokenizer_name: str | None) -> TokenCounter:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, revision=revision)
     except (OSError, ValueError) as err:
         raise StepError(
             f"--tokenizer {tokenizer_name}: cannot load it ({first_line(err)}); give a local tokenizer folder, or a Hub id "
@@ -520,7 +524,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
     check_flags_fit_input(args)
-    counter = token_counter(args.tokenizer)  # before reading data: a bad --tokenizer fails fast
+    counter = token_counter(args.tokenizer, args.revision)  # before reading data: a bad --tokenizer fails fast
 
     with atomic_output_dir(output_dir, args.overwrite) as staging:
         if args.input == SYNTHETIC:
@@ -530,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
             source, how = {"kind": SYNTHETIC, "input": SYNTHETIC, "sizes": sizes}, "generated"
         else:
             print(f"reading {args.input}")
-            units, source = load_units(args.input)
+            units, source = load_units(args.input, args.revision)
             check_unique_ids(units)
             fractions = {split: getattr(args, f"{split}_fraction") or HELD_OUT_FRACTION for split in ("validation", "test")}
             splits, how = assign_splits(units, fractions, args.seed, args.input)

@@ -61,6 +61,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="build a catalog size with its real architecture and random weights (benchmarks only)")
     parser.add_argument("--tokenizer", help="with --random-weights: a tokenizer folder to ship instead of the "
                         "byte-level stand-in (e.g. a real Flan-T5 tokenizer copied to this machine)")
+    parser.add_argument("--revision", default="main",
+                        help="Hub revision of a catalog model: a commit sha pins exactly these weights and tokenizer "
+                             "(the card records the commit either way; default: main)")
     parser.add_argument("--dtype", choices=sorted(catalog.BYTES_PER_PARAM), default="float32",
                         help="weight dtype to save, and to assume in memory budgets (default: float32)")
     parser.add_argument("--output-dir", default=env_path("SM_MODEL_DIR"),
@@ -207,13 +210,13 @@ def byte_level_tokenizer(model_max_length: int = 512):
     specials = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
     byte_symbols = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {token: index for index, token in enumerate(specials + byte_symbols)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))  # nosec B106 # a special token
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     core.decoder = decoders.ByteLevel()
     core.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                         special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=core, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",  # nosec B106 # special tokens
         additional_special_tokens=[f"<extra_id_{i}>" for i in range(100)], model_max_length=model_max_length,
     )
 
@@ -222,7 +225,7 @@ def load_tokenizer_folder(path: str, vocab_size: int):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)  # nosec B615 # a local folder (--tokenizer), not the Hub
     except (OSError, ValueError) as err:
         raise StepError(f"--tokenizer {path}: cannot load a tokenizer ({first_line(err)})") from None
     if len(tokenizer) > vocab_size:
@@ -246,22 +249,23 @@ def build_random(entry: CatalogEntry, args: argparse.Namespace):
     return model, tokenizer, card
 
 
-def download_from_hub(entry: CatalogEntry, dtype: str):
-    """The real cloud path: ``from_pretrained`` of the hub id (cached under HF_HOME)."""
+def download_from_hub(entry: CatalogEntry, dtype: str, revision: str):
+    """The real cloud path: ``from_pretrained`` of the hub id at ``revision`` (cached under HF_HOME)."""
     import torch
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
-    print(f"downloading {entry.hub_id} from the Hugging Face Hub")
+    print(f"downloading {entry.hub_id} at revision {revision} from the Hugging Face Hub")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(entry.hub_id)
-        model = AutoModelForSeq2SeqLM.from_pretrained(entry.hub_id, dtype=getattr(torch, dtype))
+        tokenizer = AutoTokenizer.from_pretrained(entry.hub_id, revision=revision)
+        model = AutoModelForSeq2SeqLM.from_pretrained(entry.hub_id, revision=revision, dtype=getattr(torch, dtype))
     except OSError as err:
         raise StepError(
             f"cannot download {entry.hub_id}: the Hugging Face Hub is unreachable or refused the request "
             f"({first_line(err)}). Offline, use --model tiny, a local model folder or s3:// URI, or "
             f"--random-weights for benchmarks"
         ) from None
-    card = {"weights": "pretrained", "tokenizer": f"{entry.hub_id} ({len(tokenizer)} tokens)", "benchmark_only": False}
+    card = {"weights": "pretrained", "tokenizer": f"{entry.hub_id} ({len(tokenizer)} tokens)", "benchmark_only": False,
+            "hub_revision": revision, "hub_commit": getattr(model.config, "_commit_hash", None)}
     return model, tokenizer, card
 
 
@@ -416,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
         if source.kind == "random":
             model, tokenizer, card = build_random(source.entry, args)
         elif source.kind == "hub":
-            model, tokenizer, card = download_from_hub(source.entry, args.dtype)
+            model, tokenizer, card = download_from_hub(source.entry, args.dtype, args.revision)
         elif source.kind == "tiny":
             model, tokenizer, card = build_tiny(args)
         elif source.kind == "s3":

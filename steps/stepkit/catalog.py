@@ -355,7 +355,7 @@ def t5_config(entry_or_dims: CatalogEntry | T5Dims, **overrides):
     dims = entry_or_dims.dims if isinstance(entry_or_dims, CatalogEntry) else entry_or_dims
     if dims is None:
         raise StepError(f"{entry_or_dims.name} has no fixed architecture: it is built by stepkit.tiny from the data")
-    settings = {**dims.as_dict(), "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,
+    settings = {**dims.as_dict(), "pad_token_id": 0, "eos_token_id": 1, "decoder_start_token_id": 0,  # nosec B105 # token ids
                 "dropout_rate": 0.1, **overrides}
     return T5Config(**settings)
 

@@ -112,8 +112,8 @@ def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
 
         return load_quantized(folder, flag)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)  # nosec B615 # a local model folder, not the Hub
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder)  # nosec B615 # a local model folder
     except (OSError, ValueError, RuntimeError) as err:
         raise StepError(f"{flag} {folder}: cannot load the model ({first_line(err)}); "
                         "is a file corrupted or truncated?") from None

@@ -293,9 +293,10 @@ def load_quantized(folder: str | Path, flag: str = "--model-dir"):
         raise StepError(f"{flag} {folder}: model_card.json names quantization method {method!r}; this version of "
                         f"flanops reads {', '.join(METHODS)}")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder)  # nosec B615 # a local model folder, not the Hub
         if method in HALF_METHODS:
-            model = AutoModelForSeq2SeqLM.from_pretrained(folder, **dtype_argument(HALF_METHODS[method]))
+            model = AutoModelForSeq2SeqLM.from_pretrained(  # nosec B615 # a local model folder
+                folder, **dtype_argument(HALF_METHODS[method]))
         else:
             model = load_int8_model(folder, flag)
     except (OSError, ValueError, RuntimeError) as err:
@@ -332,7 +333,7 @@ def load_int8_model(folder: str | Path, flag: str = "--model-dir"):
                         f"this version of flanops reads {FORMAT} version {FORMAT_VERSION}")
     aliases = json.loads(metadata.get("aliases") or "{}")
 
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)  # nosec B615 # a local model folder, not the Hub
     with torch.device("meta"):  # structure only: every tensor comes from the file
         model = AutoModelForSeq2SeqLM.from_config(config)
     used: set[str] = set()
@@ -345,7 +346,7 @@ def load_int8_model(folder: str | Path, flag: str = "--model-dir"):
         raise StepError(f"{path}: {len(unused)} tensor(s) that config.json's model does not have, e.g. {unused[0]}; "
                         "do config.json and the weights come from the same model?")
     if (folder / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(folder)
+        model.generation_config = GenerationConfig.from_pretrained(folder)  # nosec B615 # a local folder
     model.eval()
     return model
 

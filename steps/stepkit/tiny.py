@@ -59,14 +59,15 @@ def train_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB_SIZE):
     core.decoder = decoders.Metaspace()
     # Digits stay single pieces so that amounts and times are copied digit by digit.
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
-                                      unk_token="<unk>", max_piece_length=12,
+                                      unk_token="<unk>", max_piece_length=12,  # nosec B106 # a special token
                                       initial_alphabet=list("0123456789$:.,'"))
     core.train_from_iterator(texts, trainer)
     core.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                         special_tokens=[("</s>", 1)])
     sentinels = [f"<extra_id_{i}>" for i in range(SENTINELS)]
     return T5TokenizerFast(tokenizer_object=core, extra_ids=0, additional_special_tokens=sentinels,
-                           eos_token="</s>", pad_token="<pad>", unk_token="<unk>", model_max_length=MAX_LENGTH)
+                           eos_token="</s>", pad_token="<pad>", unk_token="<unk>",  # nosec B106 # special tokens
+                           model_max_length=MAX_LENGTH)
 
 
 def build_tiny_model(vocab_size: int, seed: int):
