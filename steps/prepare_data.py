@@ -34,7 +34,7 @@ from typing import Callable
 from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, env_path, path_help, require_output_dir
 from stepkit.errors import StepError, first_line, run_step
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
-from stepkit.records import DATA_CARD, SPLITS, iter_jsonl, read_text, split_path, write_jsonl
+from stepkit.records import DATA_CARD, SPLITS, iter_jsonl, json_problem, read_text, split_path, write_jsonl
 from stepkit.synthetic import generate_splits, unseen_in_train
 
 SYNTHETIC = "synthetic"
@@ -44,6 +44,9 @@ OUTPUT_ENV = ("SM_OUTPUT_DATA_DIR",)
 SYNTHETIC_SIZES = {"train": 2000, "validation": 200, "test": 200}
 HELD_OUT_FRACTION = 0.1  # share of the rows for validation and for test when they must be carved out
 FORMATS = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
+# Leading bytes of compressed or archive files that are sometimes saved under a data file's extension.
+PACKED_FORMATS = {b"\x1f\x8b": "a gzip-compressed file", b"PK\x03\x04": "a ZIP archive (or an Excel workbook)",
+                  b"BZh": "a bzip2-compressed file", b"\xfd7zXZ\x00": "an xz-compressed file"}
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
@@ -156,8 +159,12 @@ def check_content_matches_extension(path: Path) -> None:
     """Catch e.g. JSON saved as .csv up front, before a parser reports something confusing."""
     with open(path, "rb") as head_file:
         head = head_file.read(64).lstrip()
-    looks_like = "Parquet" if head.startswith(b"PAR1") else "JSON" if head[:1] in (b"{", b"[") else None
     suffix = path.suffix.lower()
+    packed = next((kind for magic, kind in PACKED_FORMATS.items() if head.startswith(magic)), None)
+    if packed:  # a text reader would only see "not UTF-8"
+        raise StepError(f"{path}: looks like {packed}, not {FORMATS[suffix]}; unpack it and pass the "
+                        f"{', '.join(FORMATS)} file(s) inside (a folder of them works too)")
+    looks_like = "Parquet" if head.startswith(b"PAR1") else "JSON" if head[:1] in (b"{", b"[") else None
     hint = "; rename the file to match its content or convert it"
     if suffix == ".parquet" and looks_like != "Parquet":
         seems = f", it looks like {looks_like}" if looks_like else ""
@@ -179,7 +186,8 @@ def read_json_rows(path: Path) -> list[Row]:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as err:
-        raise StepError(f"{path}:{err.lineno}: invalid JSON ({err.msg} at column {err.colno})") from None
+        raise StepError(f"{path}:{err.lineno}: {json_problem(err)}; the file must hold one JSON array of objects, "
+                        "or one JSON object per line") from None
     rows = []
     for number, item in enumerate(items, start=1):
         if not isinstance(item, dict):
@@ -208,7 +216,8 @@ def read_csv_rows(path: Path) -> list[Row]:
                 )
             rows.append(Row(f"{path}:{start_line}", f"{path.stem}-{start_line}", dict(zip(header, values))))
     except csv.Error as err:
-        raise StepError(f"{path}:{reader.line_num}: cannot parse as CSV ({err})") from None
+        raise StepError(f"{path}:{reader.line_num}: cannot parse as CSV ({err}); is a quote left open, or the file "
+                        "truncated?") from None
     return rows
 
 
@@ -219,7 +228,8 @@ def read_parquet_rows(path: Path) -> list[Row]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as err:
-        raise StepError(f"{path}: cannot read as Parquet ({first_line(err)})") from None
+        raise StepError(f"{path}: cannot read as Parquet ({first_line(err)}); is it truncated or corrupted? "
+                        "Copy or export it again") from None
     rows = enumerate(table.to_pylist(), start=1)
     return [Row(f"{path} row {number}", f"{path.stem}-{number}", row) for number, row in rows]
 
@@ -235,7 +245,8 @@ def read_rows(path: Path) -> list[Row]:
         raise StepError(f"{path}: unsupported file type '{suffix or '(no extension)'}'; use {', '.join(FORMATS)}")
     try:
         if path.stat().st_size == 0:
-            raise StepError(f"{path}: empty file")
+            raise StepError(f"{path}: empty file (0 bytes); was it written or copied completely? Pass a file with "
+                            "one dialogue per record")
         check_content_matches_extension(path)
         rows = READERS[suffix](path)
     except OSError as err:  # unreadable (permissions, a broken link ...)
@@ -271,7 +282,8 @@ def to_record(row: Row) -> dict:
     missing = (["dialogue"] if "dialogue" not in fields else []) + ([] if summary_columns else ["summary (or summary1..N)"])
     if missing:
         found = ", ".join(map(str, fields)) or "none"
-        raise StepError(f"{row.where}: missing column(s) {', '.join(missing)}; found: {found}")
+        raise StepError(f"{row.where}: missing column(s) {', '.join(missing)}; found: {found}. Name the columns "
+                        "dialogue and summary (summary1..N for several references; id or fname optional)")
 
     dialogue = text_value(fields["dialogue"], "dialogue", row.where)
     first = text_value(fields[summary_columns[0]], summary_columns[0], row.where)
@@ -301,16 +313,65 @@ def make_unit(label: str, split: str | None, rows: list[Row]) -> Unit:
     return Unit(label, split, [to_record(row) for row in rows], [row.where for row in rows])
 
 
-def check_unique_ids(units: list[Unit]) -> None:
-    seen: dict[str, list[str]] = {}
+def splits_named(units: list[Unit]) -> bool:
+    """Whether file or split names give every unit its split, train among them (else all rows are pooled)."""
+    return all(unit.split for unit in units) and any(unit.split == "train" for unit in units)
+
+
+def drop_repeats(units: list[Unit]) -> list[dict]:
+    """Drop exact repeats of an example and refuse one id given to different examples, per split.
+
+    Ids must be unique within a split (or within the pool that is split): predictions and error
+    messages name examples by id. The same example twice (same id, same fields) is what
+    concatenated exports leave behind, so the repeat is dropped with a warning. The same id in
+    two named splits is allowed (files often number their rows from 1); a dialogue that is in
+    train and in a held-out split is warned about after splitting (:func:`overlap_with_train`).
+    Returns the repeats dropped: {"id", "kept", "dropped"} with where each came from.
+    """
+    named = splits_named(units)
+    first: dict[tuple[str, str], tuple[dict, str]] = {}
+    conflicts: dict[tuple[str, str], list[str]] = {}
+    repeats: list[dict] = []
     for unit in units:
+        kept: list[tuple[dict, str]] = []
         for record, where in zip(unit.records, unit.wheres):
-            seen.setdefault(record["id"], []).append(where)
-    duplicates = {record_id: wheres for record_id, wheres in seen.items() if len(wheres) > 1}
-    if duplicates:
-        shown = "; ".join(f"{record_id!r} at {', '.join(wheres)}" for record_id, wheres in list(duplicates.items())[:5])
-        more = f" and {len(duplicates) - 5} more" if len(duplicates) > 5 else ""
-        raise StepError(f"duplicate id(s): {shown}{more}; every example needs a unique id (column id or fname)")
+            key = (unit.split if named else "", record["id"])
+            if key not in first:
+                first[key] = (record, where)
+                kept.append((record, where))
+            elif first[key][0] == record:
+                repeats.append({"id": record["id"], "kept": first[key][1], "dropped": where})
+            else:
+                conflicts.setdefault(key, [first[key][1]]).append(where)
+        unit.records, unit.wheres = [record for record, _ in kept], [where for _, where in kept]
+    if conflicts:
+        (split, record_id), wheres = next(iter(conflicts.items()))
+        scope = f"the {split} split" if split else "the data"
+        more = f" (and {len(conflicts) - 1} more duplicated id(s))" if len(conflicts) > 1 else ""
+        raise StepError(f"duplicate id {record_id!r} at {' and '.join(wheres)}: different examples under one id in "
+                        f"{scope}{more}; give each example its own id (column id or fname) or remove one")
+    if repeats:
+        example = repeats[0]
+        print(f"warning: dropped {len(repeats)} exact repeat(s) of an example (same id and fields), e.g. "
+              f"{example['id']!r} at {example['dropped']} repeats {example['kept']}", file=sys.stderr)
+    return repeats
+
+
+def overlap_with_train(splits: dict[str, list[dict]]) -> dict[str, int]:
+    """Held-out dialogues that are also in train (whitespace ignored), warned about: they inflate test scores."""
+    def text(record: dict) -> str:
+        return " ".join(record["dialogue"].split())
+
+    train = {text(record) for record in splits["train"]}
+    overlap = {}
+    for split in ("validation", "test"):
+        shared = [record for record in splits[split] if text(record) in train]
+        overlap[split] = len(shared)
+        if shared:
+            print(f"warning: {len(shared)} of {len(splits[split])} {split} dialogues are also in train (e.g. id "
+                  f"{shared[0]['id']!r}); scores on {split} will look better than they are: remove them from train",
+                  file=sys.stderr)
+    return overlap
 
 
 # --- sources -----------------------------------------------------------------------------
@@ -371,7 +432,8 @@ def s3_units(uri: str) -> tuple[list[Unit], list[str]]:
         except ClientError as err:
             error = err.response.get("Error", {})
             if error.get("Code") == "NoSuchBucket":
-                raise StepError(f"--input {uri}: bucket {bucket!r} does not exist") from None
+                raise StepError(f"--input {uri}: bucket {bucket!r} does not exist; check its name, and the account "
+                                "and region your AWS credentials point at") from None
             raise StepError(f"--input {uri}: S3 refused ({error.get('Code')}: {error.get('Message')})") from None
         except BotoCoreError as err:
             raise StepError(f"--input {uri}: cannot reach S3 ({err})") from None
@@ -426,7 +488,7 @@ def assign_splits(units: list[Unit], fractions: dict[str, float], seed: int, sou
 
     A named split that is missing (e.g. only train and test files) is carved out of train.
     """
-    if all(unit.split for unit in units) and any(unit.split == "train" for unit in units):
+    if splits_named(units):
         splits = {split: [r for unit in units if unit.split == split for r in unit.records] for split in SPLITS}
         how = "by file or split name"
     else:
@@ -513,8 +575,10 @@ def length_report(splits: dict[str, list[dict]], counter: TokenCounter, max_sour
             report["truncated"][split][side] = cut
             if cut:
                 approximate = " (approximate count)" if counter.approximate else ""
+                longest = max(range(len(lengths[side])), key=lengths[side].__getitem__)
                 print(f"warning: {cut} of {len(splits[split])} {split} {side}s are longer than --max-{side}-length "
-                      f"{limit}{approximate} and will be truncated", file=sys.stderr)
+                      f"{limit}{approximate} and will be truncated (longest: id {splits[split][longest]['id']!r}, "
+                      f"{lengths[side][longest]:,} tokens)", file=sys.stderr)
     return report
 
 
@@ -535,7 +599,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"reading {args.input}")
             units, source = load_units(args.input, args.revision)
-            check_unique_ids(units)
+            source["repeats_dropped"] = len(drop_repeats(units))
             fractions = {split: getattr(args, f"{split}_fraction") or HELD_OUT_FRACTION for split in ("validation", "test")}
             splits, how = assign_splits(units, fractions, args.seed, args.input)
         source["splits_from"] = how
@@ -550,6 +614,7 @@ def main(argv: list[str] | None = None) -> int:
             "tokenizer": {"name": counter.name, "unit": counter.unit, "approximate": counter.approximate},
             "max_source_length": args.max_source_length,
             "max_target_length": args.max_target_length,
+            "overlap_with_train": overlap_with_train(splits),
             **length_report(splits, counter, args.max_source_length, args.max_target_length),
         }
         if args.input == SYNTHETIC:

@@ -245,8 +245,8 @@ def _bad_inputs(tmp_path: Path) -> dict[str, tuple[Path, list[str]]]:
     cases["blank dialogue"] = (path, [f"{path}:2:", "blank dialogue"])
     path = _bad_jsonl_line(tmp_path, json.dumps({"id": "b", "dialogue": "d", "summary": ""}), "blank-summary.jsonl")
     cases["blank summary"] = (path, [f"{path}:2:", "blank summary"])
-    path = _write_jsonl(tmp_path / "dup.jsonl", _rows(4) + [_rows(3)[2]])
-    cases["duplicate ids"] = (path, ["duplicate id(s): 'row-2'", f"{path}:3", f"{path}:5"])
+    path = _write_jsonl(tmp_path / "dup.jsonl", _rows(4) + [{**_rows(3)[2], "summary": "Another summary."}])
+    cases["duplicate ids"] = (path, [f"duplicate id 'row-2' at {path}:3 and {path}:5", "different examples"])
     path = tmp_path / "bad.csv"
     path.write_text('id,dialogue,summary\na,"hi",s\nb,hi,s,extra\n', encoding="utf-8")
     cases["csv extra field"] = (path, [f"{path}:3:", "3 columns"])

@@ -7,6 +7,7 @@ slot values (dates, times, amounts) that a correct summary must state.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -31,25 +32,36 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
-    """Yield ``(line_number, object)`` for each non-blank line, with errors that name the line."""
+    """Yield ``(line_number, object)`` for each non-blank line, with errors that name the line.
+
+    Lines are decoded one by one, so a decode error names its own line (a text-mode reader
+    reports offsets within its read buffer, not the file).
+    """
     path = Path(path)
-    try:
-        with open(path, encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise StepError(f"{path}:{number}: invalid JSON ({err.msg} at column {err.colno})") from None
-                if not isinstance(row, dict):
-                    raise StepError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-                yield number, row
-    except UnicodeDecodeError as err:
-        line_no = _line_of_byte(path, err.start)
-        raise StepError(
-            f"{path}:{line_no}: not UTF-8 (byte 0x{err.object[err.start]:02x}); re-encode the file as UTF-8"
-        ) from None
+    with open(path, "rb") as lines:
+        for number, raw in enumerate(lines, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                raise StepError(f"{path}:{number}: not UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); "
+                                "re-encode the file as UTF-8") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                cut_off = not raw.endswith(b"\n")  # only the last line can lack its line break
+                hint = ("the file ends inside this record: it looks truncated; copy or export it again" if cut_off
+                        else "each line must be one complete JSON object")
+                raise StepError(f"{path}:{number}: {json_problem(err)}; {hint}") from None
+            if not isinstance(row, dict):
+                raise StepError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+            yield number, row
+
+
+def json_problem(err: json.JSONDecodeError) -> str:
+    """"invalid JSON at column 28 (Unterminated string)": json's message reads "… starting at" a position."""
+    return f"invalid JSON at column {err.colno} ({re.sub(r'( starting)? at$', '', err.msg)})"
 
 
 def read_text(path: str | Path) -> str:
@@ -62,12 +74,6 @@ def read_text(path: str | Path) -> str:
         raise StepError(
             f"{path}:{line_no}: not UTF-8 (byte 0x{err.object[err.start]:02x}); re-encode the file as UTF-8"
         ) from None
-
-
-def _line_of_byte(path: Path, offset: int) -> int:
-    """1-based line number of a byte offset, for decode errors raised mid-file."""
-    with open(path, "rb") as raw:
-        return raw.read(offset).count(b"\n") + 1
 
 
 def read_split(data_dir: str | Path, split: str) -> list[dict]:
