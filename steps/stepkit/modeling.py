@@ -93,11 +93,63 @@ def _check_model_files(folder: Path, where: str) -> Path:
             f"{where}: model_type {model_type!r} is not supported; flanops works with the "
             f"T5 family ({', '.join(SUPPORTED_MODEL_TYPES)}), e.g. google/flan-t5-base"
         )
+    copy_again = "expected a whole model folder (select_model.py or save_pretrained output): copy all of it again"
     if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
-        raise StepError(f"{where}: no weights (*.safetensors) found")
+        raise StepError(f"{where}: no weights (*.safetensors) found; {copy_again}")
     if not (folder / "tokenizer_config.json").is_file():
-        raise StepError(f"{where}: no tokenizer (tokenizer_config.json) found")
+        raise StepError(f"{where}: no tokenizer (tokenizer_config.json) found; {copy_again}")
+    for weights in sorted(folder.glob("*.safetensors")):
+        _check_safetensors_header(weights, where)
     return folder
+
+
+def _check_safetensors_header(path: Path, where: str) -> None:
+    """Read the file's header only: a cut-off or garbled file fails here in milliseconds, not deep in loading."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy"):
+            pass
+    except SafetensorError as err:
+        raise StepError(f"{where}: {path.name} is not a readable safetensors file ({first_line(err)}); it is corrupted "
+                        "or truncated: copy or download the model again") from None
+
+
+def _check_weights_fit_config(folder: Path, where: str) -> None:
+    """Refuse weights that are not the model config.json describes, naming a tensor.
+
+    transformers would print a table of mismatched shapes and fail pointing at it, and it
+    silently initialises missing tensors at random; both mean files of two models were mixed.
+    """
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM
+
+    found: dict[str, tuple[tuple[int, ...], str]] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(path, framework="numpy") as weights:
+            found.update({name: (tuple(weights.get_slice(name).get_shape()), path.name) for name in weights.keys()})
+    if not found:  # pytorch_model.bin only: left to transformers
+        return
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):  # shapes without memory
+        model = AutoModelForSeq2SeqLM.from_config(config)
+    tied: dict[int, list[str]] = {}  # one entry per tensor; tied names (shared and embed_tokens) share one
+    for name, tensor in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]:
+        tied.setdefault(id(tensor), []).append(name)
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    architecture = f"the {config.model_type} architecture in config.json"
+    wrong = [name for name in found if name in expected and found[name][0] != expected[name]]
+    if wrong:
+        shape, file = found[wrong[0]]
+        raise StepError(f"{where}: config.json does not match the weights: {wrong[0]} is {list(shape)} in {file}, "
+                        f"{architecture} needs {list(expected[wrong[0]])} ({len(wrong)} tensor(s) differ); config.json "
+                        "and the weights come from different models: copy the whole model folder again")
+    missing = [names[0] for names in tied.values() if names[0] in expected and not any(name in found for name in names)]
+    if missing:
+        raise StepError(f"{where}: the weights lack {len(missing)} of the {len(tied)} tensors {architecture} needs "
+                        f"(e.g. {missing[0]}); they are from another architecture or incomplete: copy the whole model "
+                        "folder again")
 
 
 def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
@@ -111,6 +163,7 @@ def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
         from .quantization import load_quantized
 
         return load_quantized(folder, flag)
+    _check_weights_fit_config(folder, f"{flag} {folder}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)  # nosec B615 # a local model folder, not the Hub
         model = AutoModelForSeq2SeqLM.from_pretrained(folder)  # nosec B615 # a local model folder
