@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from conftest import processes_under
+from conftest import REPO, processes_under
 from flanops.definition import NAMES
 from flanops.embedded import server_status
 from flanops.local import Context, LocalExecutor, StepFailed
@@ -564,6 +564,58 @@ def test_approve_deploy_serve_and_invoke_as_the_readme_shows(flanops, quick_run)
     assert "DELETE_COMPLETE" in destroyed.stdout
     again = flanops("destroy", "--stage", "staging")
     assert again.returncode == 2 and "nothing to destroy" in again.stderr
+
+
+def test_a_failed_stack_update_rolls_back_while_the_endpoint_keeps_serving(flanops, quick_run, reliability):
+    import boto3
+
+    deployed = flanops("deploy", "--stage", "staging")   # the README test destroyed it
+    assert deployed.returncode == 0, deployed.stderr
+    arn = flanops.session().client("sagemaker").list_model_packages(
+        ModelPackageGroupName=GROUP, SortBy="CreationTime", SortOrder="Descending")["ModelPackageSummaryList"][0][
+        "ModelPackageArn"]
+    process, url, log_path = start_serving(flanops, "--stage", "staging")
+    try:
+        sagemaker = flanops.session().client("sagemaker")
+        endpoint_name = next(line.split("endpoint ", 1)[1].split()[0] for line in deployed.stdout.splitlines()
+                             if " serves " in line and "endpoint " in line)
+        before = sagemaker.describe_endpoint(EndpointName=endpoint_name)["EndpointConfigName"]
+        runtime = boto3.client("sagemaker-runtime", endpoint_url=url, region_name="eu-west-1",
+                               aws_access_key_id="testing", aws_secret_access_key="testing")
+        dialogue = quick_run.summary["deployment"]["sample"]["dialogue"]
+        broken = flanops.root / "broken-stage" / "staging.json"
+        broken.parent.mkdir()
+        shipped = json.loads((REPO / "infra" / "stages" / "staging.json").read_text(encoding="utf-8"))
+        broken.write_text(json.dumps({**shipped, "instance_type": "ml.m5.huge"}), encoding="utf-8")
+        answered: list[int] = []
+        updating = threading.Event()
+        updating.set()
+
+        def keep_invoking() -> None:
+            while updating.is_set():
+                reply = runtime.invoke_endpoint(EndpointName=endpoint_name, ContentType="application/json",
+                                                Body=json.dumps({"inputs": dialogue}))
+                answered.append(reply["ResponseMetadata"]["HTTPStatusCode"])
+
+        invoker = threading.Thread(target=keep_invoking)
+        invoker.start()
+        try:   # cfn-lint would refuse ml.m5.huge: --no-lint lets CloudFormation meet it
+            failed = flanops("deploy", "--stage", str(broken), "--no-lint")
+        finally:
+            updating.clear()
+            invoker.join(timeout=120)
+        assert process.poll() is None, log_path.read_text()
+    finally:
+        stop_serving(process)
+    assert failed.returncode == 2 and "Traceback" not in failed.stderr, failed.stdout + failed.stderr
+    assert f"endpoint {endpoint_name} keeps serving {arn}" in failed.stderr, failed.stderr
+    assert answered and set(answered) == {200}, answered
+    endpoint = sagemaker.describe_endpoint(EndpointName=endpoint_name)
+    assert endpoint["EndpointStatus"] == "InService" and endpoint["EndpointConfigName"] == before
+    reliability.record("fault.stack_update_rollback",
+                       f"flanops deploy of a stage with instance type ml.m5.huge: exit 2, "
+                       f"\"{failed.stderr.strip().removeprefix('error: ')[:250]}…\"; the endpoint stayed InService on "
+                       f"its previous config, and {len(answered)} invocations during the update all answered 200")
 
 
 # Last in the module: it kills the shared embedded AWS server (test_notebooks, which follows, then
