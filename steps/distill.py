@@ -40,8 +40,8 @@ from stepkit.errors import StepError, first_line, run_step
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
                               read_model_card, save_model)
 from stepkit.records import read_split
-from stepkit.training import (TrainSettings, add_training_arguments, check_data_limits, encode_records, resolve_bf16,
-                              train_seq2seq, write_curve)
+from stepkit.training import (TrainSettings, add_training_arguments, encode_records, resolve_bf16, train_seq2seq,
+                              train_settings, write_curve)
 
 TEACHER_ENV = ("SM_CHANNEL_TEACHER", "SM_CHANNEL_MODEL")
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -82,11 +82,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
+def check_flags(args: argparse.Namespace) -> TrainSettings:
+    """Every setting that needs no file, checked before anything loads (flanops checks a config's with it too)."""
     check_settings(args.temperature, args.alpha)
     if not 0 < args.student_layers_fraction <= 1:
         raise StepError(f"--student-layers-fraction must be in (0, 1], got {args.student_layers_fraction}")
-    check_data_limits(args)
+    return train_settings(args)
 
 
 def read_config(folder: Path) -> dict:
@@ -169,16 +170,11 @@ def rounded(figures: dict) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    check_args(args)
+    settings = check_flags(args)
     teacher_source = require_path(args.teacher_dir, "--teacher-dir", *TEACHER_ENV)
     teacher_dir = check_model_dir(teacher_source, "--teacher-dir")  # where its model.tar.gz was extracted, if it held one
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
-    settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                             warmup_steps=args.warmup_steps, eval_steps=args.eval_steps,
-                             early_stopping_patience=args.early_stopping_patience if args.eval_steps else 0,
-                             precision=args.precision, logging_steps=max(1, min(25, args.max_steps // 10)),
-                             seed=args.seed)
     plan = plan_student(args, read_config(teacher_dir))
     train_rows = read_split(data_dir, "train")[: args.max_train_examples]
     validation_rows = read_split(data_dir, "validation")[: args.max_validation_examples]

@@ -26,8 +26,8 @@ from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
 from stepkit.modeling import (check_model_dir, configure_runtime, load_model_and_tokenizer, read_model_card,
                               save_model)
 from stepkit.records import read_split
-from stepkit.training import (TrainSettings, add_training_arguments, check_data_limits, encode_records,
-                              evaluation_loss, resolve_bf16, train_seq2seq, write_curve)
+from stepkit.training import (TrainSettings, add_training_arguments, encode_records, evaluation_loss, resolve_bf16,
+                              train_seq2seq, train_settings, write_curve)
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -53,18 +53,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def check_flags(args: argparse.Namespace) -> tuple[LoraSettings, TrainSettings]:
+    """Every setting that needs no file, checked before anything loads (flanops checks a config's with it too)."""
+    return LoraSettings.from_args(args), train_settings(args, gradient_checkpointing=args.gradient_checkpointing)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     model_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     data_dir = require_path(args.data_dir, "--data-dir", *DATA_ENV)
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
-    lora = LoraSettings.from_args(args)
-    check_data_limits(args)
-    settings = TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
-                             warmup_steps=args.warmup_steps, eval_steps=args.eval_steps,
-                             early_stopping_patience=args.early_stopping_patience if args.eval_steps else 0,
-                             gradient_checkpointing=args.gradient_checkpointing, precision=args.precision,
-                             logging_steps=max(1, min(25, args.max_steps // 10)), seed=args.seed)
+    lora, settings = check_flags(args)
     train_rows = read_split(data_dir, "train")[: args.max_train_examples]
     validation_rows = read_split(data_dir, "validation")
     configure_runtime()

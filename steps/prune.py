@@ -84,8 +84,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> None:
-    """Every setting checked before anything is loaded."""
+def check_flags(args: argparse.Namespace) -> None:
+    """Every setting that needs no file, checked before anything loads (flanops checks a config's with it too)."""
     if args.method not in METHODS:
         raise StepError(f"--method {args.method!r} is not known; choose {' or '.join(METHODS)}")
     if args.amount >= 1:
@@ -118,6 +118,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.recovery_steps and not args.data_dir:
         raise StepError(f"--recovery-steps {args.recovery_steps} fine-tunes on the training split: pass --data-dir "
                         f"or set {' / '.join(DATA_ENV)}, or use --recovery-steps 0")
+    if args.recovery_steps:  # TrainSettings and LoraSettings check their values
+        recovery_settings(args)
+        LoraSettings.from_args(args)
     check_data_limits(args)
 
 
@@ -174,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     source_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
-    check_args(args)
+    check_flags(args)
     lora = LoraSettings.from_args(args) if args.recovery_steps else None
     training = recovery_settings(args) if args.recovery_steps else None
     model_dir = check_model_dir(source_dir)  # the extracted folder when given one holding model.tar.gz

@@ -58,10 +58,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def check_args(args: argparse.Namespace) -> tuple[Path, Path, dict]:
-    """Everything that can be checked without loading the model; returns (model dir, output dir, its card)."""
+def check_flags(args: argparse.Namespace) -> None:
+    """Every setting that needs no file, checked before anything loads (flanops checks a config's with it too)."""
     if args.method not in METHODS:
         raise StepError(f"--method {args.method!r}: unknown method; choose one of {', '.join(METHODS)}")
+    if args.method == "int8-static":
+        if args.calibration_size < 1:
+            raise StepError(f"--calibration-size must be at least 1, got {args.calibration_size}")
+        if not args.data_dir:
+            raise StepError("--method int8-static calibrates on training data: pass --data-dir (the prepare_data.py "
+                            f"output) or set {' / '.join(DATA_ENV)}")
+    if args.max_source_length < 8:
+        raise StepError(f"--max-source-length must be at least 8, got {args.max_source_length}")
+
+
+def check_args(args: argparse.Namespace) -> tuple[Path, Path, dict]:
+    """Everything that can be checked without loading the model; returns (model dir, output dir, its card)."""
+    check_flags(args)
     source_dir = require_path(args.model_dir, "--model-dir", *MODEL_ENV)
     model_dir = check_model_dir(source_dir)  # the extracted folder when given one holding model.tar.gz
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, *OUTPUT_ENV)
@@ -72,14 +85,6 @@ def check_args(args: argparse.Namespace) -> tuple[Path, Path, dict]:
     if done:
         raise StepError(f"--model-dir {model_dir}: already quantized ({done.get('method')}); quantize the "
                         f"full-precision model it came from ({card.get('source_model_dir', 'see its model_card.json')})")
-    if args.method == "int8-static":
-        if args.calibration_size < 1:
-            raise StepError(f"--calibration-size must be at least 1, got {args.calibration_size}")
-        if not args.data_dir:
-            raise StepError("--method int8-static calibrates on training data: pass --data-dir (the prepare_data.py "
-                            f"output) or set {' / '.join(DATA_ENV)}")
-    if args.max_source_length < 8:
-        raise StepError(f"--max-source-length must be at least 8, got {args.max_source_length}")
     return model_dir, output_dir, card
 
 

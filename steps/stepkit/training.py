@@ -45,6 +45,9 @@ class TrainSettings:
             raise StepError(f"--learning-rate must be in (0, 1), got {self.learning_rate}")
         if self.batch_size < 1:
             raise StepError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.warmup_steps < 0 or self.eval_steps < 0 or self.early_stopping_patience < 0:
+            raise StepError(f"--warmup-steps, --eval-steps and --early-stopping-patience must be 0 or more, got "
+                            f"{self.warmup_steps}, {self.eval_steps} and {self.early_stopping_patience}")
         if self.precision not in ("auto", "bf16", "fp32"):
             raise StepError(f"--precision must be auto, bf16 or fp32 (never fp16 for T5), got {self.precision!r}")
         if self.early_stopping_patience and not self.eval_steps:
@@ -69,6 +72,16 @@ def add_training_arguments(group, max_steps: int = 300, learning_rate: float = 1
     group.add_argument("--max-source-length", type=int, default=512, help="dialogue prompt tokens kept (default: 512)")
     group.add_argument("--max-target-length", type=int, default=128, help="summary tokens kept (default: 128)")
     group.add_argument("--max-train-examples", type=int, help="use only the first N training examples (quick runs)")
+
+
+def train_settings(args, **more: Any) -> TrainSettings:
+    """The settings :func:`add_training_arguments`' flags give, checked (with the length flags) before anything loads."""
+    check_data_limits(args)
+    return TrainSettings(max_steps=args.max_steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                         warmup_steps=args.warmup_steps, eval_steps=args.eval_steps,
+                         early_stopping_patience=args.early_stopping_patience if args.eval_steps else 0,
+                         precision=args.precision, logging_steps=max(1, min(25, args.max_steps // 10)), seed=args.seed,
+                         **more)
 
 
 def check_data_limits(args) -> None:
