@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import PipelineConfig, load_config
+from .config import PipelineConfig, gate_warnings, load_config
 from .definition import quiet_sdk
 from .errors import FlanopsError
 
@@ -143,6 +144,8 @@ def upsert(args) -> int:
 
 def run(args) -> int:
     config = load_config(args.config, args.param)   # every config error before anything runs
+    if not args.resume:   # a resumed execution keeps its own parameters
+        warn_about_gate(config)
     if args.resume and args.param:
         raise FlanopsError("--resume reruns an execution with its own parameters; drop --param")
     if not args.resume:
@@ -167,6 +170,7 @@ def run(args) -> int:
 
 def start(args) -> int:
     config = load_config(args.config, args.param)
+    warn_about_gate(config)
     target = open_target(args)
     sagemaker = target.client("sagemaker")
     if not pipeline_exists(sagemaker, config.pipeline_name):
@@ -176,6 +180,12 @@ def start(args) -> int:
     if run_dir:
         write_run_report(target, run_dir)
     return code
+
+
+def warn_about_gate(config: PipelineConfig) -> None:
+    """Before an execution starts: thresholds no model passes, one line each (the run goes ahead)."""
+    for warning in gate_warnings(config):
+        print(f"warning: {warning}", file=sys.stderr)
 
 
 def write_run_report(target: Target, run_dir: Path) -> None:

@@ -16,15 +16,17 @@ A config has three parts:
 from __future__ import annotations
 
 import contextlib
+import difflib
 import io
 import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
 
 from .errors import FlanopsError
 
@@ -86,6 +88,17 @@ class Parameters(BaseModel):
                                       description="instance type of the LoRA training job")
     TrainingInstanceCount: int = Field(1, ge=1, le=64, description=(
         "training instances; more than one runs torchrun across them (SageMaker distributed training)"))
+
+    @field_validator("BaseModelId")
+    @classmethod
+    def _a_model_select_model_takes(cls, value: str) -> str:
+        """Checked as select_model.py checks its --model, so a typo fails now and not at the SelectModel job."""
+        select_model = import_step("select_model")
+        try:
+            select_model.resolve_source(value, random_weights=False, flag="")
+        except select_model.StepError as err:  # the message names the value; the error's location names BaseModelId
+            raise PydanticCustomError("unknown_model", str(err).strip().replace("{", "{{").replace("}", "}}")) from None
+        return value
 
 
 class Images(BaseModel):
@@ -190,7 +203,10 @@ def load_config(name_or_path: str | Path | None = None, params: list[str] | None
     """Defaults, then the YAML file, then each ``NAME=VALUE`` override; validated as a whole."""
     path = resolve_config_path(name_or_path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        text = path.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -204,7 +220,8 @@ def load_config(name_or_path: str | Path | None = None, params: list[str] | None
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(f"{path}{' with --param ' + ' '.join(overrides) if overrides else ''}: "
-                          + "; ".join(describe_error(e) for e in err.errors())) from None
+                          + "; ".join(describe_error(e) + error_context(e, None if overrides else text)
+                                      for e in err.errors())) from None
     config = PipelineConfig(parsed.pipeline_name, parsed.parameters, parsed.steps, parsed.images,
                             parsed.cache_expire_after, parsed.max_retries, source=str(path), overrides=overrides)
     check_step_settings(config)
@@ -264,20 +281,104 @@ def check_step_settings(config: PipelineConfig) -> None:
         for name in settings:
             if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
                 raise ConfigError(f"{config.source}: steps.{section}.{name}: settings are flag names like max_steps")
-        problem = parser_problem(STEP_SCRIPTS[section], settings_to_flags(settings))
+        problem = settings_problem(section, settings_to_flags(settings))
         if problem:
             raise ConfigError(f"{config.source}: steps.{section} ({STEP_SCRIPTS[section]}.py): {problem}")
 
 
-def parser_problem(script: str, flags: list[str]) -> str | None:
-    """What the step script's argparse parser says about ``flags``, or None if it accepts them."""
-    module = import_step(script)
+def settings_problem(section: str, flags: list[str]) -> str | None:
+    """What the step script says about ``flags``, or None if it accepts them.
+
+    First its argparse parser, then its ``check_flags`` (the checks that need no file: a
+    temperature, a pruning amount, a LoRA rank), so a value that would stop the job hours into
+    a run stops the config now. Folders the pipeline wires get a stand-in: check_flags only
+    looks at whether they are given.
+    """
+    module = import_step(STEP_SCRIPTS[section])
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            module.parse_args(flags)
+            args = module.parse_args(flags)
     except SystemExit:
         lines = [line for line in captured.getvalue().splitlines() if "error:" in line]
         message = lines[-1].split("error:", 1)[1].strip() if lines else captured.getvalue().strip()
         return message.replace("unrecognized arguments", "unknown setting(s)")
+    for name in WIRED_FLAGS[section]:
+        if name.endswith("_dir") and getattr(args, name, None) is None:
+            setattr(args, name, f"<{name} from the pipeline>")
+    try:
+        if hasattr(module, "check_flags"):
+            module.check_flags(args)
+    except module.StepError as err:
+        return str(err)
     return None
+
+
+def error_context(error: dict, text: str | None) -> str:
+    """Where a validation error is in the YAML ``text`` (its line), and for an unknown key what is allowed there."""
+    loc = [str(part) for part in error["loc"]]
+    context = ""
+    line = yaml_line(text, loc) if text else None
+    if line:
+        context += f" at line {line}"
+    allowed = allowed_keys(loc[:-1]) if error["type"] == "extra_forbidden" else []
+    if allowed:
+        close = difflib.get_close_matches(loc[-1].lower(), [key.lower() for key in allowed], n=1)
+        hint = f"did you mean {next(key for key in allowed if key.lower() == close[0])}? " if close else ""
+        context += f"; {hint}allowed here: {', '.join(allowed)}"
+    return context
+
+
+def yaml_line(text: str, loc: list[str]) -> int | None:
+    """The line of the deepest key of ``loc`` that the YAML ``text`` holds (None if it holds none)."""
+    node, line = yaml.compose(text), None
+    for part in loc:
+        pairs = node.value if isinstance(node, yaml.MappingNode) else []
+        match = next(((key, value) for key, value in pairs if key.value == part), None)
+        if match is None:
+            break
+        line, node = match[0].start_mark.line + 1, match[1]
+    return line
+
+
+def allowed_keys(path: list[str]) -> list[str]:
+    """The settings a config may have at ``path`` (``[]``: top level, ``["parameters"]`` …); [] if it takes any."""
+    model: type[BaseModel] | None = ConfigFile
+    for part in path:
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        model = next((kind for kind in (annotation, *get_args(annotation))
+                      if isinstance(kind, type) and issubclass(kind, BaseModel)), None)
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+# Gate thresholds no model passes (see gate_warnings).
+UNREACHABLE_ROUGE_L = 0.95      # ROUGE-L F1 of near word-for-word agreement with the references
+UNREACHABLE_LATENCY_MS = 1.0    # one summary at batch 1: generate() alone takes longer
+
+
+def gate_warnings(config: PipelineConfig) -> list[str]:
+    """Gate thresholds that no model can pass, or that throw the chosen optimization away.
+
+    Warned before a run starts, not refused: a gate that fails on purpose (to try the FailStep)
+    is a legitimate run.
+    """
+    values = config.parameter_values()
+    method = values["OptimizationMethod"]
+    warnings = []
+    if values["MinRougeL"] >= UNREACHABLE_ROUGE_L:
+        warnings.append(f"MinRougeL {values['MinRougeL']:g}: ROUGE-L F1 of {UNREACHABLE_ROUGE_L:g} or more means "
+                        "near word-for-word agreement with the reference summaries, which no summarizer reaches "
+                        "(fine-tuned Flan-T5-base: about 0.4 on DialogSum; the quick config's tiny model: about 0.64 "
+                        "on synthetic data); the gate will fail. Lower it (quick: 0.40, cloud: 0.30)")
+    if values["MaxP95LatencyMs"] < UNREACHABLE_LATENCY_MS:
+        warnings.append(f"MaxP95LatencyMs {values['MaxP95LatencyMs']:g}: the p95 latency is that of a whole summary "
+                        f"at batch 1, and generating one takes more than {UNREACHABLE_LATENCY_MS:g} ms with any model; "
+                        "the gate will fail. Raise it (quick: 5000, cloud: 1500)")
+    if values["MaxRougeLDrop"] == 0 and method != "none":
+        warnings.append(f"MaxRougeLDrop 0 with OptimizationMethod {method}: an optimized variant is chosen only if it "
+                        "loses no ROUGE-L at all, which distillation, quantization and pruning almost never manage, so "
+                        "the fine-tuned model will be registered and the optimization wasted. Allow a small drop "
+                        "(e.g. 0.02) or set OptimizationMethod none")
+    return warnings

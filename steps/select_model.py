@@ -125,8 +125,11 @@ def _format_rows(rows: list[tuple[str, ...]]) -> str:
 # ---------------------------------------------------------------- where the model comes from
 
 
-def resolve_source(model: str, random_weights: bool) -> Source:
-    """Decide what ``--model`` names, with cheap checks only (nothing is downloaded or built here)."""
+def resolve_source(model: str, random_weights: bool, flag: str = "--model") -> Source:
+    """Decide what ``--model`` names, with cheap checks only (nothing is downloaded or built here).
+
+    ``flag`` is how errors name the value (flanops checks a config's BaseModelId with this too).
+    """
     if model.startswith("s3://"):
         parse_s3_uri(model)
         source = Source("s3", model)
@@ -138,22 +141,22 @@ def resolve_source(model: str, random_weights: bool) -> Source:
     elif Path(model).exists():
         path = Path(model)
         if path.is_file() and not path.name.endswith(ARCHIVE_SUFFIXES):
-            raise StepError(f"--model {path}: a file that is not a model archive; expected a folder or model.tar.gz")
+            raise StepError(f"{flag} {path}: a file that is not a model archive; expected a folder or model.tar.gz")
         if path.is_dir():
-            check_model_dir(path, "--model")
+            check_model_dir(path, flag)
         source = Source("local", str(path.absolute()))
     elif model.startswith("huggingface-text2text-") or model.startswith("huggingface-"):
         raise StepError(
-            f"--model {model}: this looks like a JumpStart model id; pass the s3:// URI of its model artifact "
+            f"{flag} {model}: this looks like a JumpStart model id; pass the s3:// URI of its model artifact "
             "(the tarball or uncompressed prefix its model_data points to) instead"
         )
     else:
         known = ", ".join(e.name for e in catalog.CATALOG.values())
         what = "not a Flan-T5 catalog id" if "/" in model and not model.startswith((".", "/")) else "not in the catalog and no such path"
-        raise StepError(f"--model {model}: {what}; use one of {known} (or google/<name>), a local model folder, "
-                        "a model.tar.gz, or an s3:// URI (see --list)")
+        raise StepError(f"{flag} {model}: {what}; use one of {known} (or google/<name>), a local model folder, "
+                        "a model.tar.gz, or an s3:// URI (select_model.py --list shows the catalog)")
     if random_weights and source.kind != "random":
-        raise StepError(f"--random-weights builds a catalog architecture; --model {model} is a {source.kind} model. "
+        raise StepError(f"--random-weights builds a catalog architecture; {flag} {model} is a {source.kind} model. "
                         "Pass a catalog name such as flan-t5-base")
     return source
 
