@@ -325,7 +325,7 @@ class RequestHandler(BaseHTTPRequestHandler):
         if size > MAX_PAYLOAD_BYTES:
             self.close_connection = True   # the body is not read: this connection cannot carry another request
             return Reply.error(413, f"the request body is {size:,} bytes; an endpoint takes at most "
-                                    f"{MAX_PAYLOAD_BYTES:,}")
+                                    f"{MAX_PAYLOAD_BYTES:,} (SageMaker's limit): send fewer dialogues per request")
         return self.rfile.read(size)
 
     def drain(self) -> None:

@@ -140,6 +140,9 @@ def input_fn(input_data, content_type):
         raise RequestError(f"content type {media_type!r} is not supported; send {JSON_TYPE} "
                            f'({{"inputs": "<dialogue>" or a list, "parameters": {{...}}}}) or {TEXT_TYPE} (one dialogue)', 415)
     text = _decode(input_data, charset)
+    if not text.strip():
+        raise RequestError('the request body is empty; send {"inputs": "<dialogue>"} (JSON) or the dialogue itself '
+                           f"({TEXT_TYPE})")
     if media_type == TEXT_TYPE:
         return SummarizationRequest(_dialogues(text), {})
     try:
@@ -200,19 +203,34 @@ def _decode(data, charset: str | None) -> str:
 
 def _dialogues(inputs) -> list[str]:
     dialogues = [inputs] if isinstance(inputs, str) else inputs
-    if not isinstance(dialogues, list) or not all(isinstance(item, str) for item in dialogues):
-        raise RequestError('"inputs" must be a dialogue (a string) or a list of dialogues (strings)')
+    if not isinstance(dialogues, list):
+        raise RequestError(f'"inputs" is {_json_type(inputs)}; it must be a dialogue (a string) or a list of '
+                           "dialogues (strings)")
+    wrong = next((index for index, item in enumerate(dialogues) if not isinstance(item, str)), None)
+    if wrong is not None:
+        raise RequestError(f'"inputs"[{wrong}] is {_json_type(dialogues[wrong])}; "inputs" must be a dialogue (a '
+                           "string) or a list of dialogues (strings)")
     if not dialogues:
         raise RequestError('"inputs" is an empty list; send at least one dialogue')
-    if len(dialogues) > MAX_BATCH_SIZE:
-        raise RequestError(f"{len(dialogues)} dialogues in one request; at most {MAX_BATCH_SIZE} are accepted", 413)
+    if len(dialogues) > MAX_BATCH_SIZE:  # refused, not queued: a request must finish within SageMaker's 60 s
+        raise RequestError(f"{len(dialogues)} dialogues in one request; at most {MAX_BATCH_SIZE} are accepted: send "
+                           f"them in requests of up to {MAX_BATCH_SIZE} (the endpoint's FLANOPS_MAX_BATCH_SIZE)", 413)
     for index, dialogue in enumerate(dialogues):
         where = "the dialogue" if isinstance(inputs, str) else f"dialogue {index}"
         if not dialogue.strip():
             raise RequestError(f"{where} is empty; send the conversation to summarize")
         if len(dialogue) > MAX_DIALOGUE_CHARS:
-            raise RequestError(f"{where} has {len(dialogue)} characters; at most {MAX_DIALOGUE_CHARS} are accepted", 413)
+            raise RequestError(f"{where} has {len(dialogue)} characters; at most {MAX_DIALOGUE_CHARS} are accepted "
+                               "(the endpoint's FLANOPS_MAX_DIALOGUE_CHARS; the model reads only about the first 2,000)",
+                               413)
     return dialogues
+
+
+def _json_type(value) -> str:
+    """What a JSON value is, as a client would call it: a number, an object …"""
+    kinds = {bool: "true/false", int: "a number", float: "a number", dict: "an object", list: "a list",
+             type(None): "null", str: "a string"}
+    return kinds.get(type(value), type(value).__name__)
 
 
 def _generation(parameters) -> dict[str, Any]:
@@ -227,10 +245,11 @@ def _generation(parameters) -> dict[str, Any]:
         raise RequestError(f"unknown generation parameter(s) {', '.join(map(repr, unknown))}; "
                            f"allowed: {', '.join(PARAMETERS)}")
     highest = {"max_new_tokens": MAX_NEW_TOKENS, "min_new_tokens": MAX_NEW_TOKENS, "num_beams": MAX_NUM_BEAMS}
+    limit_names = {"max_new_tokens": "FLANOPS_MAX_NEW_TOKENS", "min_new_tokens": "FLANOPS_MAX_NEW_TOKENS",
+                   "num_beams": "FLANOPS_MAX_NUM_BEAMS"}
     for name, value in settings.items():
         kind, low, high = PARAMETERS[name]
-        high = highest[name] if high is None else high
-        settings[name] = _checked(name, value, kind, low, high)
+        settings[name] = _checked(name, value, kind, low, highest[name] if high is None else high, limit_names.get(name))
     if settings.get("min_new_tokens", 0) > settings.get("max_new_tokens", DEFAULT_MAX_NEW_TOKENS):
         raise RequestError(f"min_new_tokens {settings['min_new_tokens']} is more than max_new_tokens "
                            f"{settings.get('max_new_tokens', DEFAULT_MAX_NEW_TOKENS)}; it must not be")
@@ -240,7 +259,7 @@ def _generation(parameters) -> dict[str, Any]:
     return settings
 
 
-def _checked(name: str, value, kind: type, low: float, high: float):
+def _checked(name: str, value, kind: type, low: float, high: float, limit_name: str | None = None):
     if kind is bool:
         if not isinstance(value, bool):
             raise RequestError(f"parameter {name} must be true or false, not {json.dumps(value)}")
@@ -250,6 +269,7 @@ def _checked(name: str, value, kind: type, low: float, high: float):
         raise RequestError(f"parameter {name} must be a whole number, not {json.dumps(value)}")
     if not number_ok or not math.isfinite(value):
         raise RequestError(f"parameter {name} must be a number, not {json.dumps(value)}")
-    if not low <= value <= high:
-        raise RequestError(f"parameter {name}={value} is out of range; allowed: {low} to {high}")
+    if not low <= value <= high:  # refused, never clamped: the caller learns the limit instead of a shorter answer
+        raise RequestError(f"parameter {name}={value} is out of range; allowed: {low} to {high}"
+                           + (f" (the endpoint's {limit_name})" if limit_name else ""))
     return kind(value)
