@@ -19,9 +19,9 @@ import json
 import re
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, StringConstraints, ValidationError, model_validator
 
 from flanops.errors import FlanopsError
 
@@ -30,6 +30,9 @@ SERVERLESS_MEMORY_SIZES_MB = (1024, 2048, 3072, 4096, 5120, 6144)  # the sizes S
 # A KMS key id, key ARN, alias name or alias ARN: what SageMaker's KmsKeyId accepts.
 KMS_KEY_PATTERN = (r"^([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}|mrk-[0-9a-f]{32}"
                    r"|alias/[a-zA-Z0-9/_-]+|arn:aws[a-z-]*:kms:[a-z0-9-]+:\d{12}:(key|alias)/[a-zA-Z0-9/_-]+)$")
+# EC2 resource ids: 8 hex digits (older resources) or 17.
+SUBNET_ID_PATTERN = r"^subnet-([0-9a-f]{8}|[0-9a-f]{17})$"
+SECURITY_GROUP_ID_PATTERN = r"^sg-([0-9a-f]{8}|[0-9a-f]{17})$"
 
 
 class StageConfigError(FlanopsError):
@@ -64,6 +67,17 @@ class DataCapture(BaseModel):
     sampling_percentage: int = Field(100, ge=0, le=100, description="share of requests captured, percent")
     s3_uri: str | None = Field(None, pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?$", description=(
         "capture destination; default s3://<default bucket>/<model package group>/<stage>/data-capture"))
+
+
+class Vpc(BaseModel):
+    """The VPC that jobs or an endpoint run in (SageMaker's VpcConfig): its subnets and security groups."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    subnets: list[Annotated[str, StringConstraints(pattern=SUBNET_ID_PATTERN)]] = Field(
+        min_length=1, max_length=16, description="subnet ids (subnet-…), in the VPC of the security groups")
+    security_group_ids: list[Annotated[str, StringConstraints(pattern=SECURITY_GROUP_ID_PATTERN)]] = Field(
+        min_length=1, max_length=5, description="security group ids (sg-…)")
 
 
 class Serverless(BaseModel):
@@ -103,6 +117,9 @@ class StageConfig(BaseModel):
     data_capture: DataCapture = DataCapture()
     kms_key_id: str | None = Field(None, pattern=KMS_KEY_PATTERN, description=(
         "KMS key for the instances' storage volume and the captured data (optional)"))
+    vpc: Vpc | None = Field(None, description="run the model in these subnets and security groups (optional)")
+    network_isolation: bool = Field(False, description=(
+        "no network access for the model container (model.tar.gz's code needs none)"))
     serverless: Serverless | None = None
     alarms: Alarms = Alarms()
     _source: str = PrivateAttr("<memory>")
@@ -115,6 +132,9 @@ class StageConfig(BaseModel):
             if conflicting:
                 raise ValueError(f"a serverless stage has no {conflicting[0]} (SageMaker serverless endpoints "
                                  "scale by max_concurrency and have no storage volume); remove it or 'serverless'")
+            if self.vpc is not None or self.network_isolation:
+                raise ValueError(f"SageMaker serverless endpoints support neither a VPC nor network isolation; "
+                                 f"remove '{'vpc' if self.vpc is not None else 'network_isolation'}' or 'serverless'")
             if self.data_capture.enabled:
                 raise ValueError("SageMaker serverless endpoints cannot capture data; "
                                  "set data_capture.enabled to false or remove 'serverless'")
@@ -184,13 +204,24 @@ def parse_stage(raw: dict, source: str = "<memory>") -> StageConfig:
     return stage
 
 
-# What a field's pattern asks for, in words (pydantic would print the regular expression).
+# What a field's pattern asks for, in words (pydantic would print the regular expression), by field name.
 _PATTERN_HINTS = {
     "instance_type": "a SageMaker instance type such as ml.m5.large",
     "kms_key_id": "a KMS key id, key ARN, alias/NAME or alias ARN",
-    "data_capture.s3_uri": "an s3://bucket/prefix URI",
-    "alarms.notify_topic_arn": "an SNS topic ARN",
+    "s3_uri": "an s3://bucket/prefix URI",
+    "notify_topic_arn": "an SNS topic ARN",
+    "subnets": "a subnet id such as subnet-0123456789abcdef0",
+    "security_group_ids": "a security group id such as sg-0123456789abcdef0",
 }
+
+
+def pattern_hint(error: dict) -> str | None:
+    """What a pydantic pattern error's field wants, in words; None for other errors and unknown fields."""
+    names = [part for part in error["loc"] if isinstance(part, str)]   # list positions are ints
+    if error["type"] != "string_pattern_mismatch" or not names:
+        return None
+    hint = _PATTERN_HINTS.get(names[-1])
+    return f"expected {hint}" if hint else None
 
 
 def _describe(error: dict, raw: dict) -> str:
@@ -199,8 +230,7 @@ def _describe(error: dict, raw: dict) -> str:
     if where == "name" and "name" in raw and error["type"] == "string_pattern_mismatch":
         message = f"{raw['name']!r} is not a stage name: use letters, digits and single hyphens, starting with a letter"
         return f"name: {message} (set \"name\" or rename the file)"
-    if error["type"] == "string_pattern_mismatch" and where in _PATTERN_HINTS:
-        message = f"expected {_PATTERN_HINTS[where]}"
+    message = pattern_hint(error) or message
     given = error.get("input")
     given_text = "" if isinstance(given, dict) or error["type"] == "missing" else f" (given {given!r})"
     return f"{where + ': ' if where else ''}{message}{given_text}"

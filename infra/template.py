@@ -7,7 +7,8 @@ the template as a dict (``json.dumps`` it for CloudFormation):
 - ``ExecutionRole``: the role SageMaker hosting assumes, least privilege: read the model
   artifacts' S3 prefix (from each container's ModelDataUrl), write the data-capture prefix,
   write logs under /aws/sagemaker/Endpoints/*, pull the container image from its ECR
-  repository, and use the stage's KMS key when one is set.
+  repository, use the stage's KMS key when one is set, and manage the network interfaces
+  that put the model into the stage's VPC when it has one.
 - ``Model`` (from the package: ``PrimaryContainer.ModelPackageName``), ``EndpointConfig``
   (instances or serverless, data capture, KMS) and ``Endpoint``.
 - ``ScalableTarget`` + ``ScalingPolicy`` (target tracking on invocations per instance) when
@@ -26,7 +27,7 @@ from typing import Any
 
 from flanops.errors import FlanopsError
 
-from .stages import StageConfig
+from .stages import StageConfig, Vpc
 
 VARIANT_NAME = "AllTraffic"  # the SageMaker SDK's default variant name
 TEMPLATE_FORMAT_VERSION = "2010-09-09"
@@ -38,6 +39,10 @@ TAG_GROUP = "flanops:model-package-group"
 # JSON and do not propagate a replacement to dependents (real CloudFormation does), so
 # without it moto would replace the Model and leave the endpoint on the old one.
 TAG_PACKAGE = "flanops:model-package-arn"
+
+# Tells IaC scanners (checkov) why a serverless stage's model runs without network isolation.
+SERVERLESS_MODEL_METADATA = {"checkov": {"skip": [{
+    "id": "CKV_AWS_370", "comment": "SageMaker serverless endpoints do not support network isolation"}]}}
 
 PARTITION = {"Ref": "AWS::Partition"}
 REGION = {"Ref": "AWS::Region"}
@@ -87,17 +92,14 @@ def build_template(package: dict[str, Any], stage: StageConfig, *, default_bucke
                     "Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"},
                     "Action": "sts:AssumeRole"}]},
                 "Policies": [{"PolicyName": "endpoint-hosting",
-                              "PolicyDocument": execution_policy(containers, capture_uri, stage.kms_key_id)}],
+                              "PolicyDocument": execution_policy(containers, capture_uri, stage.kms_key_id, stage.vpc)}],
                 "Tags": tags,
             },
         },
         "Model": {
             "Type": "AWS::SageMaker::Model",
-            "Properties": {
-                "ExecutionRoleArn": {"Fn::GetAtt": ["ExecutionRole", "Arn"]},
-                "PrimaryContainer": {"ModelPackageName": arn},
-                "Tags": tags,
-            },
+            "Properties": _model_properties(stage, arn, tags),
+            **({"Metadata": SERVERLESS_MODEL_METADATA} if stage.is_serverless else {}),
         },
         "EndpointConfig": {
             "Type": "AWS::SageMaker::EndpointConfig",
@@ -138,10 +140,10 @@ def build_template(package: dict[str, Any], stage: StageConfig, *, default_bucke
     }
 
 
-def execution_policy(containers: list[dict[str, Any]], capture_uri: str | None, kms_key_id: str | None) -> dict:
+def execution_policy(containers: list[dict[str, Any]], capture_uri: str | None, kms_key_id: str | None,
+                     vpc: Vpc | None = None) -> dict:
     """The hosting role's permissions; every statement names the resources it is for."""
     model_objects = sorted({_model_read_resource(c["ModelDataUrl"]) for c in containers if c.get("ModelDataUrl")})
-    repositories = sorted({_ecr_repository(c["Image"]) for c in containers})
     log_groups = ["arn:", PARTITION, ":logs:", REGION, ":", ACCOUNT, ":log-group:/aws/sagemaker/Endpoints/*"]
     statements: list[dict[str, Any]] = []
     if model_objects:
@@ -155,15 +157,12 @@ def execution_policy(containers: list[dict[str, Any]], capture_uri: str | None, 
         {"Sid": "WriteEndpointLogs", "Effect": "Allow",
          "Action": ["logs:CreateLogGroup", "logs:CreateLogStream", "logs:DescribeLogStreams", "logs:PutLogEvents"],
          "Resource": [_join(*log_groups), _join(*log_groups, ":log-stream:*")]},
-        {"Sid": "PullInferenceImage", "Effect": "Allow",
-         "Action": ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
-         "Resource": [_join("arn:", PARTITION, f":ecr:{region}:{account}:repository/{repository}")
-                      for account, region, repository in repositories]},
-        # GetAuthorizationToken has no resource-level permissions: "*" is the only resource it takes.
-        {"Sid": "AuthenticateToEcr", "Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"], "Resource": "*"},
+        *_ecr_pull_statements([c["Image"] for c in containers], "PullInferenceImage"),
     ]
     if kms_key_id:
         statements.append(_kms_statement(kms_key_id))
+    if vpc is not None:
+        statements += _vpc_statements(vpc)
     return {"Version": "2012-10-17", "Statement": statements}
 
 
@@ -209,6 +208,19 @@ def _package_parts(package: dict[str, Any]) -> tuple[str, str, list[dict[str, An
         raise FlanopsError(f"model package {arn} has no inference container image "
                            "(InferenceSpecification.Containers[].Image); it cannot be hosted")
     return arn, group, containers
+
+
+def _model_properties(stage: StageConfig, package_arn: str, tags: list[dict]) -> dict[str, Any]:
+    properties: dict[str, Any] = {
+        "ExecutionRoleArn": {"Fn::GetAtt": ["ExecutionRole", "Arn"]},
+        "PrimaryContainer": {"ModelPackageName": package_arn},
+    }
+    if stage.vpc is not None:
+        properties["VpcConfig"] = {"Subnets": stage.vpc.subnets, "SecurityGroupIds": stage.vpc.security_group_ids}
+    if stage.network_isolation:
+        properties["EnableNetworkIsolation"] = True
+    properties["Tags"] = tags
+    return properties
 
 
 def _endpoint_config_properties(stage: StageConfig, capture_uri: str | None, tags: list[dict]) -> dict[str, Any]:
@@ -309,6 +321,41 @@ def _model_read_resource(model_data_url: str) -> tuple[str, str]:
     return bucket, f"{folder}/*"
 
 
+def _ecr_pull_statements(images: list[str], sid: str) -> list[dict[str, Any]]:
+    """Pull ``images`` (each from its own ECR repository) and nothing else."""
+    repositories = sorted({_ecr_repository(image) for image in images})
+    return [
+        {"Sid": sid, "Effect": "Allow",
+         "Action": ["ecr:BatchCheckLayerAvailability", "ecr:BatchGetImage", "ecr:GetDownloadUrlForLayer"],
+         "Resource": [_join("arn:", PARTITION, f":ecr:{region}:{account}:repository/{repository}")
+                      for account, region, repository in repositories]},
+        # GetAuthorizationToken has no resource-level permissions: "*" is the only resource it takes.
+        {"Sid": "AuthenticateToEcr", "Effect": "Allow", "Action": ["ecr:GetAuthorizationToken"], "Resource": "*"},
+    ]
+
+
+def _vpc_statements(vpc: Vpc) -> list[dict[str, Any]]:
+    """What SageMaker does with the role to attach jobs or endpoints to ``vpc``: network interfaces in its subnets."""
+    def ec2_arn(resource: str) -> dict:
+        return _join("arn:", PARTITION, ":ec2:", REGION, ":", ACCOUNT, f":{resource}")
+
+    interfaces = ec2_arn("network-interface/*")   # SageMaker names them when it creates them
+    return [
+        {"Sid": "CreateNetworkInterfacesInVpc", "Effect": "Allow", "Action": ["ec2:CreateNetworkInterface"],
+         "Resource": [interfaces, *[ec2_arn(f"subnet/{subnet}") for subnet in vpc.subnets],
+                      *[ec2_arn(f"security-group/{group}") for group in vpc.security_group_ids]]},
+        {"Sid": "ManageNetworkInterfaces", "Effect": "Allow",
+         "Action": ["ec2:CreateNetworkInterfacePermission", "ec2:DeleteNetworkInterface",
+                    "ec2:DeleteNetworkInterfacePermission"],
+         "Resource": interfaces},
+        # EC2's Describe* actions have no resource-level permissions: "*" is the only resource they take.
+        {"Sid": "DescribeVpc", "Effect": "Allow",
+         "Action": ["ec2:DescribeDhcpOptions", "ec2:DescribeNetworkInterfaces", "ec2:DescribeSecurityGroups",
+                    "ec2:DescribeSubnets", "ec2:DescribeVpcs"],
+         "Resource": "*"},
+    ]
+
+
 def _ecr_repository(image: str) -> tuple[str, str, str]:
     match = _ECR_IMAGE.match(image)
     if not match:
@@ -331,9 +378,20 @@ def _kms_statement(kms_key_id: str) -> dict[str, Any]:
             "Resource": _join("arn:", PARTITION, ":kms:", REGION, ":", ACCOUNT, f":key/{kms_key_id}")}
 
 
-def _s3_object_arn(bucket: str, key: str) -> dict:
+def _s3_object_arn(bucket: str | dict, key: str) -> dict:
+    return _s3_arn(bucket, f"/{key}")
+
+
+def _s3_bucket_arn(bucket: str | dict) -> dict:
+    return _s3_arn(bucket, "")
+
+
+def _s3_arn(bucket: str | dict, suffix: str) -> dict:
+    """``bucket``: a name, or an Fn::Join that CloudFormation resolves to one (the account's default bucket)."""
     # Fn::Join rather than Fn::Sub: an S3 key may contain "${".
-    return _join("arn:", PARTITION, f":s3:::{bucket}/{key}")
+    if isinstance(bucket, str):
+        return _join("arn:", PARTITION, f":s3:::{bucket}{suffix}")
+    return _join("arn:", PARTITION, ":s3:::", *bucket["Fn::Join"][1], *([suffix] if suffix else []))
 
 
 def _join(*parts: Any) -> dict:

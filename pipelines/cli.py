@@ -86,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip cfn-lint before deploying (its list of instance types can lag behind AWS)")
     deploy.add_argument("--out", type=Path, help="--dry-run: the template file (default: <stage>-template.json)")
 
+    role = commands.add_parser(
+        "role", help="write the pipeline execution role (least privilege) as a CloudFormation template",
+        description="Write the IAM role that the pipeline and its jobs run as (--role of run --aws), scoped to "
+                    "the configured pipeline: its S3 prefix, jobs, model package group, images, KMS key and VPC. "
+                    "The template is checked with cfn-lint; nothing is deployed.")
+    add_config(role)
+    role.add_argument("--out", type=Path, default=Path("pipeline-role.json"),
+                      help="the template file (default: pipeline-role.json)")
+    role.add_argument("--bucket", help="the bucket the pipeline uses (default: the account's SageMaker default "
+                                       "bucket, sagemaker-<region>-<account>)")
+    role.add_argument("--region", help="the region the pipeline runs in (default: your AWS configuration's)")
+
     destroy = pipeline_command("destroy", "delete a stage's endpoint stack")
     destroy.add_argument("--stage", required=True, help="staging, prod, or a stage name")
 

@@ -15,8 +15,6 @@ from .definition import quiet_sdk
 from .errors import FlanopsError
 
 ROLE_NAME = "flanops-pipeline-execution"   # created in embedded AWS only
-SAGEMAKER_TRUST = {"Version": "2012-10-17", "Statement": [
-    {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
 
 
 @dataclass
@@ -31,10 +29,14 @@ class Target:
         return self.session.client(name)
 
 
-def open_target(args) -> Target:
+def open_target(args, config: PipelineConfig | None = None) -> Target:
+    """Embedded AWS or AWS. With ``config``, a bucket created here gets its KMS key, and embedded AWS's
+    role gets the pipeline's least-privilege policy (``flanops role`` writes the same one for AWS)."""
+    kms_key_id = config.security.kms_key_id if config else None
     if args.aws:
-        return aws_target(args)
+        return aws_target(args, kms_key_id)
     from .embedded import ensure_server
+    from .infra.pipeline_role import SAGEMAKER_TRUST, put_pipeline_policy
 
     aws = ensure_server()
     aws.activate()   # the SDK makes its own clients from the environment: point them at the server too
@@ -45,7 +47,10 @@ def open_target(args) -> Target:
     except iam.exceptions.NoSuchEntityException:
         role_arn = iam.create_role(RoleName=ROLE_NAME, AssumeRolePolicyDocument=json.dumps(SAGEMAKER_TRUST))["Role"]["Arn"]
     quiet_sdk()
-    return Target(session, role_arn, embedded_bucket(session), True, aws.environment())
+    bucket = embedded_bucket(session, kms_key_id)
+    if config is not None:
+        put_pipeline_policy(session, role_arn, config, bucket=bucket)
+    return Target(session, role_arn, bucket, True, aws.environment())
 
 
 def aws_session():
@@ -59,7 +64,7 @@ def aws_session():
     return session
 
 
-def aws_target(args) -> Target:
+def aws_target(args, kms_key_id: str | None = None) -> Target:
     session = aws_session()
     role_arn = args.role or os.environ.get("FLANOPS_ROLE_ARN")
     quiet_sdk()
@@ -71,29 +76,35 @@ def aws_target(args) -> Target:
         except Exception:
             raise FlanopsError("--aws: no execution role; pass --role ARN or set FLANOPS_ROLE_ARN (outside "
                                "SageMaker Studio the role cannot be discovered)") from None
-    return Target(session, role_arn, args.bucket or default_bucket(session), False, {})
+    return Target(session, role_arn, args.bucket or default_bucket(session, kms_key_id), False, {})
 
 
-def embedded_bucket(session) -> str:
-    """The SDK's default bucket name (sagemaker-<region>-<account>), in embedded S3.
+def embedded_bucket(session, kms_key_id: str | None = None) -> str:
+    """The SDK's default bucket name (sagemaker-<region>-<account>), in embedded S3; created locked down if missing.
 
     The SDK's own default_bucket() calls STS at its public regional endpoint, bypassing ours.
     """
+    from .infra.buckets import ensure_bucket
+
     account = session.client("sts").get_caller_identity()["Account"]
     bucket = f"sagemaker-{session.region_name}-{account}"
-    s3 = session.client("s3")
-    if bucket not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
-        if session.region_name == "us-east-1":
-            s3.create_bucket(Bucket=bucket)
-        else:
-            s3.create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": session.region_name})
+    ensure_bucket(session.client("s3"), bucket, session.region_name, kms_key_id=kms_key_id)
     return bucket
 
 
-def default_bucket(session) -> str:
-    """The SageMaker SDK's default bucket (sagemaker-<region>-<account>), created if missing."""
+def default_bucket(session, kms_key_id: str | None = None) -> str:
+    """The SageMaker SDK's default bucket (sagemaker-<region>-<account>).
+
+    Created here, locked down, when missing (the SDK would create a bare one); an existing
+    bucket is left as it is. The SDK then checks that this account owns it.
+    """
     from sagemaker.core.workflow.pipeline_context import PipelineSession
 
+    from .infra.buckets import ensure_bucket
+
+    account = session.client("sts").get_caller_identity()["Account"]
+    ensure_bucket(session.client("s3"), f"sagemaker-{session.region_name}-{account}", session.region_name,
+                  kms_key_id=kms_key_id, expected_owner=account)
     return PipelineSession(boto_session=session).default_bucket()
 
 
@@ -125,7 +136,7 @@ def execution_parameters(config: PipelineConfig) -> list[dict[str, str]]:
 # ----------------------------------------------------------------------------- commands
 def definition(args) -> int:
     config = load_config(args.config, args.param)
-    text = definition_for(config, open_target(args))
+    text = definition_for(config, open_target(args, config))
     if args.out:
         args.out.write_text(text, encoding="utf-8")
         print(f"wrote {args.out} ({len(text)} bytes, pipeline {config.pipeline_name})")
@@ -136,7 +147,7 @@ def definition(args) -> int:
 
 def upsert(args) -> int:
     config = load_config(args.config, args.param)
-    target = open_target(args)
+    target = open_target(args, config)
     arn = upsert_pipeline(config, target, definition_for(config, target))
     print(f"upserted {arn}")
     return 0
@@ -150,7 +161,7 @@ def run(args) -> int:
         raise FlanopsError("--resume reruns an execution with its own parameters; drop --param")
     if not args.resume:
         check_run_dir(args.output_dir)
-    target = open_target(args)
+    target = open_target(args, config)
     if args.resume and not target.local:
         return retry_on_sagemaker(config, target, args.resume)
     if args.resume:
@@ -171,7 +182,7 @@ def run(args) -> int:
 def start(args) -> int:
     config = load_config(args.config, args.param)
     warn_about_gate(config)
-    target = open_target(args)
+    target = open_target(args, config)
     sagemaker = target.client("sagemaker")
     if not pipeline_exists(sagemaker, config.pipeline_name):
         raise FlanopsError(f"pipeline {config.pipeline_name!r} does not exist yet; run `flanops upsert` first")
@@ -543,7 +554,8 @@ def deploy(args) -> int:
     if args.out and not args.dry_run:
         raise FlanopsError("--out goes with --dry-run (a deploy writes no template file)")
     session = target_session(args)
-    bucket = args.bucket or (default_bucket(session) if args.aws else embedded_bucket(session))
+    kms_key_id = config.security.kms_key_id
+    bucket = args.bucket or (default_bucket(session, kms_key_id) if args.aws else embedded_bucket(session, kms_key_id))
     package = resolve_package(session, model_package_arn=args.model_package, latest_approved=not args.model_package,
                               group=package_group(config), stage=stage)
     if args.dry_run:
@@ -553,6 +565,30 @@ def deploy(args) -> int:
     if not args.aws:
         print(f"embedded AWS runs no containers; serve this endpoint here with: flanops serve --stage {stage.name}")
     return 0 if result.endpoint_name else 1
+
+
+def role(args) -> int:
+    """Write the pipeline execution role (least privilege) as a CloudFormation template, cfn-lint checked."""
+    import boto3
+
+    from .infra.pipeline_role import pipeline_role_template
+    from .infra.template import lint_template, write_template
+
+    config = load_config(args.config, args.param)
+    region = args.region or boto3.Session().region_name
+    if not region:
+        raise FlanopsError("flanops role: no AWS region; pass --region (the jobs' images differ per region)")
+    template = pipeline_role_template(config, region=region, bucket=args.bucket)
+    path = write_template(template, args.out)
+    findings = lint_template(template, regions=[region])
+    print(f"wrote {path}: the execution role of pipeline {config.pipeline_name} in {region}, bucket "
+          f"{args.bucket or 'sagemaker-<region>-<account>'}; cfn-lint: "
+          f"{'clean' if not findings else f'{len(findings)} finding(s)'}")
+    for finding in findings:
+        print(f"  {finding}")
+    print(f"deploy it: aws cloudformation deploy --template-file {path} --stack-name {config.pipeline_name}-role "
+          "--capabilities CAPABILITY_IAM\nthen: flanops run --aws --role <the stack's RoleArn output>")
+    return 1 if any(finding.startswith("E") for finding in findings) else 0
 
 
 def destroy(args) -> int:

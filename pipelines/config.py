@@ -1,6 +1,6 @@
 """Pipeline configuration: defaults → YAML (``configs/*.yaml``) → ``--param NAME=VALUE``.
 
-A config has three parts:
+A config has these parts:
 
 - ``pipeline_name``: the SageMaker pipeline the definition is upserted as.
 - ``parameters``: the pipeline's parameters (SageMaker ``Parameters``), named as in the
@@ -9,6 +9,8 @@ A config has three parts:
 - ``steps``: each job's fixed settings, as the step script's own flags without the dashes
   (``finetune: {max_steps: 300}`` → ``finetune_lora.py --max-steps 300``). They are baked into
   the definition; the step script's parser checks them, so there is one list of flags.
+- ``security`` (optional): a KMS key for the jobs' outputs and volumes (and the buckets flanops
+  creates), the VPC the jobs run in, network isolation and inter-container traffic encryption.
 
 ``--param`` addresses either a parameter (``LoraRank=8``), a step setting
 (``steps.finetune.max_steps=50``) or ``pipeline_name=…``; values are read as YAML scalars.
@@ -29,6 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from .errors import FlanopsError
+from .infra.stages import KMS_KEY_PATTERN, Vpc, pattern_hint
 
 OPTIMIZATION_METHODS = ("none", "distill", "quantize", "prune", "auto")
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
@@ -115,6 +118,20 @@ class Images(BaseModel):
     inference_instance_types: list[str] = ["ml.m5.xlarge", "ml.c5.xlarge", "ml.g5.xlarge"]
 
 
+class Security(BaseModel):
+    """Encryption and networking of the pipeline's jobs; everything off unless set."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kms_key_id: str | None = Field(None, pattern=KMS_KEY_PATTERN, description=(
+        "KMS key for the jobs' outputs and storage volumes, and the default encryption of buckets flanops creates"))
+    vpc: Vpc | None = Field(None, description="run the jobs in these subnets and security groups")
+    network_isolation: bool = Field(False, description=(
+        "the job containers get no network at all (not even S3): data and model must come through their inputs"))
+    encrypt_inter_container_traffic: bool = Field(False, description=(
+        "encrypt traffic between the instances of a distributed job (slower)"))
+
+
 class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -124,6 +141,7 @@ class ConfigFile(BaseModel):
     images: Images = Images()
     cache_expire_after: str = Field("P30D", pattern=r"^P(\d+[YMWD])*(T(\d+[HMS])+)?$")
     max_retries: int = Field(1, ge=0, le=10)
+    security: Security = Security()
 
 
 @dataclass
@@ -138,6 +156,7 @@ class PipelineConfig:
     max_retries: int
     source: str = "defaults"
     overrides: list[str] = field(default_factory=list)
+    security: Security = field(default_factory=Security)
 
     def step_arguments(self, section: str) -> list[str]:
         """The ``steps.<section>`` settings as the step script's command-line flags."""
@@ -223,8 +242,10 @@ def load_config(name_or_path: str | Path | None = None, params: list[str] | None
                           + "; ".join(describe_error(e) + error_context(e, None if overrides else text)
                                       for e in err.errors())) from None
     config = PipelineConfig(parsed.pipeline_name, parsed.parameters, parsed.steps, parsed.images,
-                            parsed.cache_expire_after, parsed.max_retries, source=str(path), overrides=overrides)
+                            parsed.cache_expire_after, parsed.max_retries, source=str(path), overrides=overrides,
+                            security=parsed.security)
     check_step_settings(config)
+    check_network_isolation(config)
     return config
 
 
@@ -260,7 +281,23 @@ def describe_error(error: dict) -> str:
     where = ".".join(str(part) for part in error["loc"])
     given = error.get("input")
     given_text = "" if isinstance(given, dict) else f" (given {given!r})"
-    return f"{where}: {error['msg']}{given_text}"
+    return f"{where}: {pattern_hint(error) or error['msg']}{given_text}"
+
+
+def check_network_isolation(config: PipelineConfig) -> None:
+    """Isolated jobs have no network, so no step script may have to fetch its data or base model itself."""
+    if not config.security.network_isolation:
+        return
+    values = config.parameter_values()
+    fetched = []
+    if values["InputDataUri"] != "synthetic":
+        fetched.append(f"InputDataUri {values['InputDataUri']!r} (prepare_data.py reads it from S3 or the Hub)")
+    if values["BaseModelId"] != "tiny" and not config.steps.get("select", {}).get("random_weights"):
+        fetched.append(f"BaseModelId {values['BaseModelId']!r} (select_model.py downloads it)")
+    if fetched:
+        raise ConfigError(f"{config.source}: security.network_isolation leaves the jobs without network access, "
+                          f"but they would fetch {' and '.join(fetched)}; turn network_isolation off, or use "
+                          "InputDataUri=synthetic and BaseModelId=tiny")
 
 
 def check_step_settings(config: PipelineConfig) -> None:

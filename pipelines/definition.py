@@ -212,10 +212,32 @@ def validate_sdk_config_once() -> None:
     SageMakerConfig.validate_sagemaker_config = staticmethod(validate_once)
 
 
+def job_images(config: PipelineConfig, region: str) -> dict[str, str]:
+    """The Hugging Face images of the pipeline's processing and training jobs and of the registered model."""
+    from sagemaker.core import image_uris
+
+    images = config.images
+    processing_instance_type = config.parameter_values()["ProcessingInstanceType"]
+    return {
+        "processing": image_uris.retrieve(
+            "huggingface", region=region, version=images.processing_transformers,
+            base_framework_version=f"pytorch{images.processing_pytorch}", instance_type=processing_instance_type,
+            image_scope="inference"),
+        "training": image_uris.retrieve(
+            "huggingface", region=region, version=images.training_transformers,
+            base_framework_version=f"pytorch{images.training_pytorch}", instance_type="ml.g5.xlarge",
+            image_scope="training"),
+        "inference": image_uris.retrieve(
+            "huggingface", region=region, version=images.inference_transformers,
+            base_framework_version=f"pytorch{images.inference_pytorch}",
+            instance_type=images.inference_instance_types[0], image_scope="inference"),
+    }
+
+
 def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, session):
     """Build the pipeline. ``session`` is a boto3 Session bound to the target AWS and region."""
-    from sagemaker.core import image_uris
     from sagemaker.core.model_metrics import MetricsSource, ModelMetrics
+    from sagemaker.core.network import NetworkConfig
     from sagemaker.core.processing import FrameworkProcessor
     from sagemaker.core.shapes import ProcessingInput, ProcessingOutput, ProcessingS3Input, ProcessingS3Output
     from sagemaker.core.workflow.conditions import ConditionGreaterThanOrEqualTo, ConditionLessThanOrEqualTo
@@ -233,7 +255,7 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     from sagemaker.serve.model_builder import ModelBuilder
     from sagemaker.train import ModelTrainer
     from sagemaker.core.shapes import OutputDataConfig
-    from sagemaker.train.configs import Compute, InputData, SourceCode
+    from sagemaker.train.configs import Compute, InputData, Networking, SourceCode
     from sagemaker.train.distributed import Torchrun
 
     quiet_sdk()
@@ -253,17 +275,22 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     retry = [StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT, StepExceptionTypeEnum.THROTTLING],
                              interval_seconds=30, backoff_rate=2.0, max_attempts=config.max_retries + 1)]
     images = config.images
-    processing_image = image_uris.retrieve(
-        "huggingface", region=region, version=images.processing_transformers,
-        base_framework_version=f"pytorch{images.processing_pytorch}", instance_type=values["ProcessingInstanceType"],
-        image_scope="inference")
-    training_image = image_uris.retrieve(
-        "huggingface", region=region, version=images.training_transformers,
-        base_framework_version=f"pytorch{images.training_pytorch}", instance_type="ml.g5.xlarge", image_scope="training")
-    inference_image = image_uris.retrieve(
-        "huggingface", region=region, version=images.inference_transformers,
-        base_framework_version=f"pytorch{images.inference_pytorch}", instance_type=images.inference_instance_types[0],
-        image_scope="inference")
+    image_uri = job_images(config, region)
+    processing_image, training_image, inference_image = (image_uri[use] for use in ("processing", "training", "inference"))
+
+    # Security settings left unset stay out of the jobs' arguments, so the definition (and every
+    # cache key) is the same as before for a config without them.
+    security = config.security
+    kms_key = security.kms_key_id
+    network = {"enable_network_isolation": security.network_isolation or None,
+               "security_group_ids": security.vpc.security_group_ids if security.vpc else None,
+               "subnets": security.vpc.subnets if security.vpc else None}
+    inter_container_encryption = security.encrypt_inter_container_traffic or None
+    isolated_or_in_vpc = any(value is not None for value in (*network.values(), inter_container_encryption))
+    processing_network = NetworkConfig(**network, encrypt_inter_container_traffic=inter_container_encryption) \
+        if isolated_or_in_vpc else None
+    training_network = Networking(**network, enable_inter_container_traffic_encryption=inter_container_encryption) \
+        if isolated_or_in_vpc else None
 
     def s3_output(step: str, output: str):
         return Join(on="/", values=["s3:/", default_bucket, name, ExecutionVariables.PIPELINE_EXECUTION_ID, step, output])
@@ -283,7 +310,8 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
                         property_files: list | None = None) -> ProcessingStep:
         processor = FrameworkProcessor(
             image_uri=processing_image, role=role_arn, instance_count=1, instance_type=p("ProcessingInstanceType"),
-            command=["python3"], sagemaker_session=pipeline_session, base_job_name=f"{name}-{step_name}")
+            command=["python3"], sagemaker_session=pipeline_session, base_job_name=f"{name}-{step_name}",
+            output_kms_key=kms_key, volume_kms_key=kms_key, network_config=processing_network)
         step_args = processor.run(
             code=f"{script}.py", source_dir=source, job_name=f"{name}-{step_name}", inputs=inputs,
             outputs=[processing_output(step_name, output) for output in outputs], arguments=arguments)
@@ -308,8 +336,11 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         source_code=SourceCode(source_dir=source, entry_script="finetune_lora.py", requirements="requirements.txt"),
         # torchrun on one instance is a single process; on several it is SageMaker distributed training.
         distributed=Torchrun(),
-        compute=Compute(instance_type=p("TrainingInstanceType"), instance_count=p("TrainingInstanceCount")),
-        output_data_config=OutputDataConfig(s3_output_path=s3_output(NAMES.finetune, "model")),
+        compute=Compute(instance_type=p("TrainingInstanceType"), instance_count=p("TrainingInstanceCount"),
+                        **({"volume_kms_key_id": kms_key} if kms_key else {})),
+        output_data_config=OutputDataConfig(s3_output_path=s3_output(NAMES.finetune, "model"),
+                                            **({"kms_key_id": kms_key} if kms_key else {})),
+        networking=training_network,
         # Hyperparameters and container arguments are strings in the API: numeric parameters join as text.
         hyperparameters={"lora-r": p("LoraRank").to_string(), "lora-alpha": p("LoraAlpha").to_string(),
                          **{key.replace("_", "-"): value for key, value in config.steps.get("finetune", {}).items()}},

@@ -11,7 +11,9 @@ SageMaker would run it, with the container's ``/opt/ml`` mapped into a per-job s
   (``sm_drivers``, e.g. torchrun); ``/opt/ml/model`` uploaded as ``model.tar.gz``.
 - Condition, Fail and RegisterModel steps run too (the model package lands in the registry).
 
-Outputs reach S3 only after a job succeeds, so a killed job leaves nothing half-written.
+Outputs reach S3 only after a job succeeds, so a killed job leaves nothing half-written, and
+are encrypted with the job's KMS key when it names one (``KmsKeyId``). VPC and network
+isolation settings do not apply: jobs run as subprocesses of this machine.
 Steps with caching enabled reuse an earlier run's outputs when their resolved arguments
 (code locations are content-addressed) are unchanged. Jobs run one at a time: branches that
 SageMaker runs in parallel run in definition order here (each job uses every core anyway).
@@ -273,15 +275,23 @@ def download_prefix(s3, uri: str, target: Path) -> int:
     return count
 
 
-def upload_folder(s3, folder: Path, uri: str) -> int:
+def upload_folder(s3, folder: Path, uri: str, extra_args: dict | None = None) -> int:
     from .definition import split_s3_uri
 
     bucket, key = split_s3_uri(uri)
     count = 0
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        s3.upload_file(str(path), bucket, f"{key.rstrip('/')}/{path.relative_to(folder).as_posix()}")
+        s3.upload_file(str(path), bucket, f"{key.rstrip('/')}/{path.relative_to(folder).as_posix()}",
+                       ExtraArgs=extra_args)
         count += 1
     return count
+
+
+def output_encryption(arguments: dict) -> dict | None:
+    """The upload arguments that encrypt a job's outputs with its KMS key, as SageMaker does; None without one."""
+    key = (arguments.get("ProcessingOutputConfig", {}).get("KmsKeyId")
+           or arguments.get("OutputDataConfig", {}).get("KmsKeyId"))
+    return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key} if key else None
 
 
 def prefix_exists(s3, uri: str) -> bool:
@@ -557,7 +567,7 @@ class LocalExecutor:
             if not all(copy_is_intact(copies.get(uri)) for uri in missing):
                 return False
             for uri in missing:
-                restore_copy(self.s3, copies[uri], uri)
+                restore_copy(self.s3, copies[uri], uri, output_encryption(hit["Properties"]))
             self.echo(f"    restored {len(missing)} output(s) to S3 from the local copy in {copies[missing[0]]['path']}")
         ctx.properties[name] = hit["Properties"]
         for file_name, document in hit["PropertyFiles"].items():
@@ -597,7 +607,8 @@ class LocalExecutor:
         env = self.container_env(sandbox, job_name, arguments.get("Environment", {}))
         self.run_process(name, argv, code_dir, env, sandbox, entry, record)
         for item in outputs:
-            upload_folder(self.s3, self.sandbox_path(sandbox, item["S3Output"]["LocalPath"]), item["S3Output"]["S3Uri"])
+            upload_folder(self.s3, self.sandbox_path(sandbox, item["S3Output"]["LocalPath"]), item["S3Output"]["S3Uri"],
+                          output_encryption(arguments))
         entry["Metadata"]["ProcessingJob"] = {"Arn": self.job_arn("processing-job", job_name)}
         return {**arguments, "ProcessingJobName": job_name, "ProcessingJobStatus": "Completed",
                 "ProcessingJobArn": self.job_arn("processing-job", job_name)}
@@ -684,7 +695,7 @@ class LocalExecutor:
         from .definition import split_s3_uri
 
         bucket, key = split_s3_uri(f"{output_path}/{job_name}/output/model.tar.gz")
-        self.s3.upload_file(str(artifact), bucket, key)
+        self.s3.upload_file(str(artifact), bucket, key, ExtraArgs=output_encryption(arguments))
         arn = self.job_arn("training-job", job_name)
         entry["Metadata"]["TrainingJob"] = {"Arn": arn}
         return {**arguments, "TrainingJobName": job_name, "TrainingJobArn": arn, "TrainingJobStatus": "Completed",
@@ -828,15 +839,15 @@ def copy_is_intact(copy: dict | None) -> bool:
     return bool(copy) and Path(copy["path"]).exists() and file_sizes(Path(copy["path"])) == copy["files"]
 
 
-def restore_copy(s3, copy: dict, uri: str) -> None:
+def restore_copy(s3, copy: dict, uri: str, extra_args: dict | None = None) -> None:
     from .definition import split_s3_uri
 
     path = Path(copy["path"])
     if path.is_file():
         bucket, key = split_s3_uri(uri)
-        s3.upload_file(str(path), bucket, key)
+        s3.upload_file(str(path), bucket, key, ExtraArgs=extra_args)
     else:
-        upload_folder(s3, path, uri)
+        upload_folder(s3, path, uri, extra_args)
 
 
 def output_uris(properties: dict) -> list[str]:

@@ -217,6 +217,16 @@ def test_job_arguments_are_valid_requests_of_their_api(steps, sagemaker_model):
     assert not any(problems.values()), "\n".join(f"{n}:\n{p}" for n, p in problems.items() if p)
 
 
+def test_without_a_security_section_no_job_has_kms_or_network_settings(steps):
+    """Security settings are opt-in and absent ones leave the jobs' arguments (and cache keys) as they were;
+    with them, test_security.py runs the same shape check."""
+    security_keys = {"KmsKeyId", "VolumeKmsKeyId", "NetworkConfig", "VpcConfig", "EnableNetworkIsolation",
+                     "EnableInterContainerTrafficEncryption"}
+    found = {name: sorted(security_keys & set(re.findall(r'"(\w+)":', json.dumps(step.get("Arguments", {})))))
+             for name, step in steps.items()}
+    assert found == {name: [] for name in steps}
+
+
 def test_the_shape_check_catches_misspelled_and_mistyped_arguments(steps, sagemaker_model):
     """The check above would fail: a misspelled key, a wrong type, a missing required member."""
     misspelled = json.loads(json.dumps(steps[NAMES.evaluate]))
