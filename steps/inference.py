@@ -63,6 +63,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepkit.modeling import load_model_and_tokenizer, summarize
+from stepkit.records import json_reason
 
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain"
@@ -148,8 +149,8 @@ def input_fn(input_data, content_type):
     try:
         body = json.loads(text)
     except json.JSONDecodeError as err:
-        raise RequestError(f"the request body is not valid JSON ({err.msg} at line {err.lineno} column {err.colno}); "
-                           'send {"inputs": "<dialogue>"}') from None
+        raise RequestError(f"the request body is not valid JSON ({json_reason(err)} at line {err.lineno} column "
+                           f'{err.colno}); send {{"inputs": "<dialogue>"}}') from None
     if not isinstance(body, dict) or "inputs" not in body:
         raise RequestError('the JSON body must be an object with "inputs" (a dialogue or a list of dialogues) '
                            'and optionally "parameters"')

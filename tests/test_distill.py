@@ -265,7 +265,7 @@ def swapped_pieces(folder):
     (["--student", swapped_pieces], "its tokenizer differs from the teacher's (4 token/id pairs not shared"),
 ], ids=["t-zero", "t-negative", "alpha-above-1", "alpha-negative", "no-teacher", "catalog-vocab", "too-many-layers",
         "folder-vocab-size", "folder-tokenizer"])
-def test_bad_inputs_stop_with_a_clear_message_and_no_output(chain, tmp_path, extra, message):
+def test_bad_inputs_stop_with_a_clear_message_and_no_output(chain, tmp_path, reliability, extra, message):
     if callable(extra[-1]):
         extra = [*extra[:-1], str(student_folder_like_teacher(chain, tmp_path, extra[-1]))]
     args = {"--teacher-dir": str(chain["tuned"]), "--data-dir": str(chain["data"]), "--output-dir": str(tmp_path / "out"),
@@ -280,3 +280,5 @@ def test_bad_inputs_stop_with_a_clear_message_and_no_output(chain, tmp_path, ext
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out.")]  # no staging folder left behind
+    if extra[0] == "--temperature":
+        reliability.record("config.temperature", f"distill.py {' '.join(extra)}: exit {result.returncode}: {errors[0]}")

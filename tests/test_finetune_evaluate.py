@@ -90,11 +90,14 @@ def test_finetune_resumes_from_checkpoint(chain, tmp_path):
     (["--max-steps", "0"], "--max-steps must be at least 1"),
     (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
 ])
-def test_finetune_rejects_bad_settings(chain, tmp_path, extra, message):
+def test_finetune_rejects_bad_settings(chain, tmp_path, reliability, extra, message):
     result = run_step("finetune_lora.py", "--model-dir", str(chain["model"]), "--data-dir", str(chain["data"]),
                       "--output-dir", str(tmp_path / "out"), *extra, check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
+    if extra[0] in ("--lora-r", "--max-steps"):
+        error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+        reliability.record("config.rank_zero", f"finetune_lora.py {' '.join(extra)}: exit {result.returncode}: {error}")
 
 
 def test_finetune_rejects_missing_and_foreign_model_folders(chain, tmp_path):

@@ -343,12 +343,17 @@ def test_s3_prefix_is_downloaded_and_read_as_a_folder(s3, tmp_path):
     assert read_split(out, "test")[0]["id"] == "te-0"
 
 
-def test_s3_errors_name_the_bucket_prefix_or_object(s3, tmp_path, capsys):
+def test_s3_errors_name_the_bucket_prefix_or_object(s3, tmp_path, capsys, reliability):
     out = str(tmp_path / "out")
-    assert run_in_process(prepare_data.main, ["--input", "s3://no-such-bucket/x", "--output-dir", out]) == 2
-    assert "bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
-    assert run_in_process(prepare_data.main, ["--input", "s3://raw-data/nothing-here/", "--output-dir", out]) == 2
-    assert "s3://raw-data/nothing-here/: no objects under this prefix" in capsys.readouterr().err
+    seen = []
+    for uri, message in (("s3://no-such-bucket/x", "bucket 'no-such-bucket' does not exist; check its name"),
+                         ("s3://raw-data/nothing-here/", "nothing-here/: no objects under this prefix; check the bucket")):
+        code = run_in_process(prepare_data.main, ["--input", uri, "--output-dir", out])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and message in err, err
+        seen.append(f"exit {code}: {err}")
+    assert not Path(out).exists()
+    reliability.record("data.missing_s3", f"{' | '.join(seen)}; nothing written")
     s3.put_object(Bucket="raw-data", Key="broken/train.jsonl", Body=b'{"id": 1}\n{oops\n')
     assert run_in_process(prepare_data.main, ["--input", "s3://raw-data/broken", "--output-dir", out]) == 2
     assert "s3://raw-data/broken/train.jsonl:2: invalid JSON" in capsys.readouterr().err

@@ -165,11 +165,14 @@ def test_recovery_fine_tune_runs_is_merged_and_keeps_the_zeros(chain, unstructur
     (["--method", "unstructured", "--amount", "0.5", "--recovery-steps", "10"], "--recovery-steps 10 fine-tunes on the training split: pass --data-dir"),
     (["--method", "unstructured", "--amount", "0.5", "--target", "ffn"], "--target applies to --method structured only"),
 ])
-def test_prune_rejects_bad_settings(chain, tmp_path, extra, message):
+def test_prune_rejects_bad_settings(chain, tmp_path, reliability, extra, message):
     result = run_step("prune.py", "--model-dir", str(chain["tuned"]), "--output-dir", str(tmp_path / "out"), *extra,
                       check=False)
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert not (tmp_path / "out").exists()
+    if "--amount must be below 1" in message:
+        error = next(line for line in result.stderr.splitlines() if line.startswith("error: "))
+        reliability.record("config.sparsity", f"prune.py {' '.join(extra)}: exit {result.returncode}: {error}")
 
 
 def test_prune_rejects_missing_and_foreign_model_folders(tmp_path):

@@ -197,10 +197,12 @@ def test_bad_local_folders_are_clear_errors(tmp_path, capsys, make_folder, messa
     ("someone/flan-t5-finetuned", "not a Flan-T5 catalog id"),
     ("huggingface-text2text-flan-t5-base", "JumpStart model id"),
 ])
-def test_unknown_ids_are_clear_errors(tmp_path, capsys, model_id, message):
-    assert run_main(select_model.main, ["--model", model_id, "--output-dir", str(tmp_path / "out")]) == 2
+def test_unknown_ids_are_clear_errors(tmp_path, capsys, reliability, model_id, message):
+    code = run_main(select_model.main, ["--model", model_id, "--output-dir", str(tmp_path / "out")])
     err = capsys.readouterr().err
-    assert message in err and "flan-t5-base" in err
+    assert code == 2 and message in err and "flan-t5-base" in err
+    assert not (tmp_path / "out").exists()
+    reliability.record("config.unknown_model", f"select_model.py --model {model_id}: exit {code}: {err.strip()}")
 
 
 def test_hub_id_offline_is_one_clear_line(tmp_path):

@@ -131,7 +131,7 @@ def _check_weights_fit_config(folder: Path, where: str) -> None:
             found.update({name: (tuple(weights.get_slice(name).get_shape()), path.name) for name in weights.keys()})
     if not found:  # pytorch_model.bin only: left to transformers
         return
-    config = AutoConfig.from_pretrained(folder)
+    config = AutoConfig.from_pretrained(folder)  # nosec B615 # a local model folder, not the Hub
     with torch.device("meta"):  # shapes without memory
         model = AutoModelForSeq2SeqLM.from_config(config)
     tied: dict[int, list[str]] = {}  # one entry per tensor; tied names (shared and embed_tokens) share one
@@ -267,12 +267,16 @@ def extract_model_archive(archive: str | Path, label: str) -> Path:
     return destination
 
 
-def path_inside(root: Path, relative: str, label: str) -> Path:
-    """``root/relative``, or a StepError if that would land outside ``root``."""
+def path_inside(root: Path, relative: str, label: str, advice: str = "") -> Path:
+    """``root/relative``, or a StepError (ending with ``advice``) if that would land outside ``root``."""
     target = (root / relative).resolve()
     if relative.startswith("/") or not target.is_relative_to(root.resolve()) or target == root.resolve():
-        raise StepError(f"{label} would be written outside the folder it is unpacked into; refusing it")
+        raise StepError(f"{label} would be written outside the folder it is unpacked into; refusing it{advice}")
     return target
+
+
+# What to do about an archive that tries to write outside its folder: nothing of it was written.
+REPACK = "; nothing was extracted: pack the model again from inside its folder (tar -czf model.tar.gz -C FOLDER .)"
 
 
 def extract_safely(archive: Path, destination: Path, label: str) -> None:
@@ -287,13 +291,13 @@ def extract_safely(archive: Path, destination: Path, label: str) -> None:
             members = tar.getmembers()
             for member in members:
                 if member.issym() or member.islnk():
-                    raise StepError(f"{label}: archive member {member.name!r} is a link; refusing to extract "
-                                    "(links can point outside the model folder)")
+                    raise StepError(f"{label}: archive member {member.name!r} is a link, which can point outside the "
+                                    f"model folder; refusing it{REPACK}")
                 if not (member.isfile() or member.isdir()):
                     raise StepError(f"{label}: archive member {member.name!r} is not a file or folder; refusing to extract")
                 if member.name in ("", ".", "./") and member.isdir():
                     continue
-                path_inside(destination, member.name, f"{label}: archive member {member.name!r}")
+                path_inside(destination, member.name, f"{label}: archive member {member.name!r}", REPACK)
             tar.extractall(destination, members=members, filter="data")
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as err:  # what corrupt or cut-off gzip raises
         raise StepError(f"{label}: not a readable tar archive ({first_line(err)}); is it corrupted or truncated?") from None

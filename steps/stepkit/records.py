@@ -60,8 +60,13 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
 
 
 def json_problem(err: json.JSONDecodeError) -> str:
-    """"invalid JSON at column 28 (Unterminated string)": json's message reads "… starting at" a position."""
-    return f"invalid JSON at column {err.colno} ({re.sub(r'( starting)? at$', '', err.msg)})"
+    """"invalid JSON at column 28 (Unterminated string)"."""
+    return f"invalid JSON at column {err.colno} ({json_reason(err)})"
+
+
+def json_reason(err: json.JSONDecodeError) -> str:
+    """json's message without its dangling "… starting at" (a position json would append)."""
+    return re.sub(r"( starting)? at$", "", err.msg)
 
 
 def read_text(path: str | Path) -> str:
