@@ -653,6 +653,7 @@ def test_templates_pass_checkov(templates, tmp_path, reliability):
     assert failed == [] and summary["failed"] == 0 and summary["parsing_errors"] == 0
     assert summary["passed"] > 0
     skipped = sorted({check["check_id"] for check in report["results"].get("skipped_checks", [])})
+    assert set(skipped) <= {"CKV_AWS_370"}   # each skip is justified in the template that asks for it
     reliability.record("security.iac_lint", f"checkov {summary['checkov_version']} on {len(templates)} templates: "
                        f"{summary['passed']} passed, 0 failed; skipped {skipped or 'none'} (serverless endpoints "
                        "cannot isolate the network: the reason is in the template)", passed=summary["passed"])
