@@ -8,6 +8,7 @@ is read from /proc while the load runs.
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import json
 import os
 import subprocess
@@ -19,7 +20,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import kill_processes_under
+from conftest import STEPS, kill_processes_under
 
 CLIENTS = 16
 SECONDS = 60.0
@@ -33,7 +34,12 @@ AWS_VARIABLES = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SE
 def over_limit_requests() -> list[tuple[str, dict, bytes | None, int]]:
     """(what, headers, body, expected status); body None sends the headers alone."""
     from flanops.serving import MAX_PAYLOAD_BYTES
-    from inference import MAX_BATCH_SIZE, MAX_DIALOGUE_CHARS, MAX_NEW_TOKENS   # steps/ is on sys.path (conftest)
+    # steps/inference.py under a name of its own: "inference" may be a served model's handler already
+    spec = importlib.util.spec_from_file_location("flanops_endpoint_limits", STEPS / "inference.py")
+    handler = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # its dataclasses look it up there
+    spec.loader.exec_module(handler)
+    MAX_BATCH_SIZE, MAX_DIALOGUE_CHARS, MAX_NEW_TOKENS = (handler.MAX_BATCH_SIZE, handler.MAX_DIALOGUE_CHARS,
+                                                          handler.MAX_NEW_TOKENS)
 
     def request(document: dict) -> bytes:
         return json.dumps(document).encode()

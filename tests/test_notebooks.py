@@ -123,7 +123,7 @@ def test_03_deploy_and_monitor_approves_deploys_invokes_and_reads_the_capture(wo
 
 def test_04_optimization_tradeoffs_measures_every_variant(workspace):
     run_dir = workspace / "runs" / "tradeoffs"
-    quick = {**QUICK, "steps.distill.max_steps": 10, "steps.prune.recovery_steps": 5}
+    quick = {**QUICK, "steps.distill.max_steps": 10, "steps.prune.recovery_steps": 5, "steps.evaluate.max_examples": 8}
     notebook = execute(workspace, ORDER[3], PARAMS=quick, OUTPUT_DIR=str(run_dir))
     tables = outputs(notebook, "text/html")
     assert any(all(v in t for v in ("distill", "quantize", "prune", "finetuned", "base")) for t in tables)

@@ -571,14 +571,11 @@ def test_a_failed_stack_update_rolls_back_while_the_endpoint_keeps_serving(flano
 
     deployed = flanops("deploy", "--stage", "staging")   # the README test destroyed it
     assert deployed.returncode == 0, deployed.stderr
-    arn = flanops.session().client("sagemaker").list_model_packages(
-        ModelPackageGroupName=GROUP, SortBy="CreationTime", SortOrder="Descending")["ModelPackageSummaryList"][0][
-        "ModelPackageArn"]
+    serves = next(line for line in deployed.stdout.splitlines() if " serves " in line)   # "…; endpoint E serves ARN"
+    endpoint_name, arn = serves.split("endpoint ", 1)[1].split(" serves ")
     process, url, log_path = start_serving(flanops, "--stage", "staging")
     try:
         sagemaker = flanops.session().client("sagemaker")
-        endpoint_name = next(line.split("endpoint ", 1)[1].split()[0] for line in deployed.stdout.splitlines()
-                             if " serves " in line and "endpoint " in line)
         before = sagemaker.describe_endpoint(EndpointName=endpoint_name)["EndpointConfigName"]
         runtime = boto3.client("sagemaker-runtime", endpoint_url=url, region_name="eu-west-1",
                                aws_access_key_id="testing", aws_secret_access_key="testing")
@@ -624,8 +621,8 @@ def test_embedded_aws_dying_mid_run_is_a_clear_error_and_a_rerun_restores_the_fi
                                                                                               reliability):
     records = flanops.home / "executions" / PIPELINE
     known = set(records.glob("*.json"))
-    # Only Evaluate differs from quick_run: everything before it is a cache hit.
-    params = [*FAST, "--param", "steps.evaluate.max_examples=19", "--no-deploy"]
+    # Only Evaluate differs from quick_run (on 4 examples: quick): everything before it is a cache hit.
+    params = [*FAST, "--param", "steps.evaluate.max_examples=4", "--no-deploy"]
     log_path = flanops.root / "aws-dies-run.log"
     with open(log_path, "w", encoding="utf-8") as log:
         process = subprocess.Popen(flanops.command("run", "--output-dir", str(flanops.run_dir("aws-dies")), *params),
@@ -662,7 +659,7 @@ def test_embedded_aws_dying_mid_run_is_a_clear_error_and_a_rerun_restores_the_fi
     resumed = flanops("run", "--resume", execution_id)
     assert resumed.returncode == 2 and "cannot be resumed" in resumed.stderr, resumed.stderr
 
-    rerun = run_pipeline(flanops, "aws-dies-rerun", "--param", "steps.evaluate.max_examples=19", "--no-deploy")
+    rerun = run_pipeline(flanops, "aws-dies-rerun", "--param", "steps.evaluate.max_examples=4", "--no-deploy")
     steps = rerun.steps()
     cached = [name for name in (NAMES.prepare, NAMES.select, NAMES.finetune, "OptimizeQuantize") if steps[name]["cached"]]
     assert cached == [NAMES.prepare, NAMES.select, NAMES.finetune, "OptimizeQuantize"], rerun.output

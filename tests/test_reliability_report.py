@@ -1,0 +1,30 @@
+"""RELIABILITY.md: how tests/reliability.py renders what tests record, and that the committed file is whole."""
+from __future__ import annotations
+
+import re
+
+from conftest import REPO
+from reliability import CASES, render
+
+
+def test_every_case_appears_with_its_outcome_and_unrecorded_cases_say_not_run():
+    records = [{"case": "data.empty", "result": "exit 2: empty | file", "figures": {"p99_ms": 12}, "test": "tests/a.py::t@g"},
+               {"case": "fault.disk_full", "result": "exit 1", "figures": {}, "test": "tests/b.py::u"}]
+    text = render(records, {"tests/a.py::t@g": "passed", "tests/b.py::u": "failed"})
+    assert f"{len(CASES)} cases: 1 proven by passing tests, 1 with a test that did not pass, {len(CASES) - 2} not run" in text
+    assert "| empty file | exit 2: empty \\| file (p99_ms 12) | `a.py::t` | passed |" in text
+    assert "| disk full | exit 1 | `b.py::u` | **failed** |" in text
+    assert "| truncated file | — | — | **not run** |" in text
+    for _, section, _, description in CASES:
+        assert f"| {description} |" in text.replace("\\|", "|")
+
+
+def test_the_committed_reliability_md_is_from_a_full_run_that_proved_every_case():
+    text = (REPO / "RELIABILITY.md").read_text(encoding="utf-8")
+    summary = re.search(r"(\d+) cases: (\d+) proven by passing tests, (\d+) with a test that did not pass, (\d+) not run",
+                        text)
+    assert summary, "RELIABILITY.md has no summary line: run the whole suite (pytest) to write it"
+    assert summary.groups() == (str(len(CASES)), str(len(CASES)), "0", "0"), \
+        f"{summary.group(0)}: run the whole suite on a clean tree and commit the RELIABILITY.md it writes"
+    for _, _, _, description in CASES:
+        assert re.search(rf"^\| {re.escape(description)} \| [^—]", text, re.M), f"no result for '{description}'"
