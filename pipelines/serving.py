@@ -247,6 +247,10 @@ def read_capture(s3, destination: str, endpoint_name: str) -> list[dict]:
 # ----------------------------------------------------------------------------- HTTP
 class EndpointServer(ThreadingHTTPServer):
     daemon_threads = True
+    # socketserver's default backlog is 5: with more clients than that reconnecting at once (after a
+    # 413 closes their connection) on a busy machine, a connection could be dropped (seen once in
+    # the 16-client load test).
+    request_queue_size = 128
 
     def __init__(self, address: tuple[str, int], model: LoadedModel, endpoint_name: str, log: Callable[[str], None],
                  capture: DataCapture | None = None):

@@ -152,9 +152,11 @@ def test_sixteen_clients_for_sixty_seconds_get_no_5xx_and_memory_stays_bounded(e
     def work(index: int) -> None:
         client = Client(url)
         sent = 0
+        what = "a summary request"
         try:
             while time.monotonic() < deadline:
                 sent += 1
+                what = "a summary request"
                 if sent % OVER_LIMIT_EVERY == 0:
                     what, headers, body, expected = bad_requests[(sent // OVER_LIMIT_EVERY + index) % len(bad_requests)]
                     status, payload = client.post(headers, body)
@@ -176,7 +178,8 @@ def test_sixteen_clients_for_sixty_seconds_get_no_5xx_and_memory_stays_bounded(e
                         unexpected.append(f"summary request: {status} {payload[:200]!r}")
         except Exception as err:   # noqa: BLE001 - reported below: a dropped connection is a failure
             with lock:
-                errors.append(f"client {index}: {type(err).__name__}: {err}")
+                errors.append(f"client {index}, request {sent} ({what}, after {time.monotonic() - start:.1f} s): "
+                              f"{type(err).__name__}: {err}")
         finally:
             client.close()
 
