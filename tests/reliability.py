@@ -2,6 +2,8 @@
 
 A test takes the ``reliability`` fixture and records what it observed for a case of
 :data:`CASES`: ``reliability.record("data.empty", "exit 2: … is empty; nothing written")``.
+A test that may fail before it gets to record (a long one) also says up front which cases it
+proves, ``@pytest.mark.proves("load.over_limits")``, so its failure shows against them.
 Workers append their records to files in a folder the controller made; when the whole suite
 ran, the controller writes ``RELIABILITY.md`` beside ``pyproject.toml``: every case, in the
 issue's order, with what the test saw and whether the test passed. A case no test recorded
@@ -70,6 +72,12 @@ CASES: list[tuple[str, str, str, str]] = [
 CASE_IDS = {case[0] for case in CASES}
 
 
+def _append(folder: Path, record: dict) -> None:
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(folder / f"{worker}.jsonl", "a", encoding="utf-8") as records:
+        records.write(json.dumps(record) + "\n")
+
+
 class Recorder:
     """What one test saw, appended to this worker's records file."""
 
@@ -82,10 +90,7 @@ class Recorder:
             raise KeyError(f"{case!r} is not a case in tests/reliability.py CASES")
         if self.folder is None:
             return
-        line = json.dumps({"case": case, "result": result, "figures": figures, "test": self.nodeid})
-        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
-        with open(self.folder / f"{worker}.jsonl", "a", encoding="utf-8") as records:
-            records.write(line + "\n")
+        _append(self.folder, {"case": case, "result": result, "figures": figures, "test": self.nodeid})
 
 
 @pytest.fixture
@@ -99,10 +104,21 @@ def _is_controller(config) -> bool:
 
 
 def pytest_configure(config):
+    config.addinivalue_line("markers", "proves(*cases): the RELIABILITY.md cases this test proves (tests/reliability.py)")
     if _is_controller(config) and RECORDS_ENV not in os.environ:
         # Workers start after this and inherit the environment.
         os.environ[RECORDS_ENV] = tempfile.mkdtemp(prefix="flanops-reliability-")
         config._reliability_owner = True
+
+
+def pytest_runtest_setup(item):
+    marker = item.get_closest_marker("proves")
+    folder = os.environ.get(RECORDS_ENV)
+    if marker and folder:
+        for case in marker.args:
+            if case not in CASE_IDS:
+                raise KeyError(f"{item.nodeid}: {case!r} is not a case in tests/reliability.py CASES")
+            _append(Path(folder), {"case": case, "result": None, "figures": {}, "test": item.nodeid})
 
 
 _OUTCOMES: dict[str, str] = {}   # nodeid → passed/failed/skipped, from every worker's reports
@@ -161,7 +177,10 @@ def _cell(text: str) -> str:
 
 def render(records: list[dict], outcomes: dict[str, str]) -> str:
     by_case: dict[str, list[dict]] = {}
-    for record in records:
+    for record in records:   # a claim (result None) stands only where its test recorded nothing
+        if record["result"] is None and any(r["test"] == record["test"] and r["case"] == record["case"]
+                                            and r["result"] is not None for r in records):
+            continue
         by_case.setdefault(record["case"], []).append(record)
     root = Path(__file__).resolve().parent.parent
     lines = [
@@ -194,7 +213,8 @@ def render(records: list[dict], outcomes: dict[str, str]) -> str:
             counts["passed" if set(case_outcomes) == {"passed"} else "failed"] += 1
             for record, outcome in zip(seen, case_outcomes):
                 figures = ", ".join(f"{key} {value}" for key, value in record["figures"].items())
-                result = record["result"] + (f" ({figures})" if figures else "")
+                result = (record["result"] + (f" ({figures})" if figures else "") if record["result"] is not None
+                          else "no result: the test ended before recording one (see its output)")
                 test = record["test"].split("@", 1)[0].split("::", 1)   # xdist appends "@group"
                 body.append(f"| {_cell(description)} | {_cell(result)} | `{test[0].removeprefix('tests/')}::"
                             f"{_cell(test[-1])}` | {'passed' if outcome == 'passed' else '**' + outcome + '**'} |")

@@ -134,6 +134,7 @@ class Client:
             self.connection = None
 
 
+@pytest.mark.proves("load.concurrent_clients", "load.over_limits")
 def test_sixteen_clients_for_sixty_seconds_get_no_5xx_and_memory_stays_bounded(endpoint, reliability):
     from flanops.steps.stepkit.synthetic import generate_splits
 

@@ -266,6 +266,7 @@ def s3_keys(session, uri: str) -> list[str]:
     return [obj["Key"] for obj in response.get("Contents", [])]
 
 
+@pytest.mark.proves("fault.sigkill_resume")
 def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_run, reliability):
     """SIGKILL a job's process group mid-run; the execution fails, --resume completes it."""
     records = flanops.home / "executions" / PIPELINE
@@ -566,6 +567,7 @@ def test_approve_deploy_serve_and_invoke_as_the_readme_shows(flanops, quick_run)
     assert again.returncode == 2 and "nothing to destroy" in again.stderr
 
 
+@pytest.mark.proves("fault.stack_update_rollback")
 def test_a_failed_stack_update_rolls_back_while_the_endpoint_keeps_serving(flanops, quick_run, reliability):
     import boto3
 
@@ -617,6 +619,7 @@ def test_a_failed_stack_update_rolls_back_while_the_endpoint_keeps_serving(flano
 
 # Last in the module: it kills the shared embedded AWS server (test_notebooks, which follows, then
 # starts on a new one and gets its jobs from the local copies this test proves).
+@pytest.mark.proves("fault.embedded_aws_dies")
 def test_embedded_aws_dying_mid_run_is_a_clear_error_and_a_rerun_restores_the_finished_steps(flanops, quick_run,
                                                                                               reliability):
     records = flanops.home / "executions" / PIPELINE
@@ -685,6 +688,7 @@ SECRET_PATTERNS = {
 }
 
 
+@pytest.mark.proves("security.secrets")
 def test_no_secret_reaches_output_logs_reports_or_records(flanops, quick_run, reliability):
     """Every run in this module had SECRET_CANARIES in its environment; scan all it left."""
     files = [path for path in flanops.root.rglob("*") if path.is_file() and path.stat().st_size < 50_000_000

@@ -19,6 +19,16 @@ def test_every_case_appears_with_its_outcome_and_unrecorded_cases_say_not_run():
         assert f"| {description} |" in text.replace("\\|", "|")
 
 
+def test_a_test_that_failed_before_recording_shows_against_the_cases_it_proves():
+    claim = {"case": "load.over_limits", "result": None, "figures": {}, "test": "tests/l.py::t"}
+    text = render([claim], {"tests/l.py::t": "failed"})
+    assert ("| requests over the limits during the load | no result: the test ended before recording one "
+            "(see its output) | `l.py::t` | **failed** |") in text
+    recorded = {**claim, "result": "304 got their 4xx"}
+    text = render([claim, recorded], {"tests/l.py::t": "passed"})
+    assert "| 304 got their 4xx |" in text and "no result" not in text
+
+
 def test_the_committed_reliability_md_is_from_a_full_run_that_proved_every_case():
     text = (REPO / "RELIABILITY.md").read_text(encoding="utf-8")
     summary = re.search(r"(\d+) cases: (\d+) proven by passing tests, (\d+) with a test that did not pass, (\d+) not run",

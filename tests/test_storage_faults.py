@@ -75,6 +75,7 @@ def test_a_step_writing_to_a_full_disk_says_so_and_publishes_nothing(tmp_path, r
     reliability.record("fault.disk_full", f"prepare_data.py exit {code}: \"{line}\"; the disk holds nothing afterwards")
 
 
+@pytest.mark.proves("fault.disk_full")
 def test_a_run_on_a_full_disk_fails_its_step_clearly(tmp_path, flanops_env, reliability):
     code, output, left = run_on_small_disks(
         tmp_path, [sys.executable, "-m", "flanops.cli", "run", "--no-deploy", "--output-dir", str(tmp_path / "full" / "run")],
@@ -90,6 +91,7 @@ def test_a_run_on_a_full_disk_fails_its_step_clearly(tmp_path, flanops_env, reli
                                           "file left, the execution record kept")
 
 
+@pytest.mark.proves("fault.read_only")
 def test_a_read_only_output_folder_is_refused_before_anything_runs(tmp_path, flanops_env, reliability):
     target = tmp_path / "ro" / "out" / "run"
     code, output, left = run_on_small_disks(
