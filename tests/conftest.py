@@ -1,6 +1,7 @@
 """Shared fixtures. Step scripts import ``stepkit`` as SageMaker would (their folder on sys.path)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from moto import mock_aws  # imported before sagemaker (conftest loads first), so every client the SDK makes is mocked
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = REPO / "steps"
@@ -134,6 +136,31 @@ def kill_processes_under(root: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@contextlib.contextmanager
+def mocked_aws(region: str, bucket: str):
+    """In-process mocked AWS (moto) with ``bucket``, the environment set before the SDK is imported;
+    yields a boto3 Session.
+
+    The SDK's telemetry GET goes to an S3 URL, which mock_aws answers too (404), so nothing leaves
+    the process. (A TelemetryOptOut config via SAGEMAKER_USER_CONFIG_OVERRIDE would also do, but
+    the SDK validates that config with jsonschema on every session it makes: 4x slower builds.)
+    """
+    import boto3
+
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
+                     "SAGEMAKER_USER_CONFIG_OVERRIDE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", region)
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")   # ModelTrainer would call IAM's policy simulator
+        with mock_aws():
+            session = boto3.Session(region_name=region)
+            session.client("s3").create_bucket(Bucket=bucket)
+            yield session
 
 
 @pytest.fixture(scope="session")

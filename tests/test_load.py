@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import STEPS, kill_processes_under
+from flanops.serving import serve_in_subprocess
 
 CLIENTS = 16
 SECONDS = 60.0
@@ -56,7 +57,7 @@ def over_limit_requests() -> list[tuple[str, dict, bytes | None, int]]:
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
-    """(url, server pid) of `flanops serve --model-data model.tar.gz`; stopped afterwards."""
+    """(url, server pid) of `flanops serve --model-data model.tar.gz` (flanops.serving.serve_in_subprocess)."""
     from flanops.steps.stepkit.modeling import package_model, save_model
     from flanops.steps.stepkit.synthetic import generate_splits
     from flanops.steps.stepkit.tiny import build_tiny_model, train_tokenizer
@@ -69,25 +70,11 @@ def endpoint(tmp_path_factory):
 
     env = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES}
     env.update(FLANOPS_HOME=str(root / "home"), PYTHONUNBUFFERED="1")
-    log_path = root / "serve.log"
-    with open(log_path, "w", encoding="utf-8") as log:
-        server = subprocess.Popen([sys.executable, "-m", "flanops.cli", "serve", "--model-data", str(archive),
-                                   "--endpoint-name", "load-test", "--port", "0"],
-                                  env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        deadline = time.monotonic() + 180
-        while "is serving at " not in log_path.read_text(encoding="utf-8"):
-            assert server.poll() is None and time.monotonic() < deadline, log_path.read_text(encoding="utf-8")
-            time.sleep(0.2)
-        url = log_path.read_text(encoding="utf-8").split("is serving at ", 1)[1].split()[0]
-        yield url, server.pid, log_path
+        with serve_in_subprocess("--model-data", str(archive), "--endpoint-name", "load-test", env=env) as url:
+            record = root / "home" / "endpoints" / "load-test.json"   # the server announces itself there
+            yield url, json.loads(record.read_text(encoding="utf-8"))["pid"]
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
         subprocess.run([sys.executable, "-m", "flanops.cli", "local", "stop"], env=env, capture_output=True, timeout=60)
         kill_processes_under(root)
 
@@ -138,7 +125,7 @@ class Client:
 def test_sixteen_clients_for_sixty_seconds_get_no_5xx_and_memory_stays_bounded(endpoint, reliability):
     from flanops.steps.stepkit.synthetic import generate_splits
 
-    url, pid, log_path = endpoint
+    url, pid = endpoint
     dialogues = [row["dialogue"] for row in generate_splits({"test": 32}, seed=3)["test"]]
     bad_requests = over_limit_requests()
     latencies: list[float] = []

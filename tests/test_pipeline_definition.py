@@ -14,13 +14,12 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import boto3
 import botocore.session
 import pytest
 import yaml
 from botocore.validate import ParamValidator
-from moto import mock_aws  # imported before sagemaker, so every client the SDK makes is mocked
 
+from conftest import mocked_aws
 from flanops import cli
 from flanops import definition as definition_module
 from flanops.config import Parameters, config_dir, import_step, load_config, shipped_configs
@@ -57,25 +56,10 @@ EXPECTED_STEPS = [("PrepareData", "Processing"), ("SelectModel", "Processing"), 
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def aws():
-    """An in-process mocked AWS with a bucket; the environment is set before the SDK is imported.
-
-    The SDK's telemetry GET goes to an S3 URL, which mock_aws answers too (404), so nothing leaves
-    the process. (A TelemetryOptOut config via SAGEMAKER_USER_CONFIG_OVERRIDE would also do, but
-    the SDK validates that config with jsonschema on every session it makes: 4x slower builds.)
-    """
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
-                     "SAGEMAKER_USER_CONFIG_OVERRIDE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")   # ModelTrainer would call IAM's policy simulator
-        with mock_aws():
-            session = boto3.Session(region_name=REGION)
-            session.client("s3").create_bucket(Bucket=BUCKET)
-            yield SimpleNamespace(session=session, build=lambda config=None: build_definition(
-                config or load_config(), ROLE_ARN, BUCKET, session))
+    """An in-process mocked AWS with a bucket (conftest.mocked_aws) and a definition builder."""
+    with mocked_aws(REGION, BUCKET) as session:
+        yield SimpleNamespace(session=session, build=lambda config=None: build_definition(
+            config or load_config(), ROLE_ARN, BUCKET, session))
 
 
 @pytest.fixture(scope="module")

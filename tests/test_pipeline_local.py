@@ -266,29 +266,56 @@ def s3_keys(session, uri: str) -> list[str]:
     return [obj["Key"] for obj in response.get("Contents", [])]
 
 
-@pytest.mark.proves("fault.sigkill_resume")
-def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_run, reliability):
-    """SIGKILL a job's process group mid-run; the execution fails, --resume completes it."""
+@dataclass
+class BackgroundRun:
+    process: subprocess.Popen
+    log_path: Path
+    record_path: Path
+
+    def executing(self, step: str) -> dict:
+        """Wait until ``step``'s job runs; its execution-record entry."""
+        def entry():
+            assert self.process.poll() is None, f"flanops exited early:\n{self.log_path.read_text()}"
+            record = json.loads(self.record_path.read_text(encoding="utf-8"))
+            found = next((s for s in record["Steps"] if s["StepName"] == step), None)
+            return found if found and found["StepStatus"] == "Executing" and found["Metadata"].get("Pid") else None
+
+        return wait_for(entry, 300, f"{step} to be executing")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+
+def start_run(flanops: Flanops, name: str, *params: str) -> BackgroundRun:
+    """`flanops run` in a session of its own, its output in <root>/<name>-run.log, once its record exists."""
     records = flanops.home / "executions" / PIPELINE
     known = set(records.glob("*.json"))
-    run_dir = flanops.run_dir("killed")
-    log_path = flanops.root / "killed-run.log"
-    # another data seed: nothing is cached, so PrepareData really runs before SelectModel is killed
-    params = ["--param", "steps.prepare.seed=1", "--param", "OptimizationMethod=none", "--no-deploy"]
+    log_path = flanops.root / f"{name}-run.log"
     with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(flanops.command("run", "--output-dir", str(run_dir), *FAST, *params),
+        process = subprocess.Popen(flanops.command("run", "--output-dir", str(flanops.run_dir(name)), *params),
                                    env=flanops.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         record_path = wait_for(lambda: next(iter(set(records.glob("*.json")) - known), None), 180,
                                "the execution record")
+    except BaseException:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+        raise
+    return BackgroundRun(process, log_path, record_path)
 
-        def select_executing():
-            assert process.poll() is None, f"flanops exited early:\n{log_path.read_text()}"
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-            entry = next((s for s in record["Steps"] if s["StepName"] == NAMES.select), None)
-            return entry if entry and entry["StepStatus"] == "Executing" and entry["Metadata"].get("Pid") else None
 
-        job_pid = wait_for(select_executing, 300, "SelectModel to be executing")["Metadata"]["Pid"]
+@pytest.mark.proves("fault.sigkill_resume")
+def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_run, reliability):
+    """SIGKILL a job's process group mid-run; the execution fails, --resume completes it."""
+    run_dir = flanops.run_dir("killed")
+    # another data seed: nothing is cached, so PrepareData really runs before SelectModel is killed
+    run = start_run(flanops, "killed", *FAST, "--param", "steps.prepare.seed=1", "--param", "OptimizationMethod=none",
+                    "--no-deploy")
+    process, log_path, record_path = run.process, run.log_path, run.record_path
+    try:
+        job_pid = run.executing(NAMES.select)["Metadata"]["Pid"]
         # the executor echoes the job's output: wait until select_model.py is at work
         wait_for(lambda: "│" in log_path.read_text(encoding="utf-8").split(f"==> {NAMES.select}")[-1], 120,
                  "SelectModel's first output")
@@ -297,9 +324,7 @@ def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_r
         os.killpg(job_pid, signal.SIGKILL)   # that job only, as the OOM killer or a crash would
         code = process.wait(timeout=120)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        run.kill()
     assert code != 0, log_path.read_text()
 
     execution_id = record_path.stem
@@ -622,33 +647,17 @@ def test_a_failed_stack_update_rolls_back_while_the_endpoint_keeps_serving(flano
 @pytest.mark.proves("fault.embedded_aws_dies")
 def test_embedded_aws_dying_mid_run_is_a_clear_error_and_a_rerun_restores_the_finished_steps(flanops, quick_run,
                                                                                               reliability):
-    records = flanops.home / "executions" / PIPELINE
-    known = set(records.glob("*.json"))
     # Only Evaluate differs from quick_run (on 4 examples: quick): everything before it is a cache hit.
-    params = [*FAST, "--param", "steps.evaluate.max_examples=4", "--no-deploy"]
-    log_path = flanops.root / "aws-dies-run.log"
-    with open(log_path, "w", encoding="utf-8") as log:
-        process = subprocess.Popen(flanops.command("run", "--output-dir", str(flanops.run_dir("aws-dies")), *params),
-                                   env=flanops.env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run = start_run(flanops, "aws-dies", *FAST, "--param", "steps.evaluate.max_examples=4", "--no-deploy")
+    log_path, record_path = run.log_path, run.record_path
     try:
-        record_path = wait_for(lambda: next(iter(set(records.glob("*.json")) - known), None), 180,
-                               "the execution record")
-
-        def evaluate_executing():
-            assert process.poll() is None, f"flanops exited early:\n{log_path.read_text()}"
-            record = json.loads(record_path.read_text(encoding="utf-8"))
-            entry = next((s for s in record["Steps"] if s["StepName"] == NAMES.evaluate), None)
-            return entry if entry and entry["StepStatus"] == "Executing" and entry["Metadata"].get("Pid") else None
-
-        wait_for(evaluate_executing, 300, "Evaluate to be executing")
+        run.executing(NAMES.evaluate)
         server = server_status()
         assert server is not None
         os.kill(server.pid, signal.SIGKILL)   # as a crash or the OOM killer would
-        code = process.wait(timeout=300)
+        code = run.process.wait(timeout=300)
     finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        run.kill()
     output = log_path.read_text(encoding="utf-8")
     assert code != 0, output
     assert "Traceback" not in output, output[-4000:]

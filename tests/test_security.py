@@ -17,9 +17,9 @@ import boto3
 import botocore.session
 import pytest
 from botocore.exceptions import ClientError
-from moto import mock_aws  # imported before sagemaker, so every client the SDK makes is mocked
 from test_pipeline_definition import OPERATIONS, request_problems
 
+from conftest import mocked_aws
 from flanops import cli, commands
 from flanops.config import ConfigError, config_dir, load_config
 from flanops.definition import NAMES, build_definition, iter_steps
@@ -70,19 +70,9 @@ ACCEPTED_RISKS = {
 # ----------------------------------------------------------------------------- fixtures
 @pytest.fixture(scope="module")
 def aws():
-    """In-process mocked AWS with the test bucket; the environment set before the SDK is imported."""
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
-                     "SAGEMAKER_USER_CONFIG_OVERRIDE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
-            monkeypatch.delenv(name, raising=False)
-        monkeypatch.setenv("AWS_DEFAULT_REGION", REGION)
-        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-        monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")   # ModelTrainer would call IAM's policy simulator
-        with mock_aws():
-            session = boto3.Session(region_name=REGION)
-            session.client("s3").create_bucket(Bucket=BUCKET)
-            yield session
+    """In-process mocked AWS with the test bucket (conftest.mocked_aws)."""
+    with mocked_aws(REGION, BUCKET) as session:
+        yield session
 
 
 @pytest.fixture(scope="module")
