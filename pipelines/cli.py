@@ -158,18 +158,13 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         # Lost AWS and full or read-only disks can strike anywhere; anything else is a bug and keeps its traceback.
-        from .local import aws_unreachable, connection_errors
-        from .steps.stepkit.errors import first_line, storage_problem
+        from .local import known_failure
 
-        if isinstance(err, connection_errors()):
-            print(f"error: {aws_unreachable(f'flanops {args.command}', err, os.environ.get('AWS_ENDPOINT_URL'))}",
-                  file=sys.stderr)
-            return 1
-        if storage_problem(err):
-            print(f"error: flanops {args.command}: {storage_problem(err)} ({first_line(err)}); free space or "
-                  "choose another folder, then run again", file=sys.stderr)
-            return 1
-        raise
+        failure = known_failure(f"flanops {args.command}", err, os.environ.get("AWS_ENDPOINT_URL"))
+        if failure is None:
+            raise
+        print(f"error: {failure}", file=sys.stderr)
+        return 1
 
 
 def local_command(action: str) -> int:

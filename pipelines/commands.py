@@ -86,10 +86,15 @@ def embedded_bucket(session, kms_key_id: str | None = None) -> str:
     """
     from .infra.buckets import ensure_bucket
 
-    account = session.client("sts").get_caller_identity()["Account"]
-    bucket = f"sagemaker-{session.region_name}-{account}"
+    bucket, _ = sdk_default_bucket(session)
     ensure_bucket(session.client("s3"), bucket, session.region_name, kms_key_id=kms_key_id)
     return bucket
+
+
+def sdk_default_bucket(session) -> tuple[str, str]:
+    """(sagemaker-<region>-<account>, account): the SDK's default bucket name and the account that should own it."""
+    account = session.client("sts").get_caller_identity()["Account"]
+    return f"sagemaker-{session.region_name}-{account}", account
 
 
 def default_bucket(session, kms_key_id: str | None = None) -> str:
@@ -102,9 +107,8 @@ def default_bucket(session, kms_key_id: str | None = None) -> str:
 
     from .infra.buckets import ensure_bucket
 
-    account = session.client("sts").get_caller_identity()["Account"]
-    ensure_bucket(session.client("s3"), f"sagemaker-{session.region_name}-{account}", session.region_name,
-                  kms_key_id=kms_key_id, expected_owner=account)
+    bucket, account = sdk_default_bucket(session)
+    ensure_bucket(session.client("s3"), bucket, session.region_name, kms_key_id=kms_key_id, expected_owner=account)
     return PipelineSession(boto_session=session).default_bucket()
 
 
@@ -210,15 +214,15 @@ def write_run_report(target: Target, run_dir: Path) -> None:
 
 def announce_report(write: Callable[[], Path], retry: str) -> None:
     """Write a run's report and say where; a run's outcome stands even when its report cannot be written."""
-    from .local import connection_errors
-    from .steps.stepkit.errors import storage_problem
+    from .local import known_failure
 
     try:
         path = write()
     except Exception as err:
-        if not (isinstance(err, (FlanopsError, *connection_errors())) or storage_problem(err)):
+        failure = err if isinstance(err, FlanopsError) else known_failure("the report", err, None)
+        if failure is None:
             raise
-        print(f"report: not written ({storage_problem(err) or err}); try again with `{retry}`")
+        print(f"report: not written ({failure}); try again with `{retry}`")
         return
     print(f"report: {path}  (and report.md beside it)")
 

@@ -73,6 +73,20 @@ def aws_unreachable(step: str, err: BaseException, endpoint_url: str | None) -> 
                           "then run again (finished steps come from SageMaker's cache)")
 
 
+def known_failure(where: str, error: BaseException, endpoint_url: str | None,
+                  folder: Path | None = None) -> StepFailed | None:
+    """A failure the user can act on, in one line: AWS stopped answering, or a disk is full or
+    read-only (``folder``: where was being written). None for anything else: a bug keeps its traceback."""
+    if isinstance(error, connection_errors()):
+        return aws_unreachable(where, error, endpoint_url)
+    problem = storage_problem(error)
+    if problem:
+        place = f" while writing under {folder}" if folder else ""
+        return StepFailed(f"{where}: {problem}{place} ({first_line(error)}); free space there or choose another "
+                          "folder (--output-dir), then run again")
+    return None
+
+
 def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -463,18 +477,6 @@ class LocalExecutor:
         self.save(record)
         return record
 
-    def as_step_failure(self, name: str, error: Exception) -> StepFailed | None:
-        """What failed a step, as its FailureReason; None for a bug of ours (it keeps its traceback)."""
-        if isinstance(error, StepFailed):
-            return error
-        if isinstance(error, connection_errors()):
-            return aws_unreachable(name, error, self.job_env.get("AWS_ENDPOINT_URL"))
-        problem = storage_problem(error)
-        if problem:
-            return StepFailed(f"{name}: {problem} while staging the job under {self.run_dir} ({first_line(error)}); "
-                              "free space there or choose another --output-dir")
-        return None
-
     def save(self, record: dict) -> None:
         write_json_atomic(records_dir(self.home, self.pipeline_name) / f"{record['ExecutionId']}.json", record)
 
@@ -507,7 +509,8 @@ class LocalExecutor:
             else:
                 raise StepFailed(f"{name}: step type {step['Type']} is not supported by the local executor")
         except Exception as error:
-            failure = self.as_step_failure(name, error)
+            failure = error if isinstance(error, StepFailed) else known_failure(
+                name, error, self.job_env.get("AWS_ENDPOINT_URL"), self.run_dir)
             if failure is None:
                 raise
             entry.update(StepStatus="Failed", FailureReason=str(failure), EndTime=utcnow(),

@@ -40,6 +40,12 @@ def pin_xdist_worker() -> None:
 pin_xdist_worker()
 
 
+# A user's AWS setup, which tests that run flanops on embedded AWS take out of its environment.
+AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL",
+                 "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE",
+                 "AWS_SHARED_CREDENTIALS_FILE", "SAGEMAKER_USER_CONFIG_OVERRIDE")
+
+
 def run_step(script: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``steps/<script>`` as its own process, the way SageMaker and a user run it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
@@ -136,6 +142,20 @@ def kill_processes_under(root: Path) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+@contextlib.contextmanager
+def own_flanops_home(home: Path):
+    """The environment for flanops commands with a FLANOPS_HOME of their own and none of the user's
+    AWS setup; afterwards its embedded AWS server is stopped and whatever still runs in it is killed."""
+    env = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES}
+    env.update(FLANOPS_HOME=str(home), PYTHONUNBUFFERED="1")
+    try:
+        yield env
+    finally:
+        subprocess.run([sys.executable, "-m", "flanops.cli", "local", "stop"], env=env, capture_output=True,
+                       timeout=60)
+        kill_processes_under(home)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import AWS_VARIABLES
+
 from flanops.cli import main
 
 SMOKE = """
@@ -34,8 +36,6 @@ try:
 finally:
     stop_server()
 """
-AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ from __future__ import annotations
 import http.client
 import importlib.util
 import json
-import os
-import subprocess
 import sys
 import threading
 import time
@@ -20,8 +18,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from conftest import STEPS, kill_processes_under
+from conftest import STEPS, own_flanops_home
 from flanops.serving import serve_in_subprocess
+from flanops.steps.stepkit.cost import percentile
 
 CLIENTS = 16
 SECONDS = 60.0
@@ -29,7 +28,6 @@ WARMUP_SECONDS = 5.0
 MEMORY_GROWTH_BOUND_MB = 64   # the stated bound: RSS may not grow more than this after warm-up
 OVER_LIMIT_EVERY = 8          # each client's every 8th request is over a limit
 PARAMETERS = {"max_new_tokens": 8, "min_new_tokens": 8}   # a fixed amount of work per request
-AWS_VARIABLES = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 def over_limit_requests() -> list[tuple[str, dict, bytes | None, int]]:
@@ -68,26 +66,15 @@ def endpoint(tmp_path_factory):
     save_model(build_tiny_model(len(tokenizer), seed=0), tokenizer, root / "model", {"base_model": "tiny"})
     archive = package_model(root / "model", root / "model.tar.gz")
 
-    env = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES}
-    env.update(FLANOPS_HOME=str(root / "home"), PYTHONUNBUFFERED="1")
-    try:
-        with serve_in_subprocess("--model-data", str(archive), "--endpoint-name", "load-test", env=env) as url:
-            record = root / "home" / "endpoints" / "load-test.json"   # the server announces itself there
-            yield url, json.loads(record.read_text(encoding="utf-8"))["pid"]
-    finally:
-        subprocess.run([sys.executable, "-m", "flanops.cli", "local", "stop"], env=env, capture_output=True, timeout=60)
-        kill_processes_under(root)
+    with own_flanops_home(root / "home") as env, serve_in_subprocess(
+            "--model-data", str(archive), "--endpoint-name", "load-test", env=env) as url:
+        record = root / "home" / "endpoints" / "load-test.json"   # the server announces itself there
+        yield url, json.loads(record.read_text(encoding="utf-8"))["pid"]
 
 
 def rss_mb(pid: int) -> float:
     status = Path(f"/proc/{pid}/status").read_text(encoding="utf-8")
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:"))) / 1024
-
-
-def percentile(values: list[float], share: float) -> float:
-    from flanops.steps.stepkit.cost import percentile as interpolated
-
-    return interpolated(values, share * 100)
 
 
 class Client:
@@ -197,7 +184,7 @@ def test_sixteen_clients_for_sixty_seconds_get_no_5xx_and_memory_stays_bounded(e
     status, payload = Client(url).post({}, json.dumps({"inputs": dialogues[0], "parameters": PARAMETERS}).encode())
     assert status == 200, payload
 
-    p50, p95, p99 = (percentile(latencies, share) * 1000 for share in (0.50, 0.95, 0.99))
+    p50, p95, p99 = (percentile(latencies, percent) * 1000 for percent in (50, 95, 99))
     reliability.record(
         "load.concurrent_clients",
         f"{len(latencies)} summaries in {seconds:.0f} s ({len(latencies) / seconds:.1f}/s), 0 5xx, "

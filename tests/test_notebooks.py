@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import AWS_VARIABLES
+
 papermill = pytest.importorskip("papermill", reason="the test extra installs papermill")
 
 NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
@@ -24,8 +26,6 @@ ORDER = ["01_quickstart.ipynb", "02_sagemaker_pipeline.ipynb", "03_deploy_and_mo
 QUICK = {"steps.prepare.train_size": 200, "steps.prepare.test_size": 20, "steps.select.warmup_steps": 20,
          "steps.finetune.max_steps": 10, "steps.evaluate.max_examples": 20, "steps.evaluate.speed_inputs": 1,
          "steps.evaluate.speed_repeats": 1, "MinRougeL": 0.0, "MaxP95LatencyMs": 600000}
-AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
-                 "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from conftest import REPO, processes_under
+from conftest import AWS_VARIABLES, REPO, processes_under
 from flanops.definition import NAMES
 from flanops.embedded import server_status
 from flanops.local import Context, LocalExecutor, StepFailed
@@ -44,9 +44,6 @@ SECRET_CANARIES = {"HF_TOKEN": "hf_CanaryTokenQ7vX2mP9sL4kR8tW1yZ6nB3cD5",
                    "WANDB_API_KEY": "canary0wandb4f1c9e2b7a8d3f6c5e1b9a7d2c8f4e6b3a",
                    "FLANOPS_CANARY_SECRET": "canary-secret-3b9f1e7c2d8a4f6b"}
 CACHED_STEP_SECONDS = 3.0           # a cache hit is a few S3 listings; a job is never this quick here
-AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL",
-                 "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE",
-                 "AWS_SHARED_CREDENTIALS_FILE", "SAGEMAKER_USER_CONFIG_OVERRIDE")
 
 
 # ----------------------------------------------------------------------------- process helpers

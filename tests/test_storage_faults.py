@@ -7,7 +7,6 @@ namespace goes away.
 """
 from __future__ import annotations
 
-import os
 import shlex
 import shutil
 import subprocess
@@ -16,9 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import STEPS, kill_processes_under
+from conftest import STEPS, own_flanops_home
 
-AWS_VARIABLES = ("AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 LISTING = "--- left behind:"
 
 
@@ -43,7 +41,7 @@ def run_on_small_disks(tmp_path: Path, command: list[str], env: dict | None = No
               f"(cd {tmp_path} && find full ro/out -mindepth 1)\nexit $code\n")
     result = subprocess.run(["unshare", "--user", "--map-root-user", "--mount", "bash", "-c", script],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300,
-                            env={**os.environ, **(env or {})})
+                            env=env)   # None: this process's environment
     assert result.returncode != 99, f"could not mount the test file systems: {result.stdout}"
     output, _, listing = result.stdout.partition(LISTING)
     return result.returncode, output, sorted(listing.split())
@@ -56,12 +54,8 @@ def error_lines(output: str) -> list[str]:
 @pytest.fixture
 def flanops_env(tmp_path):
     """A FLANOPS_HOME of its own; its embedded AWS server is stopped afterwards."""
-    home = tmp_path / "home"
-    env = {k: v for k, v in os.environ.items() if k not in AWS_VARIABLES}
-    env.update(FLANOPS_HOME=str(home), PYTHONUNBUFFERED="1")
-    yield env
-    subprocess.run([sys.executable, "-m", "flanops.cli", "local", "stop"], env=env, capture_output=True, timeout=60)
-    kill_processes_under(home)
+    with own_flanops_home(tmp_path / "home") as env:
+        yield env
 
 
 def test_a_step_writing_to_a_full_disk_says_so_and_publishes_nothing(tmp_path, reliability):
