@@ -214,7 +214,7 @@ def run_child(task: dict, progress: Progress, label: str) -> dict:
 def machine() -> dict:
     import torch
 
-    from ..steps.stepkit.modeling import usable_cpus
+    from ..steps.stepkit.threads import usable_cpus
 
     cpu, flags = None, []
     try:

@@ -369,7 +369,7 @@ def prepare_run_dir(output_dir: Path | None) -> Path:
 # ----------------------------------------------------------------------------- reporting
 def gate_facts(record: dict) -> dict | None:
     """The gate's inputs and outcome, from the evaluation report and the condition step."""
-    from .definition import EVALUATION_REPORT, GATE_PATHS, NAMES
+    from .definition import EVALUATION_REPORT, GATE, GATE_PATHS, NAMES
     from .local import json_path
 
     report_file = record["PropertyFiles"].get(f"{NAMES.evaluate}.{EVALUATION_REPORT}")
@@ -385,11 +385,23 @@ def gate_facts(record: dict) -> dict | None:
     outcome = gate_step["Metadata"].get("Condition", {}).get("Outcome") if gate_step else None
     parameters = record["Parameters"]
     selection = report_file.get("selection", {})
+    conditions = []
+    for condition in GATE:
+        value, threshold = measured[condition.metric], parameters.get(condition.parameter)
+        passed = None if value is None or threshold is None else condition.passed(float(value), float(threshold))
+        conditions.append({"label": condition.label, "metric": condition.metric, "parameter": condition.parameter,
+                           "bound": condition.bound(), "unit": condition.unit, "measured": value,
+                           "threshold": threshold, "passed": passed})
     return {"passed": outcome == "True" if outcome else None, "variant": measured["variant"],
             "measured": {k: v for k, v in measured.items() if k != "variant"},
-            "thresholds": {"MinRougeL": parameters.get("MinRougeL"), "MaxP95LatencyMs": parameters.get("MaxP95LatencyMs"),
-                           "MaxRougeLDrop": parameters.get("MaxRougeLDrop")},
-            "why": selection.get("rule"), "candidates": selection.get("candidates")}
+            "thresholds": {condition.parameter: parameters.get(condition.parameter) for condition in GATE},
+            "conditions": conditions, "why": selection.get("rule"), "candidates": selection.get("candidates")}
+
+
+def gate_sentence(gate: dict) -> str:
+    """``ROUGE-L 0.64 (min 0.4), p95 latency 12.3 ms (max 1000), …``: every condition, measured and its threshold."""
+    return ", ".join(f"{c['label']} {fmt(c['measured'])}{c['unit']} ({c['bound']} {c['threshold']})"
+                     + ("" if c["passed"] is not False else " FAILED") for c in gate["conditions"])
 
 
 def summarize_execution(record: dict, run_dir: Path) -> int:
@@ -405,12 +417,8 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
     print(f"{'total':<29}{total:>9.1f}")
     gate = gate_facts(record)
     if gate:
-        m, t = gate["measured"], gate["thresholds"]
         verdict = {True: "PASSED", False: "FAILED", None: "not reached"}[gate["passed"]]
-        print(f"\nquality gate {verdict} for variant {gate['variant']}: "
-              f"ROUGE-L {fmt(m['rougeL'])} (min {t['MinRougeL']}), p95 latency {fmt(m['latency_p95_ms'])} ms "
-              f"(max {t['MaxP95LatencyMs']}), ROUGE-L drop vs fine-tuned {fmt(m['rougeL_drop'])} "
-              f"(max {t['MaxRougeLDrop']})")
+        print(f"\nquality gate {verdict} for variant {gate['variant']}: {gate_sentence(gate)}")
         if gate["why"]:
             print(f"variant choice: {gate['why']}")
         for row in gate["candidates"] or []:
@@ -425,7 +433,10 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
           + (f" — {record['FailureReason']}" if record.get("FailureReason") else ""))
     gate_failed = any(s["StepType"] == "Fail" for s in record["Steps"])
     if status == "Failed" and gate_failed:
-        print("the model did not pass the gate; change the model or the thresholds (--param MinRougeL=…) and run "
+        failed = [c for c in (gate or {}).get("conditions", []) if c["passed"] is False]
+        hint = ", ".join(f"--param {c['parameter']}=… ({c['label']} {fmt(c['measured'])}{c['unit']} against "
+                         f"{c['bound']} {c['threshold']})" for c in failed) or "--param MinRougeL=…"
+        print(f"the model did not pass the gate; change the model or the threshold that failed ({hint}) and run "
               "again: unchanged jobs come from the cache")
     elif status in ("Failed", "Stopped") and record.get("Resumable", True):
         print(f"fix the cause, then: flanops run --resume {record['ExecutionId']}")

@@ -56,7 +56,7 @@ WIRED_FLAGS = {
     "quantize": {"model_dir", "data_dir", "output_dir", "overwrite"},
     "prune": {"model_dir", "data_dir", "output_dir", "overwrite"},
     "evaluate": {"model_dir", "baseline_dir", "data_dir", "output_dir", "compare", "select_within_drop",
-                 "package_dir", "overwrite"},
+                 "package_dir", "serving_python", "wheelhouse", "overwrite"},
 }
 
 
@@ -78,7 +78,11 @@ class Parameters(BaseModel):
     OptimizationMethod: Literal[OPTIMIZATION_METHODS] = Field("quantize", description=(
         "none, distill, quantize, prune, or auto (all three in parallel; the best variant within the gate wins)"))
     MinRougeL: float = Field(0.40, ge=0.0, le=1.0, description="gate: lowest ROUGE-L F1 (0..1) the registered model may have")
-    MaxP95LatencyMs: float = Field(2000.0, gt=0.0, description="gate: highest p95 latency at batch 1, milliseconds")
+    MaxP95LatencyMs: float = Field(2000.0, gt=0.0, description=(
+        "gate: highest p95 latency at batch 1, milliseconds (an absolute SLO: it depends on the machine and its load)"))
+    MaxLatencyRatio: float = Field(1.5, gt=0.0, description=(
+        "gate: highest batch-1 latency of the registered model over the base model's, timed side by side in the "
+        "Evaluate job (a figure the machine's load does not move)"))
     MaxRougeLDrop: float = Field(0.05, ge=0.0, le=1.0, description=(
         "gate and variant choice: largest ROUGE-L F1 loss (0..1) allowed against the fine-tuned model"))
     ModelPackageGroupName: str = Field("flanops", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",

@@ -39,13 +39,36 @@ EVALUATION_REPORT = "EvaluationReport"
 SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
 VARIANTS = ("distill", "quantize", "prune")
 
+
+
+@dataclass(frozen=True)
+class GateCondition:
+    """One condition of the quality gate: evaluation.json's ``metrics.<metric>.value`` against a parameter."""
+
+    metric: str
+    parameter: str
+    at_least: bool          # True: measured >= threshold; False: measured <= threshold
+    label: str              # as people read it in the summary, the FailStep's message and the report
+    unit: str = ""
+
+    def passed(self, measured: float, threshold: float) -> bool:
+        return measured >= threshold if self.at_least else measured <= threshold
+
+    def bound(self) -> str:
+        return "min" if self.at_least else "max"
+
+
+# The gate, in one place: the definition's ConditionStep and FailStep message, the run summary and the
+# report are all made from this table.
+GATE = (
+    GateCondition("rougeL", "MinRougeL", True, "ROUGE-L"),
+    GateCondition("latency_p95_ms", "MaxP95LatencyMs", False, "p95 latency", " ms"),
+    GateCondition("latency_ratio", "MaxLatencyRatio", False, "latency vs the base model", "x"),
+    GateCondition("rougeL_drop", "MaxRougeLDrop", False, "ROUGE-L drop vs fine-tuned"),
+)
 # Where the gate reads evaluate.py's evaluation.json.
-GATE_PATHS = {
-    "rougeL": "metrics.rougeL.value",
-    "latency_p95_ms": "metrics.latency_p95_ms.value",
-    "rougeL_drop": "metrics.rougeL_drop.value",
-    "variant": "selected_variant",
-}
+GATE_PATHS = {**{condition.metric: f"metrics.{condition.metric}.value" for condition in GATE},
+              "variant": "selected_variant"}
 
 
 @dataclass(frozen=True)
@@ -96,6 +119,31 @@ def upload_code(s3, bucket: str, pipeline_name: str) -> str:
     key = f"{pipeline_name}/{CODE_PREFIX}/{digest}/sourcedir.tar.gz"
     put_if_absent(s3, bucket, key, body)
     return f"s3://{bucket}/{key}"
+
+
+def upload_serving_wheel(s3, bucket: str, pipeline_name: str, serving_python: str) -> str:
+    """Stage the serving runtime's wheel (stepkit/wheels.py) under a content key; returns its folder's S3 URI.
+
+    Fetched here, on the client, so that the Evaluate job packs it into model.tar.gz without
+    network access of its own (a job in a VPC or with network isolation has none).
+    """
+    from .steps.stepkit.wheels import runtime_wheel
+
+    wheel = runtime_wheel(serving_python)
+    body = wheel.read_bytes()
+    key = f"{pipeline_name}/{CODE_PREFIX}/{hashlib.sha256(body).hexdigest()}/wheels"
+    put_if_absent(s3, bucket, f"{key}/{wheel.name}", body)
+    return f"s3://{bucket}/{key}"
+
+
+def image_python(image_uri: str) -> str:
+    """``…huggingface-pytorch-inference:2.6.0-transformers4.51.3-cpu-py312-ubuntu22.04`` → ``3.12``."""
+    import re
+
+    found = re.search(r"-py(\d)(\d+)-", image_uri)
+    if not found:
+        raise ValueError(f"cannot tell the Python version of image {image_uri}: expected a '-pyXY-' tag")
+    return f"{found.group(1)}.{found.group(2)}"
 
 
 def put_if_absent(s3, bucket: str, key: str, body: bytes) -> None:
@@ -368,15 +416,18 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     }
 
     report = PropertyFile(name=EVALUATION_REPORT, output_name="evaluation", path="evaluation.json")
+    serving_python = image_python(inference_image)
+    wheels_uri = upload_serving_wheel(session.client("s3"), default_bucket, name, serving_python)
     evaluate = processing_step(
         NAMES.evaluate, "evaluate",
         ["--model-dir", f"{PROCESSING}/input/finetuned", "--baseline-dir", f"{PROCESSING}/input/baseline",
          "--data-dir", f"{PROCESSING}/input/data", "--output-dir", f"{PROCESSING}/output/evaluation",
          "--package-dir", f"{PROCESSING}/output/model", "--select-within-drop", p("MaxRougeLDrop").to_string(),
+         "--serving-python", serving_python, "--wheelhouse", f"{PROCESSING}/input/wheels",
          *[arg for variant in VARIANTS for arg in ("--compare", f"{variant}={PROCESSING}/input/{variant}")],
          *config.step_arguments("evaluate")],
         inputs=[processing_input("finetuned", finetuned_uri), processing_input("baseline", output_uri(select, "model")),
-                processing_input("data", data_uri),
+                processing_input("data", data_uri), processing_input("wheels", wheels_uri),
                 *[processing_input(variant, output_uri(optimize[variant], "model")) for variant in VARIANTS]],
         outputs=["evaluation", "model"], property_files=[report])
 
@@ -396,15 +447,15 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         model_metrics=model_metrics, description=f"{name}: Flan-T5 + LoRA, optimized and gated",
         customer_metadata_properties={"variant": measured("variant"), "base_model": p("BaseModelId"),
                                       "optimization_method": p("OptimizationMethod")}))
-    fail = FailStep(name=NAMES.fail, error_message=Join(on=" ", values=[
-        "Quality gate failed for variant", measured("variant"), "- ROUGE-L", measured("rougeL"),
-        "(min", p("MinRougeL"), "), p95 latency", measured("latency_p95_ms"), "ms (max", p("MaxP95LatencyMs"),
-        "), ROUGE-L drop vs fine-tuned", measured("rougeL_drop"), "(max", p("MaxRougeLDrop"), ")"]))
+    message = ["Quality gate failed for variant", measured("variant"), "-"]
+    for index, condition in enumerate(GATE):
+        message += [condition.label, measured(condition.metric), f"{condition.unit.strip()} ({condition.bound()}".lstrip(),
+                    p(condition.parameter), ")" + (";" if index < len(GATE) - 1 else "")]
+    fail = FailStep(name=NAMES.fail, error_message=Join(on=" ", values=message))
     gate = ConditionStep(
         name=NAMES.gate,
-        conditions=[ConditionGreaterThanOrEqualTo(left=measured("rougeL"), right=p("MinRougeL")),
-                    ConditionLessThanOrEqualTo(left=measured("latency_p95_ms"), right=p("MaxP95LatencyMs")),
-                    ConditionLessThanOrEqualTo(left=measured("rougeL_drop"), right=p("MaxRougeLDrop"))],
+        conditions=[(ConditionGreaterThanOrEqualTo if condition.at_least else ConditionLessThanOrEqualTo)(
+            left=measured(condition.metric), right=p(condition.parameter)) for condition in GATE],
         if_steps=[register], else_steps=[fail])
 
     return Pipeline(name=name, parameters=list(params.values()),

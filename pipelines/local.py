@@ -38,7 +38,7 @@ from typing import Any, Callable
 from .embedded import process_alive
 from .errors import FlanopsError
 from .steps.stepkit.errors import first_line, storage_problem
-from .steps.stepkit.modeling import usable_cpus
+from .steps.stepkit.threads import usable_cpus
 
 CONTAINER_ROOT = "/opt/ml"
 PLACEHOLDER_EXECUTION = "<execution-id>"   # stands in for the execution id in cache keys

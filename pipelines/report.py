@@ -36,7 +36,7 @@ BASELINE, FINETUNED = "base", "finetuned"   # row names in the variants table (e
 class Variant:
     name: str
     metrics: dict[str, float]         # evaluation.json's metrics.<name>.value, flattened
-    method: str = ""                  # what made it (model card), e.g. "int8-dynamic"
+    method: str = ""                  # what made it (model card), e.g. "ct2-int8"
     selected: bool = False
 
 
@@ -175,7 +175,7 @@ def variants_of(evaluation: dict) -> tuple[list[Variant], dict[str, str]]:
 
 
 def method_label(card: dict) -> str:
-    """What made a variant, from its model card: "int8-dynamic", "structured pruning 50% (ffn)", …"""
+    """What made a variant, from its model card: "ct2-int8", "structured pruning 50% (ffn)", …"""
     if isinstance(card.get("quantization"), dict):
         return str(card["quantization"].get("method", "quantized"))
     if isinstance(card.get("pruning"), dict):
@@ -425,6 +425,7 @@ def variant_rows(facts: RunFacts) -> list[dict[str, str]]:
             "size MB": number(m.get("weights_bytes") and m["weights_bytes"] / 1e6, ".2f"),
             "compression": number(m.get("compression_ratio"), ".2f") + "×",
             "p50 ms": number(m.get("latency_p50_ms"), ".1f"), "p95 ms": number(m.get("latency_p95_ms"), ".1f"),
+            "vs base": number(m.get("latency_ratio"), ".2f") + ("×" if m.get("latency_ratio") is not None else ""),
             "MFLOP/token": number(flops and flops / 1e6, ".2f") or "n/a",
         })
     return rows
@@ -462,7 +463,7 @@ def page_context(facts: RunFacts, images: dict[str, str]) -> dict:
     gate = facts.gate or {}
     return {"facts": facts, "images": images, "variant_rows": variant_rows(facts),
             "variant_columns": ["variant", "method", *ROUGE_COLUMNS, "parameters", "size MB", "compression",
-                                "p50 ms", "p95 ms", "MFLOP/token"],
+                                "p50 ms", "p95 ms", "vs base", "MFLOP/token"],
             "data_card": data_card_rows(facts.data_card), "samples": sample_rows(facts),
             "verdict": {True: "PASSED", False: "FAILED", None: "not reached"}[gate.get("passed")] if gate else None,
             "total_seconds": sum(s["seconds"] or 0 for s in facts.steps)}

@@ -13,8 +13,9 @@ Routes:
       boto3.client("sagemaker-runtime", endpoint_url=URL).invoke_endpoint(EndpointName=name, …)
       works unchanged; handler errors come back as SageMaker's ModelError (HTTP 424)
 
-Requests are served by threads, predictions one at a time (a lock): the model is never
-called from two threads at once, and /ping answers while a prediction runs. A bad request
+Requests are served by threads. flanops' own handler batches concurrent requests
+(``CONCURRENT_REQUESTS`` in code/inference.py, see stepkit/batching.py); any other handler gets
+its predictions one at a time (a lock). /ping answers while predictions run. A bad request
 gets a 4xx naming what was wrong; an error inside the handler is a 500 for that request
 only; the server keeps serving.
 """
@@ -119,13 +120,14 @@ class Reply:
 
 
 class LoadedModel:
-    """One artifact's handler and model; :meth:`invoke` runs one request at a time."""
+    """One artifact's handler and model; :meth:`invoke` may be called from several threads."""
 
     def __init__(self, model_dir: Path):
         self.model_dir = model_dir
         self.handler = import_handler(model_dir)
         self.model = self.handler.model_fn(str(model_dir))
-        self._lock = threading.Lock()
+        # A handler that batches concurrent requests itself says so; any other runs one request at a time
+        self._lock = contextlib.nullcontext() if getattr(self.handler, "CONCURRENT_REQUESTS", False) else threading.Lock()
 
     def invoke(self, body: bytes, content_type: str, accept: str) -> Reply:
         # As the toolkit's handle(): the header as sent (parameters such as charset included) goes to

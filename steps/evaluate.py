@@ -4,7 +4,10 @@ Quality: ROUGE-1/2/L/Lsum (best over references per example), the best constant 
 training summary given for every input: what the template alone earns) and, where the data
 records its facts (synthetic), how often the speakers and slot values in the summary are right.
 Cost: parameters, size on disk, compression ratio vs the baseline, FLOPs per generated token,
-latency p50/p95 at batch 1 and throughput at a larger batch, on the same inputs, after warm-up.
+latency p50/p95 at batch 1 and throughput at a larger batch, on the same inputs, after warm-up;
+every model is timed side by side in the same rounds, and ``latency_ratio`` (its batch-1
+latency over the baseline's on the same input in the same round, the median) is a figure the
+machine's load does not move: the gate's ``MaxLatencyRatio`` reads it.
 
 Writes to ``--output-dir``: ``evaluation.json`` (read by the pipeline's gate through a
 PropertyFile: ``metrics.<name>.value``), ``model_quality.json`` (the Model Registry's
@@ -38,6 +41,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 from stepkit.contract import (atomic_output_dir, env_path, path_help, require_output_dir, require_path,
@@ -48,6 +52,7 @@ from stepkit.metrics import ROUGE_TYPES, best_constant_output, fact_accuracy, ro
 from stepkit.modeling import (MODEL_ARCHIVE, check_model_dir, configure_runtime, count_parameters,
                               load_model_and_tokenizer, package_model, read_model_card, summarize)
 from stepkit.records import read_split, write_jsonl
+from stepkit.wheels import DEFAULT_SERVING_PYTHON, check_python_version
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 BASELINE_ENV = ("SM_CHANNEL_BASELINE",)
@@ -84,6 +89,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     choose.add_argument("--package-dir",
                         help="write the chosen model (without --select-within-drop: the --model-dir model) there as "
                              f"{MODEL_ARCHIVE}, for the Model Registry")
+    choose.add_argument("--serving-python", default=DEFAULT_SERVING_PYTHON,
+                        help="Python of the image that will serve the package: a CTranslate2 model ships its runtime's "
+                             f"wheel for it (default: {DEFAULT_SERVING_PYTHON}, the registered image's)")
+    choose.add_argument("--wheelhouse", help="folder holding that wheel (the pipeline stages it); default: the cache, "
+                                             "else downloaded once from the package index")
     cost = parser.add_argument_group("cost measurement")
     cost.add_argument("--speed-inputs", type=int, default=8, help="distinct inputs timed at batch 1 (default: 8)")
     cost.add_argument("--speed-repeats", type=int, default=3, help="timings per input (default: 3)")
@@ -112,25 +122,47 @@ def score(predictions: list[str], rows: list[dict]) -> dict:
     return {"rouge": rouge(predictions, [row["references"] for row in rows]), "facts": facts}
 
 
-def assess(folder: Path, flag: str, rows: list[dict], generation: dict, cost_settings: CostSettings) -> dict:
-    """Quality and cost of one model folder on ``rows``; the model is freed before returning."""
+def load_and_score(name: str, folder: Path, flag: str, rows: list[dict], generation: dict) -> dict:
+    """One model folder loaded and scored on ``rows``; the loaded model stays in the result for timing."""
     loaded_from = check_model_dir(folder, flag)  # where a model.tar.gz in folder was extracted (once), else folder
     model, tokenizer = load_model_and_tokenizer(folder, flag)
+    threads = configure_runtime(count_parameters(model))
+    print(f"{name}: generating {len(rows)} summaries with {folder} ({threads} thread{'s' * (threads > 1)})")
+    predictions = summarize(model, tokenizer, [row["dialogue"] for row in rows], progress=progress_printer(name),
+                            **generation)
+    return {"model_dir": str(folder), "loaded_from": loaded_from, "card": read_model_card(loaded_from),
+            "predictions": predictions, **score(predictions, rows), "loaded": (model, tokenizer)}
+
+
+def progress_printer(label: str):
+    """``progress(done, total)`` for summarize: summaries done, rate and time left."""
+    started = time.perf_counter()
+
+    def report(done: int, total: int) -> None:
+        elapsed = max(time.perf_counter() - started, 1e-9)
+        rate = done / elapsed
+        print(f"{label}: {done}/{total} summaries ({rate:.1f}/s, {(total - done) / rate:.0f} s left)")
+    return report
+
+
+def measure_costs(results: dict[str, dict], rows: list[dict], cost_settings: CostSettings) -> None:
+    """Size, parameters, FLOPs, and latency/throughput of every model side by side (``results[...]["cost"]``).
+
+    Every model is timed in the same rounds (see stepkit.cost.measure_speed), each with the threads
+    its size calls for, and ``latency_ratio`` is its batch-1 latency over the baseline's.
+    """
     dialogues = [row["dialogue"] for row in rows]
-    print(f"generating {len(rows)} summaries with {folder}")
-    predictions = summarize(model, tokenizer, dialogues, **generation)
-    print(f"timing {cost_settings.latency_inputs} inputs x {cost_settings.repeats} at batch 1 and a batch of "
-          f"{cost_settings.throughput_batch}, {cost_settings.new_tokens} new tokens each")
-    speed = measure_speed(model, tokenizer, dialogues, cost_settings)
-    flops = flops_per_generated_token(model, tokenizer, dialogues[0], cost_settings)
-    result = {
-        "model_dir": str(folder), "loaded_from": loaded_from, "card": read_model_card(loaded_from),
-        "predictions": predictions, **score(predictions, rows),
-        "cost": {"parameters": count_parameters(model), **size_on_disk(loaded_from), **speed,
-                 "flops_per_generated_token": flops},
-    }
-    del model
-    return result
+    loaded = {name: result["loaded"] for name, result in results.items()}
+    configure_runtime(max(count_parameters(model) for model, _ in loaded.values()))
+    print(f"timing {len(loaded)} models side by side: {cost_settings.latency_inputs} inputs x {cost_settings.repeats} "
+          f"rounds at batch 1 and a batch of {cost_settings.throughput_batch}, {cost_settings.new_tokens} new tokens each")
+    speeds = measure_speed(loaded, dialogues, cost_settings, reference="baseline")
+    for name, result in results.items():
+        model, tokenizer = result.pop("loaded")
+        result["cost"] = {"parameters": count_parameters(model), **size_on_disk(result["loaded_from"]), **speeds[name],
+                          "flops_per_generated_token": flops_per_generated_token(model, tokenizer, dialogues[0],
+                                                                                 cost_settings)}
+        del model
 
 
 def metric_entries(result: dict, reference_weights: int | None = None) -> dict:
@@ -142,9 +174,9 @@ def metric_entries(result: dict, reference_weights: int | None = None) -> dict:
             entries[f"facts_{slot}"] = {"value": round(value, 6)}
     cost = result.get("cost")
     if cost:
-        for name in ("parameters", "weights_bytes", "latency_p50_ms", "latency_p95_ms", "throughput_tokens_per_s",
-                     "flops_per_generated_token"):
-            if cost[name] is not None:
+        for name in ("parameters", "weights_bytes", "latency_p50_ms", "latency_p95_ms", "latency_ratio",
+                     "throughput_tokens_per_s", "flops_per_generated_token"):
+            if cost.get(name) is not None:
                 entries[name] = {"value": cost[name]}
         if reference_weights:
             entries["compression_ratio"] = {"value": round(reference_weights / cost["weights_bytes"], 4)}
@@ -170,7 +202,7 @@ def model_quality_document(result: dict, rows: list[dict]) -> dict:
 def print_table(results: list[tuple[str, dict]], reference_weights: int) -> None:
     has_facts = any(r.get("facts") for _, r in results)
     columns = ["rouge1", "rouge2", "rougeL", "rougeLsum"] + (["facts"] if has_facts else []) + \
-        ["params", "size MB", "compress", "p50 ms", "p95 ms", "tok/s", "MFLOP/tok"]
+        ["params", "size MB", "compress", "p50 ms", "p95 ms", "vs base", "tok/s", "MFLOP/tok"]
     print(f"{'':<22}" + "".join(f"{c:>10}" for c in columns))
     for label, r in results:
         cells = [f"{100 * r['rouge'][n]:.1f}" for n in ROUGE_TYPES]
@@ -181,12 +213,13 @@ def print_table(results: list[tuple[str, dict]], reference_weights: int) -> None
             flops = cost["flops_per_generated_token"]
             cells += [f"{cost['parameters'] / 1e6:.2f}M", f"{cost['weights_bytes'] / 1e6:.2f}",
                       f"{reference_weights / cost['weights_bytes']:.2f}x", f"{cost['latency_p50_ms']:.1f}",
-                      f"{cost['latency_p95_ms']:.1f}", f"{cost['throughput_tokens_per_s']:.0f}",
+                      f"{cost['latency_p95_ms']:.1f}", f"{cost['latency_ratio']:.2f}x",
+                      f"{cost['throughput_tokens_per_s']:.0f}",
                       f"{flops / 1e6:.1f}" if flops else "n/a"]
         print(f"{label:<22}" + "".join(f"{c:>10}" for c in cells))
     print("(ROUGE F1 x100, best over references; facts: % of summaries with every speaker and slot value right;\n"
           " compress: baseline weights / these weights; latency at batch 1 and tok/s at the throughput batch, "
-          "fixed new tokens)")
+          "fixed new tokens;\n vs base: median latency over the baseline's on the same input in the same round)")
 
 
 def select_variant(candidates: dict[str, dict], max_drop: float) -> dict:
@@ -255,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         raise StepError(f"--package-dir {package_dir} is the --output-dir; give the package its own folder")
     if args.max_new_tokens < 1 or args.num_beams < 1 or args.batch_size < 1:
         raise StepError("--max-new-tokens, --num-beams and --batch-size must be at least 1")
+    check_python_version(args.serving_python)
     if args.select_within_drop is not None and not 0 <= args.select_within_drop <= 1:
         raise StepError(f"--select-within-drop {args.select_within_drop:g}: expected a fraction in [0, 1] (ROUGE is "
                         "0..1 in evaluation.json), e.g. 0.05 to allow 5 ROUGE-L points below the --model-dir model")
@@ -279,7 +313,8 @@ def main(argv: list[str] | None = None) -> int:
                   "max_source_length": args.max_source_length}
     models = [("baseline", baseline_dir, "--baseline-dir"), ("model", model_dir, "--model-dir")] + \
         [(name, folder, f"--compare {name}") for name, folder in compare]
-    results = {name: assess(folder, flag, rows, generation, cost_settings) for name, folder, flag in models}
+    results = {name: load_and_score(name, folder, flag, rows, generation) for name, folder, flag in models}
+    measure_costs(results, rows, cost_settings)
     reference_weights = results["baseline"]["cost"]["weights_bytes"]
 
     print(f"searching the best constant output among {len(set(train_summaries))} distinct training summaries")
@@ -324,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     if package_dir:  # published before evaluation.json, so a complete evaluation implies its package exists
         name = selection["variant"] if selection else FINETUNED
         with atomic_output_dir(package_dir, args.overwrite, flag="--package-dir") as staging:
-            archive = package_model(results[chosen]["loaded_from"], staging / MODEL_ARCHIVE)
+            archive = package_model(results[chosen]["loaded_from"], staging / MODEL_ARCHIVE, args.serving_python,
+                                    args.wheelhouse)
             size = archive.stat().st_size
         evaluation["package"] = {"variant": name, "path": str(package_dir / MODEL_ARCHIVE), "bytes": size,
                                  "model_dir": results[chosen]["model_dir"]}

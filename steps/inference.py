@@ -5,8 +5,8 @@ as ``code/inference.py``, with ``code/stepkit/`` beside it. The SageMaker Huggin
 toolkit (``sagemaker-huggingface-inference-toolkit``, in the Hugging Face inference images) puts
 ``code/`` on ``sys.path``, calls ``model_fn(model_dir)`` once, then per request
 ``input_fn(body, content_type)`` → ``predict_fn(data, model)`` → ``output_fn(prediction, accept)``.
-None takes the toolkit's optional trailing ``context`` argument. Every model variant (fp32, int8,
-pruned, distilled) loads through ``stepkit.modeling.load_model_and_tokenizer`` and generates
+None takes the toolkit's optional trailing ``context`` argument. Every model variant (fp32, bf16,
+CTranslate2 int8, pruned, distilled) loads through ``stepkit.modeling.load_model_and_tokenizer`` and generates
 through ``stepkit.modeling.summarize``, with the prompt template the model was trained and
 evaluated with; by default with the evaluation's settings (greedy, 64 new tokens).
 
@@ -39,18 +39,25 @@ Limits, set by the endpoint's environment (the Model's ``Environment``), whole n
   FLANOPS_MAX_NUM_BEAMS       8      upper bound of num_beams
 Cost grows with batch x beams x new tokens: keep a request within the 60 s that SageMaker waits.
 
+Concurrent requests are batched (``stepkit.batching``): requests with the same generation
+settings share ``generate`` calls, and each dialogue's summary is the one it gets alone.
+  FLANOPS_BATCH_DIALOGUES     32     dialogues per shared generate call
+  FLANOPS_BATCH_WAIT_MS       2      longest wait for more requests to join a batch
+  FLANOPS_MAX_QUEUE           64     requests waiting at most; beyond it a request gets 429
+  FLANOPS_QUEUE_TIMEOUT_S     50     a request not started by then gets 503 (SageMaker waits 60 s)
+Workers: a CTranslate2 model runs one batch per core at once (one intra-op thread each, see
+``stepkit.threads``); a PyTorch model one batch at a time. Under the SageMaker Hugging Face
+toolkit each model-server worker process holds its own model and batcher, and its requests
+come one at a time: there, concurrency comes from the workers (SAGEMAKER_MODEL_SERVER_WORKERS).
+
 A bad request raises :class:`RequestError` (a ValueError) whose ``status_code`` says why: 400 bad
 JSON, empty input or bad parameter, 413 too large, 415 unsupported content type, 406 unsupported
 Accept; ``str()`` is one sentence saying what was wrong and what is allowed. The toolkit answers
 any exception with HTTP 400 and that text; flanops' local endpoint server uses ``status_code``.
 Accept is only known to ``output_fn`` (the toolkit's interface), so a 406 comes after generating.
 
-An int8-dynamic model quantizes each layer's input with one scale over the whole batch, so its
-summary of a dialogue can change with the other dialogues sent in the same request (the other
-variants answer each dialogue the same whatever it is batched with).
-
-Requests share only the model, which they read: generation settings go to ``generate`` per call,
-so ``predict_fn`` can serve requests from several threads one after another.
+Requests share only the model, which they read, and the batcher: ``predict_fn`` may be called
+from several threads at once (``CONCURRENT_REQUESTS``; flanops' local endpoint does).
 """
 from __future__ import annotations
 
@@ -62,8 +69,10 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from stepkit.batching import Batcher, Refused
 from stepkit.modeling import load_model_and_tokenizer, summarize
 from stepkit.records import json_reason
+from stepkit.threads import inference_threads
 
 JSON_TYPE = "application/json"
 TEXT_TYPE = "text/plain"
@@ -87,6 +96,11 @@ MAX_DIALOGUE_CHARS = _limit("FLANOPS_MAX_DIALOGUE_CHARS", 10000)
 MAX_BATCH_SIZE = _limit("FLANOPS_MAX_BATCH_SIZE", 16)
 MAX_NEW_TOKENS = _limit("FLANOPS_MAX_NEW_TOKENS", 256)
 MAX_NUM_BEAMS = _limit("FLANOPS_MAX_NUM_BEAMS", 8)
+BATCH_DIALOGUES = _limit("FLANOPS_BATCH_DIALOGUES", 32)
+BATCH_WAIT_MS = _limit("FLANOPS_BATCH_WAIT_MS", 2)
+MAX_QUEUE = _limit("FLANOPS_MAX_QUEUE", 64)
+QUEUE_TIMEOUT_S = _limit("FLANOPS_QUEUE_TIMEOUT_S", 50)
+CONCURRENT_REQUESTS = True   # predict_fn may be called from several threads at once (the batcher serialises)
 
 # name → (type, lowest, highest); highest None: the limit above. Sampling knobs need do_sample.
 PARAMETERS: dict[str, tuple[type, float, float | None]] = {
@@ -117,10 +131,11 @@ class RequestError(ValueError):
 
 @dataclass(frozen=True)
 class Summarizer:
-    """What ``model_fn`` loads: read-only afterwards, so requests share nothing else."""
+    """What ``model_fn`` loads: read-only afterwards, so requests share nothing else but the batcher."""
 
     model: Any
     tokenizer: Any
+    batcher: Batcher
 
 
 @dataclass(frozen=True)
@@ -130,9 +145,21 @@ class SummarizationRequest:
 
 
 def model_fn(model_dir):
-    model, tokenizer = load_model_and_tokenizer(model_dir, "model_dir")
+    import torch
+
+    model, tokenizer = load_model_and_tokenizer(model_dir, "model_dir", serving=True)
     model.eval()
-    return Summarizer(model, tokenizer)
+    workers = getattr(model, "workers", 1)   # CTranslate2 runs one batch per core group at once
+    if getattr(model, "runtime", None) != "ctranslate2":
+        torch.set_num_threads(inference_threads(sum(p.numel() for p in model.parameters())))
+
+    def generate(dialogues: list[str], settings: dict[str, Any]) -> list[str]:
+        return summarize(model, tokenizer, dialogues, batch_size=len(dialogues), **settings)
+
+    batcher = Batcher(generate, max_dialogues=BATCH_DIALOGUES, max_wait_s=BATCH_WAIT_MS / 1000, max_queue=MAX_QUEUE,
+                      queue_timeout_s=QUEUE_TIMEOUT_S, workers=workers,
+                      limit_names={"max_queue": "FLANOPS_MAX_QUEUE", "queue_timeout_s": "FLANOPS_QUEUE_TIMEOUT_S"})
+    return Summarizer(model, tokenizer, batcher)
 
 
 def input_fn(input_data, content_type):
@@ -162,7 +189,10 @@ def input_fn(input_data, content_type):
 
 
 def predict_fn(data, model):
-    return summarize(model.model, model.tokenizer, data.dialogues, batch_size=len(data.dialogues), **data.generation)
+    try:
+        return model.batcher.submit(data.dialogues, data.generation)
+    except Refused as err:
+        raise RequestError(str(err), err.status_code) from None
 
 
 def output_fn(prediction, accept):

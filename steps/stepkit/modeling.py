@@ -19,33 +19,33 @@ import tempfile
 import uuid
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+from .ctranslate import RUNTIME_DIR, RUNTIME_FILES
+from .ctranslate import load as load_ctranslate2
 from .errors import StepError, first_line
+from .threads import inference_threads, threads_override, usable_cpus
+from .wheels import DEFAULT_SERVING_PYTHON, WHEELS_DIR, check_python_version, runtime_wheel
+from .wheels import requirements as runtime_requirements
 
 MODEL_CARD = "model_card.json"
 MODEL_ARCHIVE = "model.tar.gz"  # SageMaker's name for a packed model directory
 SUPPORTED_MODEL_TYPES = ("t5",)
 
 
-def configure_runtime() -> None:
-    """Use every core we were given (SM_NUM_CPUS on SageMaker) and no more; plain log lines.
+def configure_runtime(parameters: int | None = None) -> int:
+    """torch's intra-op threads: every core we were given for training (``parameters`` None), or as many as
+    ``threads.inference_threads`` gives a model of that size for generating; plain log lines. Returns the count.
 
     transformers 5 draws a progress bar per file loaded or saved; in job logs that is noise.
     """
     import torch
     from transformers.utils import logging as transformers_logging
 
-    cpus = int(os.environ.get("SM_NUM_CPUS") or usable_cpus())
-    torch.set_num_threads(max(1, cpus))
+    threads = inference_threads(parameters) if parameters is not None else (threads_override() or usable_cpus())
+    torch.set_num_threads(threads)
     transformers_logging.disable_progress_bar()
-
-
-def usable_cpus() -> int:
-    """The cores this process may run on (a CPU affinity mask or cgroup pinning counts), at least 1."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    return threads
 
 
 def read_model_card(model_dir: str | Path) -> dict[str, Any]:
@@ -94,7 +94,11 @@ def _check_model_files(folder: Path, where: str) -> Path:
             f"T5 family ({', '.join(SUPPORTED_MODEL_TYPES)}), e.g. google/flan-t5-base"
         )
     copy_again = "expected a whole model folder (select_model.py or save_pretrained output): copy all of it again"
-    if not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
+    if (folder / RUNTIME_DIR).is_dir():
+        missing = [name for name in RUNTIME_FILES if not (folder / RUNTIME_DIR / name).is_file()]
+        if missing:
+            raise StepError(f"{where}: {RUNTIME_DIR}/ lacks {', '.join(missing)}; {copy_again}")
+    elif not any(folder.glob("*.safetensors")) and not any(folder.glob("pytorch_model*.bin")):
         raise StepError(f"{where}: no weights (*.safetensors) found; {copy_again}")
     if not (folder / "tokenizer_config.json").is_file():
         raise StepError(f"{where}: no tokenizer (tokenizer_config.json) found; {copy_again}")
@@ -152,17 +156,18 @@ def _check_weights_fit_config(folder: Path, where: str) -> None:
                         "folder again")
 
 
-def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir"):
-    """Load a seq2seq model and its tokenizer from a local folder, with errors that name the folder."""
+def load_model_and_tokenizer(model_dir: str | Path, flag: str = "--model-dir", serving: bool = False):
+    """Load a seq2seq model and its tokenizer from a local folder, with errors that name the folder.
+
+    ``serving``: a CTranslate2 model is made ready to run one batch per core group at once (its ``workers``).
+    """
     from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
 
     folder = check_model_dir(model_dir, flag)
     if folder != Path(model_dir):  # errors name the tarball the user gave, not only our temporary folder
         flag = f"{flag} {Path(model_dir) / MODEL_ARCHIVE}, extracted to"
-    if read_model_card(folder).get("quantization"):  # written by quantize.py: int8 needs its own loader
-        from .quantization import load_quantized
-
-        return load_quantized(folder, flag)
+    if (folder / RUNTIME_DIR).is_dir():  # quantize.py's ct2-int8: CTranslate2 runs it
+        return load_ctranslate2(folder, f"{flag} {folder}", read_model_card(folder).get("parameters"), serving)
     _check_weights_fit_config(folder, f"{flag} {folder}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)  # nosec B615 # a local model folder, not the Hub
@@ -200,24 +205,21 @@ def _record_untied_head(model, folder: Path) -> None:
 
 
 def count_parameters(model) -> int:
-    """Float parameters plus the int8 weights packed inside quantized layers, which ``parameters()`` misses."""
-    from torch.ao.nn.quantized.modules.linear import LinearPackedParams
-
-    total = sum(p.numel() for p in model.parameters())
-    for module in model.modules():
-        if isinstance(module, LinearPackedParams):  # holds the weights of torch's int8 Linear and of ours
-            weight, bias = module._weight_bias()
-            total += weight.numel() + (bias.numel() if bias is not None else 0)
-    return total
+    """The model's parameters; a CTranslate2 model's are its source model's (its card says how many)."""
+    if getattr(model, "runtime", None) == "ctranslate2":
+        return model.parameter_count
+    return sum(p.numel() for p in model.parameters())
 
 
 def summarize(model, tokenizer, dialogues: list[str], batch_size: int = 32, max_new_tokens: int = 64,
-              num_beams: int = 1, max_source_length: int = 512, **generation: Any) -> list[str]:
+              num_beams: int = 1, max_source_length: int = 512, progress: Callable[[int, int], None] | None = None,
+              **generation: Any) -> list[str]:
     """Generate one summary per dialogue with the shared prompt; batches are length-sorted.
 
     Sorting by length keeps padding (wasted compute) low; results come back in input order.
     ``generation`` holds further ``generate`` settings (e.g. ``no_repeat_ngram_size``, or
     ``do_sample=True`` with ``top_p``); decoding is greedy or beam search unless it says sample.
+    ``progress(done, total)`` is called after each batch.
     """
     import torch
 
@@ -236,6 +238,8 @@ def summarize(model, tokenizer, dialogues: list[str], batch_size: int = 32, max_
                                     **{"do_sample": False, **generation})
             for index, text in zip(batch, tokenizer.batch_decode(output, skip_special_tokens=True)):
                 summaries[index] = text.strip()
+            if progress:
+                progress(min(start + batch_size, len(order)), len(order))
     return summaries
 
 
@@ -329,14 +333,17 @@ INFERENCE_REQUIREMENTS = """\
 """
 
 
-def package_model(model_dir: str | Path, tar_path: str | Path) -> Path:
+def package_model(model_dir: str | Path, tar_path: str | Path, serving_python: str = DEFAULT_SERVING_PYTHON,
+                  wheelhouse: str | Path | None = None) -> Path:
     """Write ``model_dir`` as a SageMaker ``model.tar.gz`` for serving (the Model Registry, endpoints).
 
     A model folder (one with config.json) gets SageMaker's serving layout, files at the archive
     root: weights, tokenizer, configs and model card, plus ``code/inference.py`` (the handler),
     ``code/requirements.txt`` and ``code/stepkit/`` (what the handler imports). Training leftovers
     (:data:`NOT_PACKED`) stay out; config.json and tokenizer_config.json are written so that
-    transformers 4.x reads them as 5.x does (:func:`portable_config`). A folder without a model
+    transformers 4.x reads them as 5.x does (:func:`portable_config`). A CTranslate2 model also
+    gets its runtime's wheel for the serving image's ``serving_python`` in ``code/wheels/``, from
+    ``wheelhouse`` or fetched once (see stepkit/wheels.py), so that it serves without network. A folder without a model
     (optimize.py's SKIPPED.json) is packed as it is, like :func:`pack_folder`.
     """
     folder = Path(model_dir)
@@ -356,6 +363,10 @@ def package_model(model_dir: str | Path, tar_path: str | Path) -> Path:
                         "it ships beside stepkit/ in the steps folder")
     members.update({"code": None, "code/stepkit": None, f"code/{HANDLER_FILE}": handler,
                     "code/requirements.txt": INFERENCE_REQUIREMENTS.encode()})
+    if (folder / RUNTIME_DIR).is_dir():
+        wheel = runtime_wheel(check_python_version(serving_python), wheelhouse)
+        members.update({f"code/{WHEELS_DIR}": None, f"code/{WHEELS_DIR}/{wheel.name}": wheel,
+                        "code/requirements.txt": runtime_requirements(wheel).encode()})
     members.update({f"code/stepkit/{path.relative_to(stepkit).as_posix()}": path
                     for path in stepkit.rglob("*.py") if "__pycache__" not in path.parts})
     return write_archive(members, tar_path)
