@@ -23,10 +23,11 @@ import gzip
 import hashlib
 import io
 import json
+import re
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .config import PipelineConfig, steps_dir
 
@@ -138,15 +139,14 @@ def upload_serving_wheel(s3, bucket: str, pipeline_name: str, serving_python: st
 
 def image_python(image_uri: str) -> str:
     """``…huggingface-pytorch-inference:2.6.0-transformers4.51.3-cpu-py312-ubuntu22.04`` → ``3.12``."""
-    import re
-
     found = re.search(r"-py(\d)(\d+)-", image_uri)
     if not found:
         raise ValueError(f"cannot tell the Python version of image {image_uri}: expected a '-pyXY-' tag")
     return f"{found.group(1)}.{found.group(2)}"
 
 
-def put_if_absent(s3, bucket: str, key: str, body: bytes) -> None:
+def put_if_absent(s3, bucket: str, key: str, body: bytes | Callable[[], bytes]) -> None:
+    """Upload ``body`` (or what calling it returns: read only when needed) unless ``key`` exists."""
     from botocore.exceptions import ClientError
 
     try:
@@ -154,7 +154,7 @@ def put_if_absent(s3, bucket: str, key: str, body: bytes) -> None:
     except ClientError as err:
         if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
             raise
-        s3.put_object(Bucket=bucket, Key=key, Body=body)
+        s3.put_object(Bucket=bucket, Key=key, Body=body() if callable(body) else body)
 
 
 def split_s3_uri(uri: str) -> tuple[str, str]:
@@ -464,13 +464,87 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
 
 
 def build_definition(config: PipelineConfig, role_arn: str, default_bucket: str, session) -> str:
-    """The definition JSON a SageMaker user could upsert unchanged, stable across builds."""
+    """The definition JSON a SageMaker user could upsert unchanged, stable across builds.
+
+    Remembered by content (:func:`definition_key`): building with the SDK takes several seconds, and an
+    unchanged config, code and target give the same bytes, so a rerun reads them back and only makes
+    sure the code objects the definition points to are in S3 (embedded AWS may have been restarted).
+    """
     import warnings
 
+    s3 = session.client("s3")
+    key = definition_key(config, role_arn, default_bucket, session.region_name)
+    cached = remembered_definition(key, s3, default_bucket)
+    if cached is not None:
+        return cached
     with warnings.catch_warnings():
         # "Running within a PipelineSession…": expected, we only compile.
         warnings.simplefilter("ignore", UserWarning)
         pipeline = get_pipeline(config, role_arn, default_bucket, session)
         definition = json.loads(pipeline.definition())
-    content_address(definition, session.client("s3"), config.pipeline_name)
-    return json.dumps(definition, indent=2, sort_keys=True) + "\n"
+    content_address(definition, s3, config.pipeline_name)
+    text = json.dumps(definition, indent=2, sort_keys=True) + "\n"
+    remember_definition(key, text, s3, default_bucket, config.pipeline_name)
+    return text
+
+
+# ----------------------------------------------------------------------------- remembered definitions
+def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: str) -> str:
+    """What a definition is made of: the config, the target, the step code, this module and the SDK's version."""
+    from importlib.metadata import version
+
+    from .steps.stepkit.wheels import runtime_version
+
+    digest = hashlib.sha256()
+    settings = {"pipeline_name": config.pipeline_name, "parameters": config.parameter_values(), "steps": config.steps,
+                "images": config.images.model_dump(), "security": config.security.model_dump(),
+                "cache_expire_after": config.cache_expire_after, "max_retries": config.max_retries}
+    made_of = {"config": settings, "role": role_arn, "bucket": bucket,
+               "region": region, "code": code_bundle()[1], "sagemaker": version("sagemaker"),
+               "runtime": runtime_version(),
+               "builder": [hashlib.sha256(Path(__file__).with_name(name).read_bytes()).hexdigest()
+                           for name in ("definition.py", "config.py")]}
+    digest.update(json.dumps(made_of, sort_keys=True, default=str).encode())
+    return digest.hexdigest()
+
+
+def definitions_dir() -> Path:
+    from .embedded import flanops_home
+
+    return flanops_home() / "definitions"
+
+
+def remember_definition(key: str, text: str, s3, bucket: str, pipeline_name: str) -> None:
+    """Keep ``text`` and a copy of every code object it points to (content-addressed, so each is kept once)."""
+    from .local import write_json_atomic
+
+    objects_dir = definitions_dir() / "objects"
+    objects_dir.mkdir(parents=True, exist_ok=True)
+    objects = {}
+    for prefix in sorted(set(re.findall(rf"s3://{re.escape(bucket)}/({re.escape(pipeline_name)}/{CODE_PREFIX}/[^\"]+)",
+                                        text))):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+                digest = hashlib.sha256(body).hexdigest()
+                if not (objects_dir / digest).is_file():
+                    partial = objects_dir / f".{digest}.partial"
+                    partial.write_bytes(body)
+                    partial.replace(objects_dir / digest)
+                objects[item["Key"]] = digest
+    write_json_atomic(definitions_dir() / f"{key}.json", {"definition": text, "bucket": bucket, "objects": objects})
+
+
+def remembered_definition(key: str, s3, bucket: str) -> str | None:
+    """The remembered definition for ``key``, its code objects put back where missing; None if there is none."""
+    path = definitions_dir() / f"{key}.json"
+    try:
+        entry = json.loads(path.read_text(encoding="utf-8"))
+        copies = {name: definitions_dir() / "objects" / digest for name, digest in entry["objects"].items()}
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    if entry.get("bucket") != bucket or not all(copy.is_file() for copy in copies.values()):
+        return None
+    for name, copy in copies.items():
+        put_if_absent(s3, bucket, name, copy.read_bytes)
+    return entry["definition"]

@@ -2,7 +2,9 @@
 
 Where ``--model`` can point (first match wins):
 
-  tiny                         the offline stand-in, built from the prepared data (--data-dir)
+  tiny                         the offline stand-in: the one shipped in stepkit/standin/ (warmed up
+                               once on the synthetic dialogues; checked against its SHA256SUMS), or
+                               with --warmup-steps N, built from the prepared data (--data-dir)
   flan-t5-base                 a catalog name or hub id (google/flan-t5-base): downloaded from
                                the Hugging Face Hub, or built with random weights (--random-weights)
   s3://bucket/prefix/          a save_pretrained folder in S3, or a prefix holding model.tar.gz
@@ -71,7 +73,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--data-dir", default=env_path("SM_CHANNEL_TRAIN"),
                         help=path_help("prepared data (prepare_data.py output); only for --model tiny", "SM_CHANNEL_TRAIN"))
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and the tiny model (default: 0)")
-    parser.add_argument("--warmup-steps", type=int, help="--model tiny: warm-up steps (default: stepkit.tiny's)")
+    parser.add_argument("--warmup-steps", type=int, help="--model tiny: build the stand-in from --data-dir with this "
+                                                         "many warm-up steps (default: the shipped stand-in, "
+                                                         "built with 400)")
     budget = parser.add_argument_group("budget (choose the largest Flan-T5 size that fits every limit given)")
     budget.add_argument("--max-params", type=_count, help="parameter budget, e.g. 300M or 3B")
     budget.add_argument("--max-memory-gb", type=float, help="budget for the weights in --dtype, in GiB (2^30 bytes)")
@@ -273,10 +277,21 @@ def download_from_hub(entry: CatalogEntry, dtype: str, revision: str):
 
 
 def build_tiny(args: argparse.Namespace):
-    data_dir = Path(args.data_dir)  # checked before the output folder was created
-    from stepkit.tiny import build_tiny_foundation  # trains a tokenizer and warms up: only when asked
+    """The shipped stand-in, or with --warmup-steps one built from --data-dir (tokenizer, model, warm-up)."""
+    from stepkit import tiny
 
-    model, tokenizer, card = build_tiny_foundation(data_dir, seed=args.seed, warmup_steps=args.warmup_steps)
+    if args.warmup_steps is None:
+        folder = tiny.check_standin()
+        model, tokenizer = load_model_and_tokenizer(folder)
+        shipped = read_model_card(folder)
+        print(f"[tiny] the shipped stand-in ({folder}, checked against its {tiny.CHECKSUMS}); --warmup-steps N "
+              "builds one from --data-dir instead")
+        return model, tokenizer, {**{key: value for key, value in shipped.items() if key not in ("source", "step")},
+                                  "weights": "shipped stand-in (stepkit/standin)", "benchmark_only": False,
+                                  "shipped": {"folder": "stepkit/standin", "recipe": tiny.STANDIN_RECIPE,
+                                              "sha256": tiny.file_sha256(folder / "model.safetensors")}}
+    data_dir = Path(args.data_dir)  # checked before the output folder was created
+    model, tokenizer, card = tiny.build_tiny_foundation(data_dir, seed=args.seed, warmup_steps=args.warmup_steps)
     return model, tokenizer, {"weights": "warm-up (tiny)", "benchmark_only": False, **card}
 
 
@@ -410,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, "SM_MODEL_DIR")
-    if source.kind == "tiny":
+    if source.kind == "tiny" and args.warmup_steps is not None:   # built from the data, not the shipped one
         data_dir = require_path(args.data_dir, "--data-dir", "SM_CHANNEL_TRAIN")
         ensure_input_dir(data_dir, "--data-dir", must_contain=("train.jsonl", "validation.jsonl"))
     if source.kind in ("hub", "random"):

@@ -167,9 +167,14 @@ def mocked_aws(region: str, bucket: str):
     the process. (A TelemetryOptOut config via SAGEMAKER_USER_CONFIG_OVERRIDE would also do, but
     the SDK validates that config with jsonschema on every session it makes: 4x slower builds.)
     """
+    import shutil
+    import tempfile
+
     import boto3
 
+    home = tempfile.mkdtemp(prefix="flanops-home-")   # remembered definitions stay out of the user's ~/.flanops
     with pytest.MonkeyPatch.context() as monkeypatch:
+        monkeypatch.setenv("FLANOPS_HOME", home)
         for name in ("AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_REGION",
                      "SAGEMAKER_USER_CONFIG_OVERRIDE", "AWS_CONFIG_FILE", "AWS_SHARED_CREDENTIALS_FILE"):
             monkeypatch.delenv(name, raising=False)
@@ -177,10 +182,13 @@ def mocked_aws(region: str, bucket: str):
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
         monkeypatch.setenv("SAGEMAKER_VALIDATE_ROLE", "false")   # ModelTrainer would call IAM's policy simulator
-        with mock_aws():
-            session = boto3.Session(region_name=region)
-            session.client("s3").create_bucket(Bucket=bucket)
-            yield session
+        try:
+            with mock_aws():
+                session = boto3.Session(region_name=region)
+                session.client("s3").create_bucket(Bucket=bucket)
+                yield session
+        finally:
+            shutil.rmtree(home, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

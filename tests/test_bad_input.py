@@ -331,7 +331,7 @@ def test_a_broken_model_folder_is_one_clear_line(name, tiny_model, tmp_path, cap
     model_dir = shutil.copytree(tiny_model, tmp_path / name)
     breaks(model_dir)
     out = user_output_dir(tmp_path)
-    argv = ["--model-dir", str(model_dir), "--method", "int8-dynamic", "--output-dir", str(out), "--overwrite"]
+    argv = ["--model-dir", str(model_dir), "--method", "ct2-int8", "--output-dir", str(out), "--overwrite"]
     if name in IN_PROCESS:
         code = run_main(quantize.main, argv)
         result = subprocess.CompletedProcess(argv, code, *capsys.readouterr())
@@ -375,7 +375,7 @@ def test_a_model_tar_gz_whose_member_escapes_is_refused_before_anything_is_extra
     scratch = tmp_path / "tmp"   # extraction goes to a temporary folder: here, so that '..' would land in tmp_path
     scratch.mkdir()
     out = user_output_dir(tmp_path)
-    result = run_step("quantize.py", "--model-dir", str(holder), "--method", "int8-dynamic", "--output-dir", str(out),
+    result = run_step("quantize.py", "--model-dir", str(holder), "--method", "ct2-int8", "--output-dir", str(out),
                       "--overwrite", check=False, env={"TMPDIR": str(scratch)})
     line = error_line(result)
     assert_says(line, [f"{holder / MODEL_ARCHIVE}: archive member {evil.name!r}", "refusing it", "nothing was extracted",

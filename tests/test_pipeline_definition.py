@@ -23,7 +23,7 @@ from conftest import mocked_aws
 from flanops import cli
 from flanops import definition as definition_module
 from flanops.config import Parameters, config_dir, import_step, load_config, shipped_configs
-from flanops.definition import CODE_INPUTS, EVALUATION_REPORT, GATE_PATHS, NAMES, build_definition, iter_steps
+from flanops.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
 from flanops.local import json_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -450,10 +450,16 @@ def test_step_graph(definition, steps):
     # the gate compares evaluate.py's figures with the thresholds; RegisterModel and GateFailed read Evaluate
     json_gets = [c["LeftValue"]["Std:JsonGet"] for c in gate["Conditions"]]
     assert {g["PropertyFile"]["Get"] for g in json_gets} == {"Steps.Evaluate.PropertyFiles.EvaluationReport"}
-    assert [g["Path"] for g in json_gets] == [GATE_PATHS["rougeL"], GATE_PATHS["latency_p95_ms"],
-                                              GATE_PATHS["rougeL_drop"]]
+    assert [g["Path"] for g in json_gets] == [GATE_PATHS[name] for name in
+                                              ("rougeL", "latency_p95_ms", "latency_ratio", "rougeL_drop")]
     assert [c["RightValue"] for c in gate["Conditions"]] == [
-        {"Get": "Parameters.MinRougeL"}, {"Get": "Parameters.MaxP95LatencyMs"}, {"Get": "Parameters.MaxRougeLDrop"}]
+        {"Get": "Parameters.MinRougeL"}, {"Get": "Parameters.MaxP95LatencyMs"}, {"Get": "Parameters.MaxLatencyRatio"},
+        {"Get": "Parameters.MaxRougeLDrop"}]
+    assert [c["Type"] for c in gate["Conditions"]] == ["GreaterThanOrEqualTo"] + ["LessThanOrEqualTo"] * 3
+    # the FailStep's message names every condition with its measured value and its threshold
+    message = steps[NAMES.fail]["Arguments"]["ErrorMessage"]["Std:Join"]["Values"]
+    for condition in GATE:
+        assert condition.label in message and {"Get": f"Parameters.{condition.parameter}"} in message
     assert step_reads(steps[NAMES.register]) == {NAMES.evaluate}
     assert step_reads(steps[NAMES.fail]) == {NAMES.evaluate}
     metrics = steps[NAMES.register]["Arguments"]["ModelMetrics"]["ModelQuality"]["Statistics"]
@@ -483,15 +489,21 @@ def test_gate_paths_exist_in_the_evaluation_json_that_evaluate_writes(tmp_path, 
             "quantize": (lambda r: r["summary"].replace("Person1 ", ""), 50.0),
             "prune": (lambda r: "apples", 20.0)}
 
-    def assess(folder, flag, rows, generation, cost_settings):
-        predict, p95 = fake[Path(folder).name]
+    def load_and_score(name, folder, flag, rows, generation):
+        predict, _ = fake[Path(folder).name]
         predictions = [predict(r) for r in rows]
         return {"model_dir": str(folder), "loaded_from": Path(folder), "card": {"name": Path(folder).name},
-                "predictions": predictions, **evaluate.score(predictions, rows),
-                "cost": {"parameters": 1000, "weights_bytes": 64, "latency_p50_ms": p95 / 2, "latency_p95_ms": p95,
-                         "throughput_tokens_per_s": 10.0, "flops_per_generated_token": 2000}}
+                "predictions": predictions, **evaluate.score(predictions, rows)}
 
-    monkeypatch.setattr(evaluate, "assess", assess)
+    def measure_costs(results, rows, cost_settings):
+        for result in results.values():
+            p95 = fake[Path(result["model_dir"]).name][1]
+            result["cost"] = {"parameters": 1000, "weights_bytes": 64, "latency_p50_ms": p95 / 2, "latency_p95_ms": p95,
+                              "latency_ratio": p95 / fake["baseline"][1], "throughput_tokens_per_s": 10.0,
+                              "flops_per_generated_token": 2000}
+
+    monkeypatch.setattr(evaluate, "load_and_score", load_and_score)
+    monkeypatch.setattr(evaluate, "measure_costs", measure_costs)
     output, package = tmp_path / "evaluation", tmp_path / "package"
     code = evaluate.main(["--model-dir", str(folders["finetuned"]), "--baseline-dir", str(folders["baseline"]),
                           "--data-dir", str(data), "--output-dir", str(output), "--package-dir", str(package),
@@ -502,11 +514,11 @@ def test_gate_paths_exist_in_the_evaluation_json_that_evaluate_writes(tmp_path, 
     report = json.loads((output / "evaluation.json").read_text(encoding="utf-8"))
     values = {name: json_path(report, path, "evaluation.json") for name, path in GATE_PATHS.items()}
     assert values["variant"] == "quantize"
-    assert values["latency_p95_ms"] == 50.0
+    assert values["latency_p95_ms"] == 50.0 and values["latency_ratio"] == pytest.approx(50 / 120)
     finetuned_rouge = report["model"]["metrics"]["rougeL"]["value"]
     assert 0 < values["rougeL"] < finetuned_rouge
     assert values["rougeL_drop"] == pytest.approx(finetuned_rouge - values["rougeL"], abs=1e-6)
-    assert all(isinstance(values[n], (int, float)) for n in ("rougeL", "latency_p95_ms", "rougeL_drop"))
+    assert all(isinstance(values[n], (int, float)) for n in ("rougeL", "latency_p95_ms", "latency_ratio", "rougeL_drop"))
     assert [s["name"] for s in report["skipped"]] == ["distill"]
     assert (package / "model.tar.gz").is_file() and report["package"]["variant"] == "quantize"
     # what RegisterModel attaches as ModelQuality statistics sits beside it
@@ -515,7 +527,30 @@ def test_gate_paths_exist_in_the_evaluation_json_that_evaluate_writes(tmp_path, 
 
 # ----------------------------------------------------------------------------- stability
 def test_building_twice_gives_the_same_bytes(aws, text):
+    shutil.rmtree(definition_module.definitions_dir())   # the SDK builds it again, not the remembered copy
     assert aws.build() == text
+
+
+def test_an_unchanged_definition_is_remembered_and_its_code_put_back_where_missing(aws, text):
+    """A rerun reads the definition back instead of building it (seconds with the SDK), and the code objects it
+    points to are restored to S3 when they are gone (embedded AWS restarted)."""
+    s3 = aws.session.client("s3")
+    code = [item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="flanops-quick/code/")["Contents"]]
+    assert any(key.endswith(".whl") for key in code) and any(key.endswith("sourcedir.tar.gz") for key in code)
+    for key in code:
+        s3.delete_object(Bucket=BUCKET, Key=key)
+    calls = []
+    original = definition_module.get_pipeline
+    try:
+        definition_module.get_pipeline = lambda *args, **kwargs: calls.append(args) or original(*args, **kwargs)
+        assert aws.build() == text
+    finally:
+        definition_module.get_pipeline = original
+    assert calls == [], "an unchanged definition is not built again"
+    restored = {item["Key"] for item in s3.list_objects_v2(Bucket=BUCKET, Prefix="flanops-quick/code/")["Contents"]}
+    referenced = {key for key in code if any(key.startswith(uri.removeprefix(f"s3://{BUCKET}/"))
+                                             for uri in re.findall(rf"s3://{BUCKET}/flanops-quick/code/[^\"]+", text))}
+    assert restored == referenced and any(key.endswith(".whl") for key in restored)
 
 
 def test_a_changed_step_script_changes_the_code_locations(aws, text, definition, tmp_path, monkeypatch):

@@ -48,7 +48,7 @@ def definition() -> dict:
 def metrics(rouge_l: float, p95: float, weights: int, **extra: float) -> dict:
     values = {"rouge1": rouge_l + 0.05, "rouge2": rouge_l - 0.2, "rougeL": rouge_l, "rougeLsum": rouge_l,
               "parameters": 1_500_000, "weights_bytes": weights, "latency_p50_ms": p95 * 0.8,
-              "latency_p95_ms": p95, "flops_per_generated_token": 3_000_000, **extra}
+              "latency_p95_ms": p95, "latency_ratio": p95 / 50.0, "flops_per_generated_token": 3_000_000, **extra}
     return {name: {"value": value} for name, value in values.items()}
 
 
@@ -63,7 +63,7 @@ EVALUATION = {
     "baseline": {"metrics": metrics(0.10, 50.0, 6_000_000)},
     "model": {"metrics": metrics(0.60, 60.0, 6_000_000, compression_ratio=1.0), "card": {}},
     "comparisons": {"quantize": {"metrics": metrics(0.59, 90.0, 2_000_000, compression_ratio=3.0),
-                                 "card": {"method": "quantize", "quantization": {"method": "int8-dynamic"}}}},
+                                 "card": {"method": "quantize", "quantization": {"method": "ct2-int8"}}}},
     "skipped": [{"name": "distill", "model_dir": "/opt/ml/processing/input/distill",
                  "reason": "OptimizationMethod is quantize"}],
 }
@@ -134,7 +134,7 @@ def make_record(session, run_dir: Path, *, failed: bool = False) -> dict:
             "PipelineExecutionStatus": "Failed" if failed else "Succeeded",
             "FailureReason": "FineTuneLoRA: out of memory" if failed else None, "RunDir": str(run_dir),
             "CreationTime": "2026-11-30T00:00:00+00:00", "LastModifiedTime": "2026-11-30T00:01:00+00:00",
-            "Parameters": {"MinRougeL": 0.4, "MaxP95LatencyMs": 5000, "MaxRougeLDrop": 0.05},
+            "Parameters": {"MinRougeL": 0.4, "MaxP95LatencyMs": 5000, "MaxLatencyRatio": 1.5, "MaxRougeLDrop": 0.05},
             "Steps": steps, "Properties": properties, "PropertyFiles": files}
 
 
@@ -148,7 +148,7 @@ def test_collect_reads_every_section_from_the_record_and_s3(aws, tmp_path):
     assert len(facts.curves["fine-tune (LoRA)"]["curve"]) == 22
     assert [(v.name, v.selected, v.method) for v in facts.variants] == [
         ("base", False, "un-tuned foundation model"), ("finetuned", True, "LoRA merged"),
-        ("quantize", False, "int8-dynamic")]
+        ("quantize", False, "ct2-int8")]
     assert facts.skipped == {"distill": "OptimizationMethod is quantize"}
     assert [s["name"] for s in facts.steps if s["skipped"]] == ["OptimizeDistill"], "ran, but was not chosen"
     assert len(facts.predictions) == 5 and facts.gate["passed"] is True
@@ -168,7 +168,8 @@ def test_the_pages_show_everything_inline_and_escape_what_the_data_says(aws, tmp
         assert source.startswith("data:image/png;base64,"), "self-contained: nothing fetched when opened"
         assert base64.b64decode(source.split(",", 1)[1])[:8] == PNG_MAGIC
     assert "<script>alert" not in html and "&lt;script&gt;alert" in html
-    for expected in ("PASSED", "finetuned ★", "int8-dynamic", "3.00×", "FineTuneLoRA", "not run (OptimizationMethod"):
+    for expected in ("PASSED", "finetuned ★", "ct2-int8", "3.00×", "FineTuneLoRA", "not run (OptimizationMethod",
+                     "latency vs the base model", "MaxLatencyRatio", "1.20×"):
         assert expected in html, expected
     markdown = (run_dir / REPORT_MD).read_text(encoding="utf-8")
     images = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown)

@@ -171,7 +171,7 @@ FAMILY: tuple[CatalogEntry, ...] = (  # smallest first
 )
 TINY = CatalogEntry(
     "tiny", None, None, "ml.m5.xlarge", "ml.m5.xlarge",
-    "offline stand-in: small T5 of the Flan-T5 shape, own tokenizer trained on --data-dir, short warm-up",
+    "offline stand-in: small T5 of the Flan-T5 shape, own tokenizer; shipped warmed up (or built from --data-dir)",
 )
 CATALOG: dict[str, CatalogEntry] = {entry.name: entry for entry in (*FAMILY, TINY)}
 

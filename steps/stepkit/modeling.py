@@ -24,7 +24,7 @@ from typing import Any, Callable
 from .ctranslate import RUNTIME_DIR, RUNTIME_FILES
 from .ctranslate import load as load_ctranslate2
 from .errors import StepError, first_line
-from .threads import inference_threads, threads_override, usable_cpus
+from .threads import inference_threads, training_threads
 from .wheels import DEFAULT_SERVING_PYTHON, WHEELS_DIR, check_python_version, runtime_wheel
 from .wheels import requirements as runtime_requirements
 
@@ -34,16 +34,17 @@ SUPPORTED_MODEL_TYPES = ("t5",)
 
 
 def configure_runtime(parameters: int | None = None) -> int:
-    """torch's intra-op threads: every core we were given for training (``parameters`` None), or as many as
-    ``threads.inference_threads`` gives a model of that size for generating; plain log lines. Returns the count.
+    """torch's intra-op threads: the idle cores we were given for training (``parameters`` None), or as many
+    as ``threads.inference_threads`` gives a model of that size for generating; plain log lines. Returns the count.
 
     transformers 5 draws a progress bar per file loaded or saved; in job logs that is noise.
     """
     import torch
     from transformers.utils import logging as transformers_logging
 
-    threads = inference_threads(parameters) if parameters is not None else (threads_override() or usable_cpus())
+    threads = inference_threads(parameters) if parameters is not None else training_threads()
     torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)   # else accelerate resets torch to every core under torchrun
     transformers_logging.disable_progress_bar()
     return threads
 

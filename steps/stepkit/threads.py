@@ -1,4 +1,4 @@
-"""How many cores a model runs on: all of them for training, one for small models at inference.
+"""How many cores a model runs on: the idle ones for training, one for small models at inference.
 
 Generating with a small model is a long chain of small matrix products: a second intra-op
 thread adds a synchronisation per operation that costs more than it saves, and on a busy
@@ -6,11 +6,15 @@ machine each one waits for a descheduled thread. Measured on 2 cores: flan-t5-sm
 dimensions took 153 ms per summary on 1 thread and 377 ms on 2 (CTranslate2 int8), 785 vs
 924 ms (transformers fp32); the 1.6M-parameter stand-in took 85 ms on 1 thread and 478 ms on
 2 while other work ran. Above :data:`MULTI_THREAD_PARAMETERS` the products are big enough to
-split. ``FLANOPS_THREADS`` overrides the choice (a whole number).
+split. Training splits bigger products, but a thread on a core that other work keeps busy
+stalls every step (measured: a training step of the stand-in took 1.0-1.5 s on 1 thread and
+7-8.5 s on 2 while other processes ran), so training takes the cores that are idle when it
+starts (:func:`idle_cpus`). ``FLANOPS_THREADS`` overrides the choice (a whole number).
 """
 from __future__ import annotations
 
 import os
+import time
 
 from .errors import StepError
 
@@ -45,3 +49,33 @@ def inference_threads(parameters: int | None, cpus: int | None = None) -> int:
     if parameters is not None and parameters < MULTI_THREAD_PARAMETERS:
         return 1
     return cpus or usable_cpus()
+
+
+def idle_cpus(window_s: float = 0.3) -> int:
+    """The usable cores that other work leaves idle, from /proc/stat over ``window_s`` (at least 1).
+
+    Where /proc/stat cannot be read (not Linux), every usable core counts as idle.
+    """
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat", encoding="ascii") as stat:
+            fields = [int(value) for value in stat.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
+        return idle, sum(fields[:8])                                # guest time is counted in user already
+
+    usable = usable_cpus()
+    try:
+        idle_before, total_before = sample()
+        time.sleep(window_s)
+        idle_after, total_after = sample()
+    except (OSError, ValueError, IndexError):
+        return usable
+    total = total_after - total_before
+    if total <= 0:
+        return usable
+    idle_cores = (idle_after - idle_before) / total * (os.cpu_count() or usable)
+    return max(1, min(usable, round(idle_cores)))
+
+
+def training_threads() -> int:
+    """Intra-op threads for training: the override, else the idle usable cores."""
+    return threads_override() or idle_cpus()

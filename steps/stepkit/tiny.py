@@ -16,6 +16,7 @@ dates wrong); rebuilding the whole text reached ROUGE-L 72 with the day right 87
 """
 from __future__ import annotations
 
+import hashlib
 import random
 import tempfile
 from pathlib import Path
@@ -46,6 +47,17 @@ SENTINELS = 32  # <extra_id_0..31>, T5's span-corruption markers
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 MAX_LENGTH = 512
 DEFAULT_WARMUP_STEPS = 400  # x 32 examples: about 1.6 passes over the warm-up texts
+# The stand-in as shipped: select_model.py's output for the recipe below, so that a run starts from
+# it instead of spending minutes on the warm-up. The SHA256SUMS beside it is checked on every load.
+STANDIN_DIR = Path(__file__).resolve().parent / "standin"
+CHECKSUMS = "SHA256SUMS"
+CHECKED_FILES = ("model.safetensors", "tokenizer.json", "config.json")
+STANDIN_RECIPE = (
+    "python steps/prepare_data.py --input synthetic --seed 0 --output-dir /tmp/standin-data && "
+    f"python steps/select_model.py --model tiny --data-dir /tmp/standin-data --seed 0 --warmup-steps "
+    f"{DEFAULT_WARMUP_STEPS} --output-dir steps/stepkit/standin --overwrite && "
+    "python -c \"import sys; sys.path.insert(0, 'steps'); from stepkit.tiny import write_checksums; write_checksums()\""
+)
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB_SIZE):
@@ -189,3 +201,39 @@ def build_tiny_foundation(data_dir: Path, seed: int = 0, warmup_steps: int | Non
                 "and has not been instruction-tuned; in the cloud the same steps load google/flan-t5-*.",
     }
     return model, tokenizer, card
+
+
+# ----------------------------------------------------------------------------- the shipped stand-in
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_checksums(folder: Path = STANDIN_DIR) -> Path:
+    """``SHA256SUMS`` (``sha256sum -c`` reads it) of the stand-in's weights, tokenizer and config."""
+    lines = [f"{file_sha256(folder / name)}  {name}\n" for name in CHECKED_FILES]
+    path = folder / CHECKSUMS
+    path.write_text("".join(lines), encoding="ascii")
+    return path
+
+
+def check_standin(folder: Path = STANDIN_DIR) -> Path:
+    """The shipped stand-in's folder, after checking its files against SHA256SUMS; a StepError if damaged."""
+    from .errors import StepError
+
+    rebuild = f"reinstall flanops, or rebuild it: {STANDIN_RECIPE}"
+    sums = folder / CHECKSUMS
+    if not sums.is_file():
+        raise StepError(f"the shipped stand-in model {folder} is missing ({CHECKSUMS} not found); {rebuild}")
+    for line in sums.read_text(encoding="ascii").splitlines():
+        expected, name = line.split(maxsplit=1)
+        path = folder / name.strip()
+        if not path.is_file() or file_sha256(path) != expected:
+            raise StepError(f"the shipped stand-in model's {name.strip()} ({folder}) is missing or damaged: its "
+                            f"SHA-256 does not match {CHECKSUMS}; {rebuild}")
+    return folder
