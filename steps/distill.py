@@ -6,10 +6,12 @@ on them (teacher-forced): per target token,
     alpha * T² * KL(softmax(teacher / T) || softmax(student / T)) + (1 - alpha) * CE(student, reference)
 
 The teacher is frozen. The student (--student):
-  layers           default: the teacher shrunk, --student-layers-fraction of its encoder and
-                   decoder blocks (at least 1 each; or --student-encoder-layers/--student-decoder-layers),
-                   initialised by copying teacher blocks 0, 2, 4, … (as DistilBART does), with the
-                   embeddings and LM head; block 0 holds T5's relative position bias
+  layers           default: the teacher shrunk, --student-encoder-fraction of its encoder blocks and
+                   --student-decoder-fraction of its decoder blocks (at least 1 each; or
+                   --student-encoder-layers/--student-decoder-layers), initialised by copying those
+                   teacher blocks, first and last included (as DistilBART 12-3 does), with the
+                   embeddings and LM head; block 0 holds T5's relative position bias. Decoder
+                   blocks run once per generated token, so they drive decode latency
   flan-t5-small    a catalog name: the pretrained model from the Hugging Face Hub
   ./folder         a model folder (e.g. select_model.py output)
 A catalog or folder student must share the teacher's vocabulary (same tokenizer).
@@ -34,8 +36,9 @@ from pathlib import Path
 
 from stepkit import catalog
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
-from stepkit.distillation import (check_same_vocabulary, check_settings, compare_to_teacher, distillation_loss_function,
-                                  layers_to_keep, shrink_teacher, student_layer_count)
+from stepkit.distillation import (DEFAULT_DECODER_FRACTION, DEFAULT_ENCODER_FRACTION, check_same_vocabulary,
+                                  check_settings, compare_to_teacher, distillation_loss_function, layers_to_keep,
+                                  shrink_teacher, student_layer_count)
 from stepkit.errors import StepError, first_line, run_step
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
                               read_model_card, save_model)
@@ -66,8 +69,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                               f"sharing the teacher's tokenizer (default: {SHRUNK})")
     student.add_argument("--student-revision", default="main",
                          help="Hub revision of a catalog --student: a commit sha pins exactly those weights (default: main)")
-    student.add_argument("--student-layers-fraction", type=float, default=0.5,
-                         help="share of the teacher's encoder and decoder blocks the shrunk student keeps (default: 0.5)")
+    student.add_argument("--student-encoder-fraction", type=float, default=DEFAULT_ENCODER_FRACTION,
+                         help="share of the teacher's encoder blocks the shrunk student keeps "
+                              f"(default: {DEFAULT_ENCODER_FRACTION:g})")
+    student.add_argument("--student-decoder-fraction", type=float, default=DEFAULT_DECODER_FRACTION,
+                         help="share of the teacher's decoder blocks the shrunk student keeps "
+                              f"(default: {DEFAULT_DECODER_FRACTION:g})")
     student.add_argument("--student-encoder-layers", type=int, help="encoder blocks to keep (overrides the fraction)")
     student.add_argument("--student-decoder-layers", type=int, help="decoder blocks to keep (overrides the fraction)")
     loss = parser.add_argument_group("distillation loss")
@@ -85,8 +92,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def check_flags(args: argparse.Namespace) -> TrainSettings:
     """Every setting that needs no file, checked before anything loads (flanops checks a config's with it too)."""
     check_settings(args.temperature, args.alpha)
-    if not 0 < args.student_layers_fraction <= 1:
-        raise StepError(f"--student-layers-fraction must be in (0, 1], got {args.student_layers_fraction}")
+    for flag in ("encoder", "decoder"):
+        fraction = getattr(args, f"student_{flag}_fraction")
+        if not 0 < fraction <= 1:
+            raise StepError(f"--student-{flag}-fraction must be in (0, 1], got {fraction}")
     return train_settings(args)
 
 
@@ -101,9 +110,9 @@ def plan_student(args: argparse.Namespace, teacher_config: dict) -> dict:
     if spec == SHRUNK:
         encoder_total = teacher_config["num_layers"]
         decoder_total = teacher_config.get("num_decoder_layers") or encoder_total
-        encoder = student_layer_count(encoder_total, args.student_layers_fraction, args.student_encoder_layers,
+        encoder = student_layer_count(encoder_total, args.student_encoder_fraction, args.student_encoder_layers,
                                       "--student-encoder-layers")
-        decoder = student_layer_count(decoder_total, args.student_layers_fraction, args.student_decoder_layers,
+        decoder = student_layer_count(decoder_total, args.student_decoder_fraction, args.student_decoder_layers,
                                       "--student-decoder-layers")
         return {"kind": "shrunk", "encoder_layers": layers_to_keep(encoder_total, encoder),
                 "decoder_layers": layers_to_keep(decoder_total, decoder)}

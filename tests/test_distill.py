@@ -14,7 +14,8 @@ import pytest
 import torch
 from conftest import run_step
 from stepkit.catalog import T5Dims, count_t5_parameters
-from stepkit.distillation import distillation_loss, layers_to_keep, shrink_teacher
+from stepkit.distillation import (DEFAULT_DECODER_FRACTION, DEFAULT_ENCODER_FRACTION, distillation_loss, layers_to_keep,
+                                  shrink_teacher, student_layer_count)
 from stepkit.errors import StepError
 from test_inference_handler import assert_artifacts_serve
 
@@ -114,9 +115,10 @@ def test_loss_rejects_bad_settings(temperature, alpha, message):
 
 
 @pytest.mark.parametrize("total, keep, expected", [
-    (2, 1, [0]), (12, 6, [0, 2, 4, 6, 8, 10]), (24, 12, list(range(0, 24, 2))), (12, 3, [0, 4, 8]), (3, 3, [0, 1, 2]),
+    (2, 1, [0]), (12, 3, [0, 6, 11]), (12, 6, [0, 2, 4, 7, 9, 11]), (8, 2, [0, 7]), (2, 2, [0, 1]), (3, 3, [0, 1, 2]),
+    (24, 6, [0, 5, 9, 14, 18, 23]),
 ])
-def test_layers_to_keep_starts_at_zero_and_takes_every_other(total, keep, expected):
+def test_layers_to_keep_takes_the_first_and_last_and_spreads_the_rest(total, keep, expected):
     assert layers_to_keep(total, keep) == expected
 
 
@@ -178,7 +180,8 @@ def distilled(chain, tmp_path_factory):
     return {"dir": out, "stdout": result.stdout, "card": json.loads((out / "model_card.json").read_text())}
 
 
-def test_distill_prints_progress_and_writes_a_half_depth_student(distilled, chain):
+def test_distill_prints_progress_and_writes_the_default_student(distilled, chain):
+    """The default student keeps DEFAULT_ENCODER_FRACTION of the encoder and DEFAULT_DECODER_FRACTION of the decoder."""
     progress = re.findall(r"\[distill\] epoch [\d.]+ \| step (\d+)/(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d,]+) tokens/s",
                           distilled["stdout"])
     assert progress and progress[-1][:2] == (str(DISTILL_STEPS), str(DISTILL_STEPS))
@@ -186,11 +189,13 @@ def test_distill_prints_progress_and_writes_a_half_depth_student(distilled, chai
     assert (out / "_SUCCESS").is_file() and (out / "model.safetensors").is_file() and (out / "tokenizer.json").is_file()
     config = json.loads((out / "config.json").read_text())
     teacher_config = json.loads((chain["tuned"] / "config.json").read_text())
-    assert (config["num_layers"], config["num_decoder_layers"]) == (teacher_config["num_layers"] // 2,
-                                                                    teacher_config["num_decoder_layers"] // 2)
+    expected = (student_layer_count(teacher_config["num_layers"], DEFAULT_ENCODER_FRACTION, None, ""),
+                student_layer_count(teacher_config["num_decoder_layers"], DEFAULT_DECODER_FRACTION, None, ""))
+    assert (config["num_layers"], config["num_decoder_layers"]) == expected
     assert config["tie_word_embeddings"] is False and config["vocab_size"] == teacher_config["vocab_size"]
     assert card["method"] == "distillation" and card["base_model"] == "tiny"
-    assert card["student"]["layers_kept"] == {"encoder": [0], "decoder": [0]}
+    assert card["student"]["layers_kept"] == {"encoder": layers_to_keep(teacher_config["num_layers"], expected[0]),
+                                              "decoder": layers_to_keep(teacher_config["num_decoder_layers"], expected[1])}
     assert card["distillation"]["temperature"] == 2.0 and card["distillation"]["alpha"] == 0.5
     teacher_params = json.loads((chain["tuned"] / "model_card.json").read_text())["parameters"]
     assert card["teacher"]["parameters"] == teacher_params

@@ -168,3 +168,40 @@ def test_a_full_output_folder_is_refused_before_any_training(chain, tmp_path):
     assert result.returncode == 2 and "is not empty" in result.stderr and "--overwrite" in result.stderr
     assert "validation loss" not in result.stdout  # refused before loading or training anything
     assert (taken / "notes.txt").read_text() == "the user's own file"
+
+
+def test_evaluate_shows_progress_and_times_every_model_side_by_side(chain):
+    out = chain["evaluate_stdout"]
+    progress = re.findall(r"^(baseline|model): (\d+)/(\d+) summaries \(([\d.]+)/s, (\d+) s left\)$", out, re.M)
+    assert {name for name, *_ in progress} == {"baseline", "model"}
+    assert all(done <= total for _, done, total, *_ in progress) and progress[-1][1] == progress[-1][2]
+    assert re.search(r"timing 2 models side by side", out) and "timing round 2/2" in out
+    ratio = chain["result"]["metrics"]["latency_ratio"]["value"]
+    # the fine-tuned model has the base model's architecture: timed side by side, about the same speed
+    assert 0.5 < ratio < 1.5, ratio
+    assert chain["result"]["baseline"]["metrics"]["latency_ratio"]["value"] == 1.0
+
+
+def test_a_model_that_really_is_slower_fails_the_latency_ratio_gate(chain, tmp_path):
+    """A model eight times deeper than the base model, timed side by side with it: its latency ratio is over
+    the quick config's MaxLatencyRatio whatever else the machine is doing, so the gate fails it."""
+    from flanops.config import load_config
+    from flanops.definition import GATE
+    from stepkit.catalog import T5Dims, build_random_model
+    from stepkit.modeling import save_model
+    from transformers import AutoTokenizer
+
+    config = json.loads((chain["model"] / "config.json").read_text())
+    deep = T5Dims.from_config({**config, "num_layers": 8 * config["num_layers"],
+                               "num_decoder_layers": 8 * config["num_decoder_layers"]})
+    slow = tmp_path / "deep"
+    save_model(build_random_model(deep, seed=0), AutoTokenizer.from_pretrained(chain["model"]), slow,
+               {"base_model": "tiny", "method": "none", "note": "the stand-in's shape, 8x the layers"})
+    out = tmp_path / "evaluation"
+    run_step("evaluate.py", "--model-dir", str(slow), "--baseline-dir", str(chain["model"]), "--data-dir",
+             str(chain["data"]), "--output-dir", str(out), "--max-examples", "4", "--max-new-tokens", "8",
+             "--constant-candidates", "2", "--speed-inputs", "3", "--speed-repeats", "2")
+    ratio = json.loads((out / "evaluation.json").read_text())["metrics"]["latency_ratio"]["value"]
+    threshold = load_config().parameter_values()["MaxLatencyRatio"]
+    condition = next(c for c in GATE if c.parameter == "MaxLatencyRatio")
+    assert ratio > threshold and not condition.passed(ratio, threshold), (ratio, threshold)

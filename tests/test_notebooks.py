@@ -23,7 +23,7 @@ NOTEBOOKS = Path(__file__).resolve().parent.parent / "notebooks"
 ORDER = ["01_quickstart.ipynb", "02_sagemaker_pipeline.ipynb", "03_deploy_and_monitor.ipynb",
          "04_optimization_tradeoffs.ipynb"]
 # As test_pipeline_local's FAST run: seconds per job instead of minutes; a gate everything passes
-QUICK = {"steps.prepare.train_size": 200, "steps.prepare.test_size": 20, "steps.select.warmup_steps": 20,
+QUICK = {"steps.prepare.train_size": 200, "steps.prepare.test_size": 20,
          "steps.finetune.max_steps": 10, "steps.evaluate.max_examples": 20, "steps.evaluate.speed_inputs": 1,
          "steps.evaluate.speed_repeats": 1, "MinRougeL": 0.0, "MaxP95LatencyMs": 600000}
 

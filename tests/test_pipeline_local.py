@@ -31,7 +31,7 @@ from flanops.local import Context, LocalExecutor, StepFailed
 PIPELINE = "flanops-quick"          # configs/quick.yaml
 GROUP = "flanops-quick"             # its ModelPackageGroupName
 FAST = ["--param", "steps.prepare.train_size=200", "--param", "steps.prepare.test_size=20",
-        "--param", "steps.select.warmup_steps=20", "--param", "steps.finetune.max_steps=10",
+        "--param", "steps.finetune.max_steps=10",
         "--param", "steps.evaluate.max_examples=20", "--param", "steps.evaluate.speed_inputs=1",
         "--param", "steps.evaluate.speed_repeats=1", "--param", "MinRougeL=0.0",
         # latency depends on the machine's load (2 s p95 seen while other tests trained): not what is tested

@@ -8,9 +8,10 @@ T (temperature) softens both distributions so that the student also learns how t
 ranks the wrong tokens; the T² keeps the KL term's gradients on the scale of the CE term's
 as T changes. Both terms are means over the kept target positions (nats per token).
 
-The default student is the teacher shrunk: a subset of its encoder and decoder blocks,
-copied, as DistilBART does (layer 0 and every other one when keeping half). T5 keeps its
-relative position bias in block 0's self-attention only, so block 0 is always kept.
+The default student is the teacher shrunk, "shrink and fine-tune" as DistilBART 12-3 does: the
+whole encoder (run once per summary) and a quarter of the decoder blocks (run once per generated
+token, so they drive decode latency), copied from the teacher, first and last included. T5
+keeps its relative position bias in block 0's self-attention only, so block 0 is always kept.
 
 torch is imported inside the functions: the step checks its arguments before loading it.
 """
@@ -24,6 +25,8 @@ from typing import Any
 from .errors import StepError
 
 IGNORE_INDEX = -100
+DEFAULT_ENCODER_FRACTION = 1.0   # the student's share of the teacher's encoder blocks
+DEFAULT_DECODER_FRACTION = 0.25  # and of its decoder blocks
 _BLOCK_KEY = re.compile(r"^(encoder|decoder)\.block\.(\d+)\.(.+)$")
 
 
@@ -113,10 +116,16 @@ def _follow(teacher, device) -> None:
 
 
 def layers_to_keep(total: int, keep: int) -> list[int]:
-    """``keep`` of ``total`` block indices, evenly spaced from 0: 12 → 6 keeps 0, 2, 4, 6, 8, 10."""
+    """``keep`` of ``total`` block indices, the first and the last included, the rest evenly between.
+
+    12 → 3 keeps 0, 6, 11 (DistilBART 12-3's decoder); 12 → 6 keeps 0, 2, 4, 7, 9, 11. Block 0 holds
+    T5's relative position bias; the last block's output is what the LM head was trained to read.
+    """
     if not 1 <= keep <= total:
         raise StepError(f"cannot keep {keep} of {total} layers: choose between 1 and {total}")
-    return [(i * total) // keep for i in range(keep)]
+    if keep == 1:
+        return [0]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
 
 
 def student_layer_count(total: int, fraction: float, explicit: int | None, flag: str) -> int:

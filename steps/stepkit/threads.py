@@ -56,24 +56,29 @@ def idle_cpus(window_s: float = 0.3) -> int:
 
     Where /proc/stat cannot be read (not Linux), every usable core counts as idle.
     """
-    def sample() -> tuple[int, int]:
-        with open("/proc/stat", encoding="ascii") as stat:
-            fields = [int(value) for value in stat.readline().split()[1:]]
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)   # idle + iowait
-        return idle, sum(fields[:8])                                # guest time is counted in user already
-
     usable = usable_cpus()
     try:
-        idle_before, total_before = sample()
+        before = cpu_times()
         time.sleep(window_s)
-        idle_after, total_after = sample()
+        after = cpu_times()
     except (OSError, ValueError, IndexError):
         return usable
-    total = total_after - total_before
+    return idle_cores(before, after, os.cpu_count() or usable, usable)
+
+
+def cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all cores from /proc/stat's first line; idle includes iowait."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = [int(value) for value in stat.readline().split()[1:]]
+    return fields[3] + (fields[4] if len(fields) > 4 else 0), sum(fields[:8])   # guest time is in user already
+
+
+def idle_cores(before: tuple[int, int], after: tuple[int, int], cores: int, usable: int) -> int:
+    """How many of ``usable`` cores were idle between two :func:`cpu_times` samples, rounded, at least 1."""
+    total = after[1] - before[1]
     if total <= 0:
         return usable
-    idle_cores = (idle_after - idle_before) / total * (os.cpu_count() or usable)
-    return max(1, min(usable, round(idle_cores)))
+    return max(1, min(usable, round((after[0] - before[0]) / total * cores)))
 
 
 def training_threads() -> int:
