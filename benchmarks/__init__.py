@@ -1,4 +1,5 @@
-"""``flanops bench``: what quantization, distillation, pruning, LoRA, serving and the local executor cost and save.
+"""``flanops bench``: what quantization, distillation, pruning, LoRA, serving and the local executor cost and save,
+and how flanops' int8 compares with CTranslate2's and ONNX Runtime's own (peers).
 
 Each section measures with the steps' own code (stepkit) on random-weight models of the real
 Flan-T5 dimensions; :mod:`.harness` holds the timing rules (same process, warm-up, interleaved,
@@ -21,7 +22,7 @@ from ..errors import FlanopsError
 from .harness import (BenchSettings, ModelSpec, Progress, check_out_dir, machine, start_children, stop_children, target,
                       versions)
 
-SECTIONS = ("quantization", "distillation", "pruning", "lora", "serving", "executor")
+SECTIONS = ("quantization", "peers", "distillation", "pruning", "lora", "serving", "executor")
 SCHEMA = "flanops-bench/1"
 DEFAULT_MODELS = ("flan-t5-small", "flan-t5-base")
 RUN_TIME_LIMITS = {"quick": 300.0, "full": 1800.0}   # seconds: the issue's targets for the whole run
@@ -55,16 +56,18 @@ def resolve_sections(text: str | None) -> tuple[str, ...]:
 
 
 def preset(mode: str, models: tuple[ModelSpec, ...], sections: tuple[str, ...]) -> BenchSettings:
-    """The ``--quick`` or full settings. The LoRA comparison always uses Flan-T5-base's shape."""
+    """The ``--quick`` or full settings (--quick runs the peers on the first model only). The LoRA comparison always
+    uses Flan-T5-base's shape."""
     from ..steps.stepkit.catalog import lookup
 
     base = lookup("flan-t5-base")
     lora_model = ModelSpec(base.name, base.dims)
     if mode == "quick":
         return BenchSettings(mode="quick", models=models, lora_model=lora_model, sections=sections, warmup=1,
-                             repeats=3, input_tokens=64, new_tokens=8, calibration_examples=4,
-                             unstructured_models=1, train_batch=2, train_source_tokens=64, train_target_tokens=16,
-                             serving_inputs=4, load_seconds=3.0, load_repeats=2, executor_train_size=100)
+                             repeats=3, input_tokens=64, new_tokens=8, peer_models=1, unstructured_models=1,
+                             train_batch=2, train_source_tokens=64, train_target_tokens=16, finetune_steps=1,
+                             finetune_validation=8, serving_inputs=4,
+                             load_clients=(1, 8), load_seconds=3.0, load_repeats=2, executor_train_size=100)
     return BenchSettings(mode="full", models=models, lora_model=lora_model, sections=sections)
 
 
@@ -87,6 +90,7 @@ def run(settings: BenchSettings, out: Path, progress: Progress = print, command:
     try:
         for name in settings.sections:
             module = importlib.import_module(f"{__name__}.{name}")
+            configure_runtime()   # every section starts on the same threads, whatever the last one's libraries set
             progress(f"== {name}")
             section_started = time.perf_counter()
             try:

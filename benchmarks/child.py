@@ -7,8 +7,11 @@ with the libraries loaded and no model in memory, as a new process would, withou
 the imports again.
 
 Tasks:
-  generate  load a model folder (as an endpoint does) and generate one batch of fixed length
-  train     build a random model of given dims, full or LoRA, and take optimizer steps
+  generate   load a model folder (as an endpoint does: any flanops variant, ct2-int8 included) and
+             generate one batch of fixed length
+  translate  load a CTranslate2 model with a plain ctranslate2.Translator (the CLI peer) and
+             generate one batch of fixed length
+  train      build a random model of given dims, full or LoRA, and take optimizer steps
 
 Each report holds ``peak_rss_bytes`` (getrusage's ru_maxrss of the task's process) and the RSS
 before the model was loaded or built (the interpreter and libraries).
@@ -56,6 +59,17 @@ def generate(task: dict) -> dict:
     return {"rss_before_load_bytes": before}
 
 
+def translate(task: dict) -> dict:
+    import ctranslate2
+
+    from .peers import translate_fixed
+
+    before = current_rss_bytes()
+    translator = ctranslate2.Translator(task["model_dir"], device="cpu", intra_threads=task["threads"])
+    translate_fixed(translator, task["tokens"], task["new_tokens"])
+    return {"rss_before_load_bytes": before}
+
+
 def train(task: dict) -> dict:
     from ..steps.stepkit.catalog import T5Dims
     from .lora import TrainingSide
@@ -68,7 +82,7 @@ def train(task: dict) -> dict:
     return {"rss_before_load_bytes": before, **side.facts()}
 
 
-TASKS = {"generate": generate, "train": train}
+TASKS = {"generate": generate, "translate": translate, "train": train}
 
 
 def run_task(task: dict) -> dict:

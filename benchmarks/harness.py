@@ -8,7 +8,7 @@ and the headline is the ratio of medians, with the range of the per-round ratios
 Peak memory (RSS) is measured in a fresh process per variant, forked by a small server that has
 only imported the libraries (``flanops.benchmarks.child``): torch allocates outside Python's heap
 (tracemalloc cannot see it) and a process's peak only grows, so variants measured in one process
-would hide each other.
+would hide each other. A step script's peak is that of the script run as a user runs it (:func:`run_script`).
 """
 from __future__ import annotations
 
@@ -52,7 +52,10 @@ class BenchSettings:
     input_tokens: int = 128                 # prompt length at batch 1 and 8, exactly
     new_tokens: int = 32                    # generated per input, exactly (min_new_tokens = max_new_tokens)
     throughput_batch: int = 8
-    calibration_examples: int = 16          # int8-static calibration pass (teacher-forced examples)
+    thread_counts: tuple[int, ...] = (1, 2)  # intra-op threads compared at batch 1 (why stepkit.threads picks 1)
+    peer_models: int | None = None          # the peers (CTranslate2's CLI, ONNX Runtime) on the first N (None: all)
+    peer_threads: int = 1                   # the peers' intra-op threads (ONNX Runtime is also timed on 2)
+    onnx_per_channel: bool = False          # ONNX Runtime int8 weight scales: per channel (optimum's default) or tensor
     prune_amounts: tuple[float, ...] = (0.25, 0.5)   # structured: share of FFN neurons removed per layer
     unstructured_amount: float = 0.5
     unstructured_models: int | None = None  # unstructured (gzip sizes) on the first N models only; None: all
@@ -63,8 +66,10 @@ class BenchSettings:
     train_batch: int = 4                    # LoRA vs full: examples per optimizer step
     train_source_tokens: int = 128
     train_target_tokens: int = 32
+    finetune_steps: int = 3                 # finetune_lora.py with its defaults on lora_model: optimizer steps
+    finetune_validation: int = 64           # its validation examples: enough to fill the largest evaluation batch
     serving_inputs: int = 8                 # distinct dialogues sent per round (endpoint and bare)
-    load_clients: tuple[int, ...] = (1, 4, 16)
+    load_clients: tuple[int, ...] = (1, 8, 16)   # concurrent clients per load level; 1 and 8 give the headline
     load_seconds: float = 10.0              # each load level runs this long (then in-flight requests finish)
     load_repeats: int = 3
     executor_train_size: int = 200          # PrepareData's --train-size in the executor benchmark
@@ -106,12 +111,32 @@ def size_ratio(numerator: int, denominator: int, meaning: str) -> dict:
 
 
 # ----------------------------------------------------------------------------- interleaving
+@dataclass(frozen=True)
+class Timed:
+    """What a side timed in another process returns: the seconds measured there."""
+
+    seconds: float
+
+
+@dataclass
+class Side:
+    """A model as a comparison times it: one generation at batch 1, one at the throughput batch, and what it is."""
+
+    runtime: str                              # what generates: transformers, ctranslate2, onnxruntime
+    threads: int                              # intra-op threads it generates with
+    weights_bytes: int
+    single: Callable[[], Any]
+    batch: Callable[[], Any]
+    details: dict = field(default_factory=dict)   # how it was made (JSON-ready)
+
+
 def interleaved(sides: dict[str, Callable[[], Any]], warmup: int, repeats: int, progress: Progress, label: str,
                 unit: str = "ms", measure: Callable[[str, float, Any], float] | None = None) -> dict[str, list[float]]:
     """Warm every side up, then ``repeats`` rounds timing each side once (order rotated per round).
 
     Returns each side's samples: milliseconds by default, or ``measure(side, seconds, result)``
-    (e.g. tokens per second) when given.
+    (e.g. tokens per second) when given. A side that runs in another process returns :class:`Timed`:
+    the seconds its own clock took, without the round trip to it.
     """
     children_settled()
     names = list(sides)
@@ -125,7 +150,7 @@ def interleaved(sides: dict[str, Callable[[], Any]], warmup: int, repeats: int, 
         for name in names[shift:] + names[:shift]:
             started = time.perf_counter()
             result = sides[name]()
-            seconds = time.perf_counter() - started
+            seconds = result.seconds if isinstance(result, Timed) else time.perf_counter() - started
             samples[name].append(measure(name, seconds, result) if measure else 1000 * seconds)
         progress(f"{label}: round {round_index + 1}/{repeats} " + ", ".join(
             f"{name} {samples[name][-1]:.4g} {unit}" for name in names))
@@ -210,22 +235,56 @@ def run_child(task: dict, progress: Progress, label: str) -> dict:
     return report
 
 
+def run_script(script: Path, args: list[str], progress: Progress, label: str) -> dict:
+    """Run ``python script args`` as a user does, in a new process, its output lines shown as progress.
+
+    Returns its peak RSS (wait4's rusage: that process alone, from interpreter start to exit) and
+    wall seconds; a failure raises with the last lines it printed.
+    """
+    import collections
+    import subprocess
+
+    progress(f"{label}: python {script.name} {' '.join(args)}")
+    started = time.perf_counter()
+    process = subprocess.Popen([sys.executable, "-u", str(script), *args], cwd=script.parent, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    tail: collections.deque[str] = collections.deque(maxlen=12)
+    for line in process.stdout:
+        if line.strip():
+            tail.append(line.rstrip())
+            progress(f"{label}: {line.rstrip()}")
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)   # reaped here: Popen must not wait again
+    process.stdout.close()
+    if process.returncode != 0:
+        raise RuntimeError(f"{label}: {script.name} exited {process.returncode}:\n" + "\n".join(tail))
+    peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024   # bytes on macOS, KiB on Linux
+    return {"peak_rss_bytes": peak, "seconds": time.perf_counter() - started}
+
+
 # ----------------------------------------------------------------------------- the machine
+def cpuinfo(key: str) -> str | None:
+    """The first ``key`` line of /proc/cpuinfo (None where there is none: not Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
+            if line.startswith(key):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def cpu_flags() -> list[str]:
+    return (cpuinfo("flags") or "").split()
+
+
 def machine() -> dict:
     import torch
 
     from ..steps.stepkit.threads import usable_cpus
 
-    cpu, flags = None, []
-    try:
-        for line in Path("/proc/cpuinfo").read_text(encoding="ascii", errors="replace").splitlines():
-            if line.startswith("model name") and cpu is None:
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line.split(":", 1)[1].split()
-    except OSError:   # not Linux
-        pass
-    cpu = cpu or platform.processor() or platform.machine()
+    cpu = cpuinfo("model name") or platform.processor() or platform.machine()
+    flags = cpu_flags()
     memory_bytes = None
     try:
         memory_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
@@ -234,7 +293,6 @@ def machine() -> dict:
     return {"cpu_model": cpu, "cores": os.cpu_count(), "usable_cpus": usable_cpus(),
             "torch_threads": torch.get_num_threads(), "memory_gib": round(memory_bytes / 2**30, 1) if memory_bytes else None,
             "cpu_features": sorted(f for f in flags if f.startswith(("avx512_bf16", "amx", "avx512_vnni", "avx2"))),
-            "quantized_engine": torch.backends.quantized.engine,
             "platform": platform.platform(), "hostname": platform.node()}
 
 
@@ -242,7 +300,7 @@ def versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {"python": platform.python_version()}
-    for package in ("flanops", "torch", "transformers", "peft", "tokenizers", "safetensors"):
+    for package in ("flanops", "torch", "transformers", "ctranslate2", "peft", "tokenizers", "safetensors"):
         try:
             found[package] = version(package)
         except PackageNotFoundError:

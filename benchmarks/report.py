@@ -118,6 +118,32 @@ def markdown(results: dict, out: Path) -> list[str]:
     return lines
 
 
+def runs_on(side: dict) -> str:
+    """What generates, on how many threads: "ctranslate2, 1 thread"."""
+    return f"{side['runtime']}, {side['threads']} thread{'s' if side['threads'] != 1 else ''}"
+
+
+def rss(side: dict) -> str:
+    """Peak RSS with the RSS before loading (the interpreter and libraries) beside it."""
+    figure = side.get("peak_rss")
+    return "–" if figure is None else f"{mb(figure['value'])} ({mb(figure['rss_before_load_bytes'])} before load)"
+
+
+def side_charts(plt, runs: list[dict], sides_of: Callable[[dict], dict], settings: dict):
+    """Weights, latency, throughput and peak RSS of every side, one row of panels per model."""
+    figure, axes = grid(plt, len(runs), 4)
+    for row, run in enumerate(runs):
+        sides = sides_of(run)
+        names = list(sides)
+        bars(axes[row][0], names, [sides[n]["weights_bytes"] for n in names], "MB", f"{run['model']['name']}: weights", 1e6)
+        bars(axes[row][1], names, [sides[n]["latency_batch1"] for n in names], "ms", "latency, batch 1")
+        bars(axes[row][2], names, [sides[n]["throughput"] for n in names], "tokens/s",
+             f"throughput, batch {settings['throughput_batch']}")
+        bars(axes[row][3], names, [sides[n].get("peak_rss") for n in names], "MB", "peak RSS", 1e6)
+    figure.tight_layout()
+    return figure
+
+
 def quantization(figures: dict, settings: dict, out: Path) -> list[str]:
     lines = [f"Prompt {settings['input_tokens']} tokens, {settings['new_tokens']} generated tokens (greedy, fixed); "
              f"throughput at batch {settings['throughput_batch']}; peak RSS of a fresh process that loads the "
@@ -126,28 +152,75 @@ def quantization(figures: dict, settings: dict, out: Path) -> list[str]:
         rows = []
         for variant, v in run["variants"].items():
             r = run["ratios"].get(variant, {})
-            rows.append([variant, mb(get(v["weights_bytes"])), times(r.get("size_smaller")), stat(v["latency_batch1"]),
-                         times(r.get("latency_faster")), stat(v["throughput"]), times(r.get("throughput_gain")),
-                         mb(get(v.get("peak_rss")))])
+            rows.append([variant, runs_on(v), mb(get(v["weights_bytes"])), times(r.get("size_smaller")),
+                         stat(v["latency_batch1"]), times(r.get("latency_faster")), stat(v["throughput"]),
+                         times(r.get("throughput_gain")), rss(v)])
         lines += [f"### {run['model']['name']} ({run['model']['parameters']:,} parameters)", ""]
-        lines += table(["variant", "weights", "smaller", "latency, batch 1", "faster",
+        lines += table(["variant", "runs on", "weights", "smaller", "latency, batch 1", "faster",
                         f"throughput, batch {settings['throughput_batch']}", "gain", "peak RSS"], rows)
+        threads = run["threads"]
+        counts = figures["thread_counts"]
+        rows = [[variant, t["runtime"], *[stat(t["latency_batch1"][str(c)]) for c in counts],
+                 *[times(t["more_threads_slower"][str(c)]) for c in counts[1:]], t["fastest"]]
+                for variant, t in threads["runtimes"].items()]
+        lines += [f"Threads, batch 1 (why stepkit.threads runs this size on {threads['stepkit_threads']}: one thread "
+                  f"below {threads['multi_thread_parameters']:,} parameters, all {threads['usable_cpus']} usable "
+                  "cores above):", ""]
+        lines += table(["variant", "runtime", *[f"{c} thread{'s' if c != 1 else ''}" for c in counts],
+                        *[f"{c} vs {counts[0]}" for c in counts[1:]], "fastest on"], rows)
 
     def draw(plt):
+        return side_charts(plt, figures["runs"], lambda run: run["variants"], settings)
+
+    def draw_threads(plt):
         runs = figures["runs"]
-        figure, axes = grid(plt, len(runs), 4)
-        for row, run in enumerate(runs):
-            names = list(run["variants"])
-            v = run["variants"]
-            bars(axes[row][0], names, [v[n]["weights_bytes"] for n in names], "MB", f"{run['model']['name']}: weights", 1e6)
-            bars(axes[row][1], names, [v[n]["latency_batch1"] for n in names], "ms", "latency, batch 1")
-            bars(axes[row][2], names, [v[n]["throughput"] for n in names], "tokens/s",
-                 f"throughput, batch {settings['throughput_batch']}")
-            bars(axes[row][3], names, [v[n].get("peak_rss") for n in names], "MB", "peak RSS", 1e6)
+        figure, axes = grid(plt, 1, len(runs))
+        for column, run in enumerate(runs):
+            labels, values = [], []
+            for variant, t in run["threads"]["runtimes"].items():
+                for count, timing in t["latency_batch1"].items():
+                    labels.append(f"{variant}, {count}t")
+                    values.append(timing)
+            bars(axes[0][column], labels, values, "ms", f"{run['model']['name']}: latency by threads")
         figure.tight_layout()
         return figure
 
-    return lines + chart(out, "quantization.png", "Quantization", draw)
+    return (lines + chart(out, "quantization.png", "Quantization", draw)
+            + chart(out, "threads.png", "Latency by intra-op threads", draw_threads))
+
+
+def peers(figures: dict, settings: dict, out: Path) -> list[str]:
+    int8 = figures["flanops_int8"]
+    lines = [f"flanops' variants and the peers on the same model, timed in the same rounds; flanops' {int8} against "
+             "each peer in the first table (below 1: flanops is faster or smaller), every side against fp32 in the "
+             "second.", ""]
+    for run in figures["runs"]:
+        lines += [f"### {run['model']['name']}", ""]
+        rows = [[peer, times(r["latency"]), times(r["size"]), times(r["throughput"]), times(r.get("peak_rss"))]
+                for peer, r in run["against_peers"].items()]
+        lines += table([f"flanops {int8} / peer", "latency, batch 1", "weights", "throughput", "peak RSS"], rows)
+        rows = []
+        for name, side in run["sides"].items():
+            r = run["vs_fp32"].get(name, {})
+            rows.append([name, runs_on(side), mb(get(side["weights_bytes"])), times(r.get("size_smaller")),
+                         stat(side["latency_batch1"]), times(r.get("latency_faster")), stat(side["throughput"]),
+                         rss(side)])
+        lines += table(["side", "runs on", "weights", "smaller than fp32", "latency, batch 1", "faster than fp32",
+                        f"throughput, batch {settings['throughput_batch']}", "peak RSS"], rows)
+        described = set()
+        for name, side in run["sides"].items():
+            details = side.get("details", {})
+            if side["runtime"] != "transformers" and details.get("made") not in described:
+                described.add(details.get("made"))
+                timed = f"; {details['timed']}" if "timed" in details else ""
+                lines.append(f"- {name}: {details.get('made')}{timed}")
+        lines += [f"- **{peer} failed** ({error}): not measured." for peer, error in run["errors"].items()]
+        lines.append("")
+
+    def draw(plt):
+        return side_charts(plt, figures["runs"], lambda run: run["sides"], settings)
+
+    return lines + chart(out, "peers.png", "flanops and its peers", draw)
 
 
 def distillation(figures: dict, settings: dict, out: Path) -> list[str]:
@@ -228,6 +301,15 @@ def lora(figures: dict, settings: dict, out: Path) -> list[str]:
     rows.append(["full / LoRA", times(r["trainable_fewer"]), times(r["optimizer_state_smaller"]), "",
                  times(r.get("peak_rss_smaller")), times(r["step_faster"])])
     lines += table(["", "trainable parameters", "optimizer state", "gradients", "peak RSS", "step time"], rows)
+    finetune = figures.get("finetune")
+    if finetune:
+        examples = finetune["examples"]
+        lines += [f"`python steps/finetune_lora.py {' '.join(finetune['arguments'])}` with its other defaults, in its own "
+                  f"process, on {examples['train']} training and {examples['validation']} validation examples that all "
+                  f"reach {examples['source_tokens']} source + {examples['target_tokens']} target tokens: peak RSS "
+                  f"**{get(finetune['peak_rss']) / 2**30:.2f} GiB**, {get(finetune['step_time']):.1f} s per step "
+                  f"(gradient checkpointing {'on' if finetune['gradient_checkpointing'] else 'off'}, evaluation batch "
+                  f"{finetune['eval_batch_size']}, {get(finetune['wall']):.0f} s in all).", ""]
 
     def draw(plt):
         figure, axes = grid(plt, 1, 3)
@@ -242,19 +324,25 @@ def lora(figures: dict, settings: dict, out: Path) -> list[str]:
 
 
 def serving(figures: dict, settings: dict, out: Path) -> list[str]:
-    latency, overhead, load = figures["latency"], figures["overhead"], figures["load"]
-    lines = [f"{figures['model']['name']} (fp32) served from its model.tar.gz ({mb(get(figures['artifact_bytes']))}) "
-             f"through code/inference.py; generation parameters {json.dumps(figures['parameters'])}. Client: "
+    latency, overhead, load, served = figures["latency"], figures["overhead"], figures["load"], figures["served"]
+    lines = [f"{figures['model']['name']} {figures['variant']} served from its model.tar.gz "
+             f"({mb(get(figures['artifact_bytes']))}) through code/inference.py ({served['runtime']}: "
+             f"{served['threads']} thread(s) per batch, {served['workers']} batch(es) at once, largest batch formed "
+             f"{served['largest_batch']} dialogues); generation parameters {json.dumps(figures['parameters'])}; "
+             f"{figures['dialogues']} distinct dialogues. Client: "
              f"{figures['client']}. Bare: {figures['bare']}.", ""]
-    lines += table(["batch 1", "p50", "p99", "median (min–max)"],
-                   [[side, f"{latency[side]['p50']:,.4g} ms", f"{latency[side]['p99']:,.4g} ms", stat(latency[side])]
+    lines += table(["batch 1", "p50", "p95", "p99", "median (min–max)"],
+                   [[side, *[f"{latency[side][p]:,.4g} ms" for p in ("p50", "p95", "p99")], stat(latency[side])]
                     for side in ("endpoint", "bare")])
     lines += [f"Serving overhead: {times(overhead['ratio'])} = {get(overhead['percent']):+.2f}% over bare generation.", ""]
     rows = [[level["clients"], stat(level["throughput"]), times(load["scaling"].get(name)),
-             f"{get(level['latency_p50']):,.4g} ms", f"{get(level['latency_p99']):,.4g} ms", get(level["requests"])]
+             *[f"{get(level[key]):,.4g} ms" for key in ("latency_p50", "latency_p95", "latency_p99", "latency_max")],
+             get(level["requests"]), get(level["requests_per_batch"]), get(level["mismatches"])]
             for name, level in load["levels"].items()]
-    lines += [f"Concurrent clients, {load['seconds_per_level']:g} s per level and round:", ""]
-    lines += table(["clients", "throughput", "vs first level", "latency p50", "latency p99", "requests"], rows)
+    lines += [f"Concurrent clients, {load['seconds_per_level']:g} s per level and round; mismatches: answers that "
+              "differ from the same dialogue's answer alone:", ""]
+    lines += table(["clients", "throughput", "vs first level", "latency p50", "p95", "p99", "max", "requests",
+                    "requests per batch", "mismatches"], rows)
 
     def draw(plt):
         figure, axes = grid(plt, 1, 2)
@@ -293,5 +381,5 @@ def executor(figures: dict, settings: dict, out: Path) -> list[str]:
     return lines + chart(out, "executor.png", "Local executor overhead", draw)
 
 
-RENDERERS = {"quantization": quantization, "distillation": distillation, "pruning": pruning, "lora": lora,
-             "serving": serving, "executor": executor}
+RENDERERS = {"quantization": quantization, "peers": peers, "distillation": distillation, "pruning": pruning,
+             "lora": lora, "serving": serving, "executor": executor}

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any, Callable
 
 from ..steps.stepkit.catalog import build_random_model
 from ..steps.stepkit.cost import encode_prompts
@@ -55,12 +56,14 @@ def fixed_inputs(tokenizer, length: int, batch: int = 1):
 
 
 class Workspace:
-    """A scratch folder of saved models (removed at the end of the run) and the shared tokenizer."""
+    """A scratch folder of saved models (removed at the end of the run), the shared tokenizer, and what
+    sections share (a model variant, a measurement) made once per run."""
 
     def __init__(self, root: Path):
         self.root = Path(root)
         self._tokenizer = None
         self._fp32: dict[str, Path] = {}
+        self._once: dict[tuple, Any] = {}
 
     @property
     def tokenizer(self):
@@ -84,6 +87,28 @@ class Workspace:
                                                        "weights": f"random (seed {seed}): a benchmark model"})
             self._fp32[spec.name] = folder
         return self._fp32[spec.name]
+
+    def variant(self, spec: ModelSpec, method: str, seed: int) -> Path:
+        """``method`` of the fp32 model (quantize.py's: ct2-int8, bf16, fp16), made by steps/quantize.py itself."""
+        if method == "fp32":
+            return self.fp32(spec, seed)
+
+        def make() -> Path:
+            from ..config import import_step
+
+            folder = self.root / spec.name / method
+            shutil.rmtree(folder, ignore_errors=True)
+            import_step("quantize").main(["--model-dir", str(self.fp32(spec, seed)), "--method", method,
+                                          "--output-dir", str(folder)])
+            return folder
+
+        return self.once(("variant", spec.name, method), make)
+
+    def once(self, key: tuple, make: Callable[[], Any]) -> Any:
+        """``make()``'s result, made at the first call with ``key`` in this run."""
+        if key not in self._once:
+            self._once[key] = make()
+        return self._once[key]
 
     def save(self, model, spec: ModelSpec, variant: str, card: dict) -> Path:
         folder = self.folder(spec.name, variant)

@@ -122,15 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     invoke.add_argument("--num-beams", type=int, help="beam search width (1: greedy)")
 
     bench = commands.add_parser(
-        "bench", help="benchmark quantization, distillation, pruning, LoRA, serving and the local executor",
+        "bench", help="benchmark quantization (beside CTranslate2 and ONNX Runtime), distillation, pruning, LoRA, "
+                      "serving and the local executor",
         description="Measure what each optimization saves and what serving and the local executor cost, on "
-                    "random-weight Flan-T5 models of the real dimensions; writes results.json and BENCHMARKS.md "
+                    "random-weight Flan-T5 models of the real dimensions, with the CPU runtimes of the field "
+                    "(CTranslate2 int8, ONNX Runtime int8 through optimum) measured in the same run; writes "
+                    "results.json and BENCHMARKS.md "
                     "(with charts). The full run is meant to stay under 30 minutes on 2 cores, --quick under 5.")
     bench.add_argument("--quick", action="store_true", help="fewer repetitions, shorter inputs and loads (a few minutes)")
     bench.add_argument("--models", default="flan-t5-small,flan-t5-base",
                        help="comma-separated Flan-T5 sizes for quantization, distillation and pruning (the first "
                             "is also served); default: flan-t5-small,flan-t5-base")
-    bench.add_argument("--sections", help="comma-separated subset of quantization,distillation,pruning,lora,"
+    bench.add_argument("--sections", help="comma-separated subset of quantization,peers,distillation,pruning,lora,"
                                           "serving,executor (default: all)")
     bench.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<UTC timestamp>)")
 

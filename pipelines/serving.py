@@ -148,7 +148,7 @@ class LoadedModel:
                 output = self.handler.output_fn(prediction, accept)
         except Exception as err:   # the request's fault (RequestError) or the handler's; never the server's end
             status = getattr(err, "status_code", None)
-            if isinstance(status, int) and 400 <= status < 500:
+            if isinstance(status, int) and (400 <= status < 500 or status == 503):   # 503: overloaded, says why
                 return Reply.error(status, str(err))
             traceback.print_exc()
             return Reply.error(500, f"the model handler failed: {type(err).__name__}: {err}")
@@ -274,6 +274,9 @@ class EndpointServer(ThreadingHTTPServer):
 class RequestHandler(BaseHTTPRequestHandler):
     server: EndpointServer
     protocol_version = "HTTP/1.1"
+    # Headers and body go out as two writes; with Nagle's algorithm on, the second waited for the
+    # client's delayed ACK: about 40 ms added to every response (52 ms vs 7 ms for the tiny model).
+    disable_nagle_algorithm = True
 
     def log_message(self, format: str, *args: Any) -> None:   # our own access line instead (no bodies logged)
         pass

@@ -14,7 +14,7 @@ so a skipped branch writes where the step would have, which is the folder SageMa
 
 Example:
   python steps/optimize.py --variant quantize --method auto -- \\
-      --model-dir out/finetuned --method int8-dynamic --output-dir out/quantized
+      --model-dir out/finetuned --method ct2-int8 --output-dir out/quantized
   python steps/optimize.py --variant prune --method quantize -- \\
       --model-dir out/finetuned --method structured --amount 0.5 --output-dir out/pruned   # skipped
 """

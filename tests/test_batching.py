@@ -131,3 +131,34 @@ def test_the_handler_answers_concurrent_requests_as_it_answers_each_alone(chain,
     assert [status for status, _ in replies] == [200] * len(dialogues)
     assert [reply[0]["generated_text"] for _, reply in replies] == alone
     assert summarizer.batcher.stats.largest_batch > 1   # they did share generate calls
+
+
+def test_the_local_endpoint_answers_429_when_its_queue_is_full_and_goes_on_serving(chain, tmp_path, monkeypatch):
+    """flanops serve's request path (serving.LoadedModel) with a queue of one: of several requests sent at once
+    while one generates, the one that fits waits and the rest get 429 saying why; afterwards all is served."""
+    import sys
+
+    from flanops.serving import LoadedModel
+    from test_inference_handler import packaged
+
+    monkeypatch.setenv("FLANOPS_MAX_QUEUE", "1")
+    monkeypatch.setenv("FLANOPS_BATCH_WAIT_MS", "1")
+    for name in [n for n in sys.modules if n == "inference"]:
+        monkeypatch.delitem(sys.modules, name)   # the handler reads its limits when imported
+    loaded = LoadedModel(packaged(chain["tuned"], tmp_path / "artifact"))
+    dialogue = read_split(chain["data"], "test")[0]["dialogue"]
+    long = {"max_new_tokens": 256, "min_new_tokens": 256}
+    slow = json.dumps({"inputs": dialogue, "parameters": long}).encode()
+    slowest = json.dumps({"inputs": [dialogue] * 16, "parameters": long}).encode()   # seconds of work
+    with ThreadPoolExecutor(max_workers=6) as pool:
+        first = pool.submit(loaded.invoke, slowest, "application/json", "application/json")
+        time.sleep(0.3)   # generating: the queue is empty again, one more fits
+        replies = list(pool.map(lambda _: loaded.invoke(slow, "application/json", "application/json"), range(5)))
+        replies.append(first.result())
+    statuses = sorted(reply.status for reply in replies)
+    assert statuses.count(429) >= 3 and statuses.count(200) >= 2, statuses
+    refused = next(reply for reply in replies if reply.status == 429)
+    assert "requests are already waiting" in json.loads(refused.body)["error"]
+    assert "FLANOPS_MAX_QUEUE" in json.loads(refused.body)["error"]
+    again = loaded.invoke(json.dumps({"inputs": dialogue}).encode(), "application/json", "application/json")
+    assert again.status == 200 and json.loads(again.body)[0]["generated_text"]

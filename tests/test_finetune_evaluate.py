@@ -84,11 +84,33 @@ def test_finetune_resumes_from_checkpoint(chain, tmp_path):
     assert card["training"]["steps"] == 6
 
 
+def test_finetune_plans_memory_without_checkpointing_the_tiny_model(chain):
+    training = json.loads((chain["tuned"] / "model_card.json").read_text())["training"]
+    # activation checkpointing would only cost time on a model this small; its whole evaluation batch fits
+    assert training["gradient_checkpointing"] is False and training["eval_batch_size"] == 64
+    assert 0 < training["estimated_activation_bytes"] <= training["activation_budget_bytes"]
+
+
+def test_finetune_with_checkpointing_still_trains_the_adapter(chain, tmp_path):
+    from safetensors.torch import load_file
+
+    run_step("finetune_lora.py", "--model-dir", str(chain["model"]), "--data-dir", str(chain["data"]),
+             "--output-dir", str(tmp_path / "out"), "--gradient-checkpointing", "--eval-batch-size", "4",
+             "--max-train-examples", "32", "--batch-size", "8", "--max-steps", "3", "--eval-steps", "0",
+             "--learning-rate", "5e-3")
+    training = json.loads((tmp_path / "out" / "model_card.json").read_text())["training"]
+    assert training["gradient_checkpointing"] is True and training["eval_batch_size"] == 4
+    adapter = load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors")
+    lora_b = [tensor for name, tensor in adapter.items() if "lora_B" in name]
+    assert lora_b and all(bool(tensor.abs().sum() > 0) for tensor in lora_b)   # B starts at zero: gradients reached it
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--target-modules", "q,query"], "unknown module(s) query"),
     (["--lora-r", "0"], "--lora-r must be at least 1"),
     (["--max-steps", "0"], "--max-steps must be at least 1"),
     (["--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1)"),
+    (["--eval-batch-size", "0"], "--eval-batch-size must be at least 1"),
 ])
 def test_finetune_rejects_bad_settings(chain, tmp_path, reliability, extra, message):
     result = run_step("finetune_lora.py", "--model-dir", str(chain["model"]), "--data-dir", str(chain["data"]),

@@ -370,7 +370,9 @@ def test_artifact_carries_the_handler_and_the_stepkit_it_imports(chain, tmp_path
     with tarfile.open(archive) as tar:
         names = set(tar.getnames())
     assert {"code/inference.py", "code/requirements.txt", "code/stepkit/modeling.py", "code/stepkit/prompt.py",
-            "code/stepkit/quantization.py", "model.safetensors", "config.json", "tokenizer_config.json",
+            "code/stepkit/ctranslate.py", "code/stepkit/batching.py", "model.safetensors", "config.json",
+            "tokenizer_config.json",
             "generation_config.json", "model_card.json"} <= names
     assert not {name for name in names if name.split("/")[0] in ("_SUCCESS", "adapter", "training_curve.json")}
     assert not [name for name in names if "__pycache__" in name or name.endswith(".pyc")]
+    assert not [name for name in names if "standin" in name or name.startswith("code/wheels")]   # needs neither

@@ -3,10 +3,10 @@
 An endpoint that runs one request at a time leaves its cores idle between tokens and pays the
 per-step cost of decoding once per request; a batch pays it once for all its rows. Requests
 wait in a queue; each worker takes the oldest and every queued request with the same
-generation settings (up to ``max_dialogues`` dialogues), waiting at most ``max_wait_s`` for
-more to arrive, generates them together and hands each request its own summaries. Under no
-load a request waits for nobody (nothing else is queued); under load batches form by
-themselves while the previous one runs.
+generation settings (up to ``max_dialogues`` dialogues), generates them together and hands each
+request its own summaries. While another batch is generating it waits at most ``max_wait_s``
+for more to arrive; with nothing else running a request goes at once. Under load, batches form
+by themselves while the previous one runs.
 
 A dialogue's summary does not depend on what it is batched with (greedy and beam search give
 the same tokens alone and in a batch: checked by tests/test_batching.py on every variant).
@@ -61,6 +61,7 @@ class Batcher:
         self.max_queue, self.queue_timeout_s = max_queue, queue_timeout_s
         self.limit_names = limit_names or {}
         self.stats = BatchStats()
+        self._running = 0   # batches being generated now
         self._queue: collections.deque[_Pending] = collections.deque()
         self._changed = threading.Condition()
         self._threads = [threading.Thread(target=self._work, name=f"batcher-{index}", daemon=True)
@@ -96,7 +97,8 @@ class Batcher:
             self._changed.wait()
         first = self._queue.popleft()
         batch, size = [first], len(first.dialogues)
-        deadline = time.monotonic() + self.max_wait_s
+        # Company is worth waiting for only under load (another batch generating); alone, go at once
+        deadline = time.monotonic() + (self.max_wait_s if self._running else 0.0)
         while size < self.max_dialogues:
             for pending in list(self._queue):
                 if pending.key == first.key and size + len(pending.dialogues) <= self.max_dialogues:
@@ -109,13 +111,18 @@ class Batcher:
             self._changed.wait(remaining)
         for pending in batch:
             pending.started = True
+        self._running += 1
         return batch
 
     def _work(self) -> None:
         while True:
             with self._changed:
                 batch = self._take_batch()
-            self._run(batch)
+            try:
+                self._run(batch)
+            finally:
+                with self._changed:
+                    self._running -= 1
 
     def _run(self, batch: list[_Pending]) -> None:
         dialogues = [dialogue for pending in batch for dialogue in pending.dialogues]
