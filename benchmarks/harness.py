@@ -59,7 +59,6 @@ class BenchSettings:
     prune_amounts: tuple[float, ...] = (0.25, 0.5)   # structured: share of FFN neurons removed per layer
     unstructured_amount: float = 0.5
     unstructured_models: int | None = None  # unstructured (gzip sizes) on the first N models only; None: all
-    student_fraction: float = 0.5           # distill.py's default: the teacher with half its layers
     lora_r: int = 16                        # configs/cloud.yaml's Flan-T5-base fine-tune
     lora_alpha: int = 32
     lora_targets: str = "q,v"

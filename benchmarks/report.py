@@ -224,27 +224,34 @@ def peers(figures: dict, settings: dict, out: Path) -> list[str]:
 
 
 def distillation(figures: dict, settings: dict, out: Path) -> list[str]:
-    rows = []
+    shares = figures["default_shares"]
+    lines = [f"Students are the teacher shrunk, before training: distill.py's default keeps {shares['encoder']:g} of the "
+             f"encoder blocks and {shares['decoder']:g} of the decoder blocks (first and last included); the other "
+             "rows are the shapes it was chosen against. Timed side by side with the teacher, batch 1.", ""]
     for run in figures["runs"]:
-        s, r = run["sides"], run["ratios"]
-        rows.append([run["model"]["name"],
-                     f"{s['teacher']['layers']['encoder']}+{s['teacher']['layers']['decoder']} → "
-                     f"{s['student']['layers']['encoder']}+{s['student']['layers']['decoder']}",
-                     f"{get(s['teacher']['parameters']):,} → {get(s['student']['parameters']):,}",
-                     f"{mb(get(s['teacher']['weights_bytes']))} → {mb(get(s['student']['weights_bytes']))}",
-                     times(r["size_smaller"]), stat(s["teacher"]["latency_batch1"]),
-                     stat(s["student"]["latency_batch1"]), times(r["latency_faster"])])
-    lines = [f"The default student: the teacher with {figures['student_layers_fraction']:g} of its encoder and "
-             "decoder blocks (distill.py's default), before training.", ""]
-    lines += table(["teacher", "layers (enc+dec)", "parameters", "weights", "smaller", "teacher latency",
-                    "student latency", "faster"], rows)
+        sides, ratios = run["sides"], run["ratios"]
+        teacher = sides["teacher"]
+        rows = [["teacher", f"{teacher['layers']['encoder']}+{teacher['layers']['decoder']}",
+                 f"{get(teacher['parameters']):,}", mb(get(teacher["weights_bytes"])), "", stat(teacher["latency_batch1"]),
+                 ""]]
+        for name, side in sides.items():
+            if name == "teacher":
+                continue
+            rows.append([name + (" (distill.py's default)" if name == figures["default"] else ""),
+                         f"{side['layers']['encoder']}+{side['layers']['decoder']}", f"{get(side['parameters']):,}",
+                         mb(get(side["weights_bytes"])), times(ratios[name]["size_smaller"]),
+                         stat(side["latency_batch1"]), times(ratios[name]["latency_faster"])])
+        lines += [f"### {run['model']['name']}", ""]
+        lines += table(["model", "layers (enc+dec)", "parameters", "weights", "smaller", "latency, batch 1", "faster"],
+                       rows)
 
     def draw(plt):
         runs = figures["runs"]
         figure, axes = grid(plt, 1, len(runs))
         for column, run in enumerate(runs):
-            bars(axes[0][column], ["teacher", "student"], [run["sides"][k]["latency_batch1"] for k in ("teacher", "student")],
-                 "ms", f"{run['model']['name']}: latency, batch 1")
+            names = list(run["sides"])
+            bars(axes[0][column], [n.replace(" (", "\n(") for n in names],
+                 [run["sides"][n]["latency_batch1"] for n in names], "ms", f"{run['model']['name']}: latency, batch 1")
         figure.tight_layout()
         return figure
 

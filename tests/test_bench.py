@@ -127,9 +127,14 @@ def test_results_have_every_section_with_units_and_ratios(smoke):
     assert run["against_peers"]["ctranslate2-cli-int8"]["size"]["value"] == 1.0
 
     run = figures(results["sections"]["distillation"])["runs"][0]
-    assert run["sides"]["student"]["layers"] == {"encoder": 1, "decoder": 1}
-    assert_ratio(run["ratios"]["latency_faster"])
-    assert_ratio(run["ratios"]["size_smaller"])
+    # a 2+2 teacher: the default keeps one block of each; the candidates of a shape already measured are skipped
+    assert {name: side["layers"] for name, side in run["sides"].items()} == {
+        "teacher": {"encoder": 2, "decoder": 2}, "default": {"encoder": 1, "decoder": 1},
+        "whole encoder, quarter decoder": {"encoder": 2, "decoder": 1}}
+    assert run["sides"]["default"]["kept_blocks"] == {"encoder": [0], "decoder": [0]}
+    for name in ("default", "whole encoder, quarter decoder"):
+        assert_ratio(run["ratios"][name]["latency_faster"])
+        assert_ratio(run["ratios"][name]["size_smaller"])
 
     run = figures(results["sections"]["pruning"])["runs"][0]
     assert list(run["variants"]) == ["dense", "structured-25%", "structured-50%"]

@@ -238,6 +238,10 @@ def test_a_gate_that_cannot_pass_fails_the_execution_and_registers_nothing(flano
     assert summary["model_package_arn"] is None
     assert after == before, "a failed gate must not register a model package version"
     assert "did not pass the gate" in run.process.stdout
+    # the hint names the threshold that failed, and only that one
+    hint = next(line for line in run.process.stdout.splitlines() if "did not pass the gate" in line)
+    assert "--param MinRougeL=" in hint and "MaxP95LatencyMs" not in hint and "MaxLatencyRatio" not in hint, hint
+    assert "latency vs the base model" in reason and "(max" in reason   # every condition is in the message
 
 
 def test_changing_one_parameter_reruns_only_what_depends_on_it(flanops, cached_run):
