@@ -122,15 +122,23 @@ def upload_code(s3, bucket: str, pipeline_name: str) -> str:
     return f"s3://{bucket}/{key}"
 
 
-def upload_serving_wheel(s3, bucket: str, pipeline_name: str, serving_python: str) -> str:
+def upload_serving_wheel(s3, bucket: str, pipeline_name: str, serving_python: str) -> str | None:
     """Stage the serving runtime's wheel (stepkit/wheels.py) under a content key; returns its folder's S3 URI.
 
     Fetched here, on the client, so that the Evaluate job packs it into model.tar.gz without
-    network access of its own (a job in a VPC or with network isolation has none).
+    network access of its own (a job in a VPC or with network isolation has none). None, with a
+    warning, where it cannot be fetched (no package index reachable and none cached).
     """
+    from .steps.stepkit.errors import StepError
     from .steps.stepkit.wheels import runtime_wheel
 
-    wheel = runtime_wheel(serving_python)
+    try:
+        wheel = runtime_wheel(serving_python)
+    except StepError as err:
+        print(f"warning: {err}. A ct2-int8 model will be packaged without it and its endpoint will install "
+              "CTranslate2 from the package index when it starts: it cannot serve in a network-isolated stage "
+              "(the shipped staging and prod) until you run again where the index is reachable")
+        return None
     body = wheel.read_bytes()
     key = f"{pipeline_name}/{CODE_PREFIX}/{hashlib.sha256(body).hexdigest()}/wheels"
     put_if_absent(s3, bucket, f"{key}/{wheel.name}", body)
@@ -417,17 +425,21 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
 
     report = PropertyFile(name=EVALUATION_REPORT, output_name="evaluation", path="evaluation.json")
     serving_python = image_python(inference_image)
+    from .steps.stepkit.wheels import NO_WHEEL_FLAG
+
     wheels_uri = upload_serving_wheel(session.client("s3"), default_bucket, name, serving_python)
+    wheels = (["--wheelhouse", f"{PROCESSING}/input/wheels"], [processing_input("wheels", wheels_uri)]) if wheels_uri \
+        else ([NO_WHEEL_FLAG], [])
     evaluate = processing_step(
         NAMES.evaluate, "evaluate",
         ["--model-dir", f"{PROCESSING}/input/finetuned", "--baseline-dir", f"{PROCESSING}/input/baseline",
          "--data-dir", f"{PROCESSING}/input/data", "--output-dir", f"{PROCESSING}/output/evaluation",
          "--package-dir", f"{PROCESSING}/output/model", "--select-within-drop", p("MaxRougeLDrop").to_string(),
-         "--serving-python", serving_python, "--wheelhouse", f"{PROCESSING}/input/wheels",
+         "--serving-python", serving_python, *wheels[0],
          *[arg for variant in VARIANTS for arg in ("--compare", f"{variant}={PROCESSING}/input/{variant}")],
          *config.step_arguments("evaluate")],
         inputs=[processing_input("finetuned", finetuned_uri), processing_input("baseline", output_uri(select, "model")),
-                processing_input("data", data_uri), processing_input("wheels", wheels_uri),
+                processing_input("data", data_uri), *wheels[1],
                 *[processing_input(variant, output_uri(optimize[variant], "model")) for variant in VARIANTS]],
         outputs=["evaluation", "model"], property_files=[report])
 
@@ -493,7 +505,7 @@ def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: s
     """What a definition is made of: the config, the target, the step code, this module and the SDK's version."""
     from importlib.metadata import version
 
-    from .steps.stepkit.wheels import runtime_version
+    from .steps.stepkit.wheels import cache_dir, runtime_version
 
     digest = hashlib.sha256()
     settings = {"pipeline_name": config.pipeline_name, "parameters": config.parameter_values(), "steps": config.steps,
@@ -502,6 +514,8 @@ def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: s
     made_of = {"config": settings, "role": role_arn, "bucket": bucket,
                "region": region, "code": code_bundle()[1], "sagemaker": version("sagemaker"),
                "runtime": runtime_version(),
+               # a definition built while no wheel could be fetched has none: not the one to reuse once it can
+               "wheels": sorted(path.name for path in cache_dir().glob("*/*.whl")),
                "builder": [hashlib.sha256(Path(__file__).with_name(name).read_bytes()).hexdigest()
                            for name in ("definition.py", "config.py")]}
     digest.update(json.dumps(made_of, sort_keys=True, default=str).encode())

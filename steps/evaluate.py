@@ -52,7 +52,7 @@ from stepkit.metrics import ROUGE_TYPES, best_constant_output, fact_accuracy, ro
 from stepkit.modeling import (MODEL_ARCHIVE, check_model_dir, configure_runtime, count_parameters,
                               load_model_and_tokenizer, package_model, read_model_card, summarize)
 from stepkit.records import read_split, write_jsonl
-from stepkit.wheels import DEFAULT_SERVING_PYTHON, check_python_version
+from stepkit.wheels import DEFAULT_SERVING_PYTHON, NO_WHEEL_FLAG, check_python_version
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 BASELINE_ENV = ("SM_CHANNEL_BASELINE",)
@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                              f"wheel for it (default: {DEFAULT_SERVING_PYTHON}, the registered image's)")
     choose.add_argument("--wheelhouse", help="folder holding that wheel (the pipeline stages it); default: the cache, "
                                              "else downloaded once from the package index")
+    choose.add_argument(NO_WHEEL_FLAG, action="store_true",
+                        help="package a CTranslate2 model without its runtime's wheel: the endpoint installs it from "
+                             "the package index when it starts, so it needs network access")
     cost = parser.add_argument_group("cost measurement")
     cost.add_argument("--speed-inputs", type=int, default=8, help="distinct inputs timed at batch 1 (default: 8)")
     cost.add_argument("--speed-repeats", type=int, default=3, help="timings per input (default: 3)")
@@ -360,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         name = selection["variant"] if selection else FINETUNED
         with atomic_output_dir(package_dir, args.overwrite, flag="--package-dir") as staging:
             archive = package_model(results[chosen]["loaded_from"], staging / MODEL_ARCHIVE, args.serving_python,
-                                    args.wheelhouse)
+                                    args.wheelhouse, ship_runtime_wheel=not args.no_runtime_wheel)
             size = archive.stat().st_size
         evaluation["package"] = {"variant": name, "path": str(package_dir / MODEL_ARCHIVE), "bytes": size,
                                  "model_dir": results[chosen]["model_dir"]}

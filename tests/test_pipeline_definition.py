@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -635,3 +636,31 @@ def test_the_sdk_validates_a_config_once_and_still_refuses_a_bad_one():
     for _ in range(2):
         with pytest.raises(jsonschema.ValidationError):
             SageMakerConfig.validate_sagemaker_config(bad)
+
+
+def test_without_a_reachable_index_the_runtime_wheel_is_left_out_with_a_warning(aws, tmp_path, monkeypatch, capsys):
+    """A laptop gone offline after installing: the client cannot fetch the CTranslate2 wheel, says what that means,
+    and Evaluate packs a ct2-int8 model without it (its endpoint installs the runtime from the index)."""
+    monkeypatch.setenv("FLANOPS_WHEELHOUSE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PIP_NO_INDEX", "1")
+    definition = json.loads(aws.build())
+    out = capsys.readouterr().out
+    assert "warning: cannot fetch the ctranslate2" in out and "cannot serve in a network-isolated stage" in out
+    evaluate = {step["Name"]: step for step in iter_steps(definition["Steps"])}[NAMES.evaluate]
+    arguments = evaluate["Arguments"]["AppSpecification"]["ContainerArguments"]
+    assert "--no-runtime-wheel" in arguments and "--wheelhouse" not in arguments
+    assert "wheels" not in {item["InputName"] for item in evaluate["Arguments"]["ProcessingInputs"]}
+
+
+def test_a_ct2_artifact_without_its_wheel_installs_the_runtime_from_the_index(tmp_path):
+    from stepkit.modeling import package_model
+    from stepkit.wheels import runtime_version
+
+    folder = tmp_path / "ct2"
+    (folder / "ctranslate2").mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    archive = package_model(folder, tmp_path / "model.tar.gz", ship_runtime_wheel=False)
+    with tarfile.open(archive) as tar:
+        requirements = tar.extractfile("code/requirements.txt").read().decode()
+        assert not [name for name in tar.getnames() if name.startswith("code/wheels")]
+    assert f"ctranslate2=={runtime_version()}" in requirements and "--no-index" not in requirements

@@ -9,8 +9,8 @@ import sys
 import pytest
 from conftest import STEPS
 from stepkit.errors import StepError
-from stepkit.threads import (MULTI_THREAD_PARAMETERS, idle_cores, idle_cpus, inference_threads, training_threads,
-                             usable_cpus)
+from stepkit.threads import (MULTI_THREAD_PARAMETERS, ThreadsThatFit, free_cores, idle_cores, idle_cpus,
+                             inference_threads, training_threads, usable_cpus)
 
 
 def test_small_models_generate_on_one_thread_and_big_ones_on_every_core(monkeypatch):
@@ -42,6 +42,18 @@ def test_training_takes_the_idle_cores_not_the_busy_ones():
     assert idle_cores((0, 0), (3, 200), cores=2, usable=2) == 1        # both busy: still one thread, never 0
     assert idle_cores((0, 0), (800, 800), cores=8, usable=2) == 2      # an affinity mask of 2 caps it
     assert idle_cores((5, 5), (5, 5), cores=2, usable=2) == 2          # no time passed: assume idle
+
+
+def test_training_gives_back_a_core_that_other_work_takes_while_it_runs():
+    """free_cores(before, after): (idle, total, own) ticks; 100 ticks per core on 2 cores between the samples."""
+    assert free_cores((0, 0, 0), (100, 200, 100), cores=2, usable=2) == 2   # we use a core, the other idle
+    assert free_cores((0, 0, 0), (0, 200, 200), cores=2, usable=2) == 2     # we use both
+    assert free_cores((0, 0, 0), (0, 200, 100), cores=2, usable=2) == 1     # another process took the other one
+    assert free_cores((0, 0, 0), (40, 200, 100), cores=2, usable=2) == 1    # ... or most of it
+    assert free_cores((0, 0, 0), (80, 200, 100), cores=2, usable=2) == 2    # a fifth of a core: still ours
+    assert free_cores((5, 5, 5), (5, 5, 5), cores=2, usable=2) is None      # no time passed: no opinion
+    fit = ThreadsThatFit(usable=2)
+    assert fit.check() in (1, 2, None)   # real /proc readings: some answer, never 0
 
 
 def test_every_core_busy_leaves_training_one_thread():

@@ -335,7 +335,7 @@ INFERENCE_REQUIREMENTS = """\
 
 
 def package_model(model_dir: str | Path, tar_path: str | Path, serving_python: str = DEFAULT_SERVING_PYTHON,
-                  wheelhouse: str | Path | None = None) -> Path:
+                  wheelhouse: str | Path | None = None, ship_runtime_wheel: bool = True) -> Path:
     """Write ``model_dir`` as a SageMaker ``model.tar.gz`` for serving (the Model Registry, endpoints).
 
     A model folder (one with config.json) gets SageMaker's serving layout, files at the archive
@@ -364,7 +364,9 @@ def package_model(model_dir: str | Path, tar_path: str | Path, serving_python: s
                         "it ships beside stepkit/ in the steps folder")
     members.update({"code": None, "code/stepkit": None, f"code/{HANDLER_FILE}": handler,
                     "code/requirements.txt": INFERENCE_REQUIREMENTS.encode()})
-    if (folder / RUNTIME_DIR).is_dir():
+    if (folder / RUNTIME_DIR).is_dir() and not ship_runtime_wheel:
+        members["code/requirements.txt"] = runtime_requirements(None).encode()
+    elif (folder / RUNTIME_DIR).is_dir():
         wheel = runtime_wheel(check_python_version(serving_python), wheelhouse)
         members.update({f"code/{WHEELS_DIR}": None, f"code/{WHEELS_DIR}/{wheel.name}": wheel,
                         "code/requirements.txt": runtime_requirements(wheel).encode()})

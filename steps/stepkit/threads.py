@@ -84,3 +84,45 @@ def idle_cores(before: tuple[int, int], after: tuple[int, int], cores: int, usab
 def training_threads() -> int:
     """Intra-op threads for training: the override, else the idle usable cores."""
     return threads_override() or idle_cpus()
+
+
+class ThreadsThatFit:
+    """Re-decides training's intra-op threads while it runs: the cores that other processes leave free.
+
+    Training threads are chosen when a job starts, but other work may start later, and a thread on a
+    core that another process keeps busy stalls every step (a tiny model's training ran 3x slower on
+    2 threads than on 1 once another process took a core). :meth:`check` compares /proc/stat with
+    this process's own CPU time since the last check; call it every few seconds.
+    """
+
+    def __init__(self, usable: int | None = None):
+        self.usable = usable or usable_cpus()
+        self.last = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[int, int, int] | None:
+        try:
+            idle, total = cpu_times()
+            with open("/proc/self/stat", encoding="ascii") as stat:
+                fields = stat.read().rsplit(")", 1)[1].split()
+            return idle, total, int(fields[11]) + int(fields[12])   # utime + stime, in the same clock ticks
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def check(self) -> int | None:
+        """The thread count that fits now, or None when it cannot be told (not Linux, no time passed)."""
+        now = self._sample()
+        if now is None or self.last is None:
+            return None
+        before, self.last = self.last, now
+        return free_cores(before, now, os.cpu_count() or self.usable, self.usable)
+
+
+def free_cores(before: tuple[int, int, int], after: tuple[int, int, int], cores: int, usable: int) -> int | None:
+    """Usable cores that processes other than this one left free between two samples (idle, total, own ticks)."""
+    total = after[1] - before[1]
+    if total <= 0:
+        return None
+    busy = total - (after[0] - before[0])
+    others = max(0, busy - (after[2] - before[2])) / (total / cores)   # in cores
+    return max(1, min(usable, int(usable - others + 0.3)))   # a core only a third busy still counts as free

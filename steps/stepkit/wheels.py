@@ -15,6 +15,9 @@ comes from, first match wins:
      once by the flanops client, so the job itself needs no network);
   2. the cache folder (``$FLANOPS_WHEELHOUSE``, default ``~/.cache/flanops/wheels``);
   3. ``pip download`` from the package index into that cache (once per version and Python).
+Where none has it and no index is reachable (a laptop gone offline after installing), the flanops
+client warns and the artifact is packed without the wheel (``--no-runtime-wheel``): its endpoint
+then installs CTranslate2 from the index at start-up, which a network-isolated stage cannot do.
 """
 from __future__ import annotations
 
@@ -31,6 +34,7 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux2014_x86_64")  # what the Ubuntu
 DEFAULT_SERVING_PYTHON = "3.12"   # huggingface-pytorch-inference 2.6.0-transformers4.51.3: py312
 CACHE_VARIABLE = "FLANOPS_WHEELHOUSE"
 WHEELS_DIR = "wheels"             # inside code/ of a model.tar.gz
+NO_WHEEL_FLAG = "--no-runtime-wheel"   # evaluate.py: package without it (where it could not be fetched)
 
 
 def runtime_version() -> str:
@@ -91,18 +95,23 @@ def runtime_wheel(python: str, wheelhouse: str | Path | None = None) -> Path:
         reason = first_line(result.stderr.strip().splitlines()[-1] if result.stderr.strip() else "no wheel found")
         raise StepError(f"cannot fetch the {RUNTIME_PACKAGE} {version} wheel for Python {python} ({reason}); the "
                         "model's endpoint installs it from the artifact, without network: download it where an index "
-                        f"is reachable ({download_hint(version, python)}) and pass that folder as --wheelhouse")
+                        f"is reachable ({download_hint(version, python, cache)})")
     return wheel
 
 
-def download_hint(version: str, python: str) -> str:
+def download_hint(version: str, python: str, into: Path | str = "DIR") -> str:
     platforms = " ".join(f"--platform {platform}" for platform in PLATFORMS)
     return (f"pip download {RUNTIME_PACKAGE}=={version} --no-deps --only-binary=:all: {platforms} "
-            f"--python-version {python} -d DIR")
+            f"--python-version {python} -d {into}")
 
 
-def requirements(wheel: Path) -> str:
-    """code/requirements.txt of an artifact that ships ``wheel`` in code/wheels/."""
+def requirements(wheel: Path | None) -> str:
+    """code/requirements.txt of an artifact that ships ``wheel`` in code/wheels/ (None: installed from the index)."""
+    if wheel is None:
+        return (f"# pip-installed by the Hugging Face inference toolkit when the container starts. No wheel was\n"
+                f"# shipped ({NO_WHEEL_FLAG}): this installs from the package index, so the endpoint needs network\n"
+                f"# access; a network-isolated stage (the shipped staging and prod) cannot serve this artifact.\n"
+                f"{RUNTIME_PACKAGE}=={runtime_version()}\n")
     return (f"# pip-installed by the Hugging Face inference toolkit when the container starts; offline: the\n"
             f"# CTranslate2 wheel ships in {WHEELS_DIR}/ (the shipped stages give the model container no network).\n"
             f"# torch, transformers, tokenizers, numpy and pyyaml come with the image.\n"
