@@ -269,12 +269,26 @@ def validate_sdk_config_once() -> None:
 
 
 def job_images(config: PipelineConfig, region: str) -> dict[str, str]:
-    """The Hugging Face images of the pipeline's processing and training jobs and of the registered model."""
-    from sagemaker.core import image_uris
+    """The Hugging Face images of the pipeline's processing and training jobs and of the registered model.
+
+    Remembered per versions, region and SDK (in ``$FLANOPS_HOME/images.json``): importing the SDK to
+    look them up costs seconds that a cached rerun would otherwise spend on nothing else.
+    """
+    from importlib.metadata import version
 
     images = config.images
     processing_instance_type = config.parameter_values()["ProcessingInstanceType"]
-    return {
+    key = json.dumps([images.model_dump(), region, processing_instance_type, version("sagemaker")], sort_keys=True)
+    remembered_file = definitions_dir() / "images.json"
+    try:
+        remembered = json.loads(remembered_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        remembered = {}
+    if isinstance(remembered, dict) and isinstance(remembered.get(key), dict):
+        return remembered[key]
+    from sagemaker.core import image_uris
+
+    found = {
         "processing": image_uris.retrieve(
             "huggingface", region=region, version=images.processing_transformers,
             base_framework_version=f"pytorch{images.processing_pytorch}", instance_type=processing_instance_type,
@@ -288,6 +302,10 @@ def job_images(config: PipelineConfig, region: str) -> dict[str, str]:
             base_framework_version=f"pytorch{images.inference_pytorch}",
             instance_type=images.inference_instance_types[0], image_scope="inference"),
     }
+    from .local import write_json_atomic
+
+    write_json_atomic(remembered_file, {**(remembered if isinstance(remembered, dict) else {}), key: found})
+    return found
 
 
 def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, session):
