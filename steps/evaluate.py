@@ -151,8 +151,9 @@ def progress_printer(label: str):
 def measure_costs(results: dict[str, dict], rows: list[dict], cost_settings: CostSettings) -> None:
     """Size, parameters, FLOPs, and latency/throughput of every model side by side (``results[...]["cost"]``).
 
-    Every model is timed in the same rounds (see stepkit.cost.measure_speed), each with the threads
-    its size calls for, and ``latency_ratio`` is its batch-1 latency over the baseline's.
+    Every model is timed in the same rounds (see stepkit.cost.measure_speed): PyTorch ones on the threads
+    stepkit.threads gives the largest of them, CTranslate2 ones on their own; ``latency_ratio`` is each
+    one's batch-1 latency over the baseline's.
     """
     dialogues = [row["dialogue"] for row in rows]
     loaded = {name: result["loaded"] for name, result in results.items()}
