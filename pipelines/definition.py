@@ -514,7 +514,9 @@ def build_definition(config: PipelineConfig, role_arn: str, default_bucket: str,
         definition = json.loads(pipeline.definition())
     content_address(definition, s3, config.pipeline_name)
     text = json.dumps(definition, indent=2, sort_keys=True) + "\n"
-    remember_definition(key, text, s3, default_bucket, config.pipeline_name)
+    # keyed as it is now: building may have fetched the runtime wheel into the cache, which the key counts
+    remember_definition(definition_key(config, role_arn, default_bucket, session.region_name), text, s3,
+                        default_bucket, config.pipeline_name)
     return text
 
 
