@@ -8,6 +8,14 @@ Writes to ``--output-dir`` (SageMaker's model dir, packed as model.tar.gz):
 Checkpoints go to ``--checkpoint-dir`` (SageMaker syncs /opt/ml/checkpoints to S3 when the
 pipeline passes it); a run finding checkpoints there resumes from the latest one.
 
+Memory: activations, not weights, decide the peak (flan-t5-base, batch 16 of 512-token dialogues:
+about 29 GiB kept for the backward pass; with activation checkpointing the whole run peaks at
+5.7 GiB). By default gradient checkpointing is on when a training batch's estimated activations
+pass the activation budget (a quarter of the memory available, at most 4 GiB) and off where they
+fit (the tiny model: there it would only cost time); the evaluation batch is as large as fits the
+same budget, at most 64. ``--[no-]gradient-checkpointing`` and ``--eval-batch-size`` override
+the choice; the card records what ran.
+
 Example:
   python steps/finetune_lora.py --model-dir out/model --data-dir out/data --output-dir out/finetuned \\
       --lora-r 16 --lora-alpha 32 --target-modules all-linear --max-steps 300
@@ -18,16 +26,18 @@ import argparse
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
+from stepkit.catalog import T5Dims
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
 from stepkit.modeling import (check_model_dir, configure_runtime, load_model_and_tokenizer, read_model_card,
                               save_model)
 from stepkit.records import read_split
-from stepkit.training import (TrainSettings, add_training_arguments, encode_records, evaluation_loss, resolve_bf16,
-                              train_seq2seq, train_settings, write_curve)
+from stepkit.training import (TrainSettings, add_training_arguments, encode_records, evaluation_loss,
+                              memory_available_to, plan_memory, resolve_bf16, train_seq2seq, train_settings, write_curve)
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")
@@ -48,14 +58,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add_lora_arguments(parser.add_argument_group("LoRA"), r=32, alpha=32, dropout=0.05, target_modules="q,v")
     train = parser.add_argument_group("training")
     add_training_arguments(train)
-    train.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute activations in the backward pass instead of keeping them: far less memory, "
+                            "about a third more compute (default: on when a training batch's activations would pass "
+                            "the budget, a quarter of the available memory and at most 4 GiB; off for small models)")
+    train.add_argument("--eval-batch-size", type=int,
+                       help="validation examples per forward pass (default: as many as fit the activation budget, "
+                            "at most 64)")
     train.add_argument("--seed", type=int, default=0)
     return parser.parse_args(argv)
 
 
 def check_flags(args: argparse.Namespace) -> tuple[LoraSettings, TrainSettings]:
     """Every setting that needs no file, checked before anything loads (flanops checks a config's with it too)."""
-    return LoraSettings.from_args(args), train_settings(args, gradient_checkpointing=args.gradient_checkpointing)
+    given = {"eval_batch_size": args.eval_batch_size} if args.eval_batch_size is not None else {}
+    return LoraSettings.from_args(args), train_settings(args, **given)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,11 +96,18 @@ def main(argv: list[str] | None = None) -> int:
         if data.truncated_sources or data.truncated_targets:
             print(f"warning: {name}: {data.truncated_sources} of {len(rows)} prompts cut to --max-source-length "
                   f"{args.max_source_length}, {data.truncated_targets} summaries cut to --max-target-length {args.max_target_length}")
-    if args.gradient_checkpointing:
+    bf16 = resolve_bf16(settings.precision)
+    memory = plan_memory(T5Dims.from_config(model.config), train, validation, settings.batch_size,
+                         memory_available_to(model), element_bytes=2 if bf16 else 4,
+                         gradient_checkpointing=args.gradient_checkpointing, eval_batch_size=args.eval_batch_size)
+    print(memory.describe())
+    settings = replace(settings, gradient_checkpointing=memory.gradient_checkpointing,
+                       eval_batch_size=memory.eval_batch_size)
+    if settings.gradient_checkpointing:
         model.config.use_cache = False  # the KV cache and checkpointing don't mix during training
 
     model = attach_lora(model, lora)
-    loss_before = evaluation_loss(model, tokenizer, validation)
+    loss_before = evaluation_loss(model, tokenizer, validation, settings.eval_batch_size)
     print(f"validation loss before fine-tuning: {loss_before:.4f}")
     with tempfile.TemporaryDirectory(prefix="lora-checkpoints-") as scratch:
         checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else Path(scratch)
@@ -93,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             raise StepError(f"--checkpoint-dir {checkpoints}: cannot create it ({err.strerror})") from None
         result = train_seq2seq(model, tokenizer, train, validation, settings, checkpoints, label="lora",
                                resume=bool(args.checkpoint_dir))
-    loss_after = evaluation_loss(model, tokenizer, validation)
+    loss_after = evaluation_loss(model, tokenizer, validation, settings.eval_batch_size)
     print(f"validation loss: {loss_before:.4f} → {loss_after:.4f} after {result.steps} steps "
           f"({result.seconds:.0f} s, {result.tokens_per_second:,.0f} tokens/s)")
 
@@ -112,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             "training": {"steps": result.steps, "seconds": result.seconds, "tokens_per_second": result.tokens_per_second,
                          "stopped_early": result.stopped_early, "learning_rate": args.learning_rate,
                          "batch_size": args.batch_size, "train_examples": len(train_rows), "seed": args.seed,
-                         "precision": "bf16" if resolve_bf16(settings.precision) else "fp32"},
+                         "precision": "bf16" if bf16 else "fp32", **memory.card()},
             "validation_loss": {"before": round(loss_before, 4), "after": round(loss_after, 4),
                                 "best_during_training": result.best_eval_loss},
             "truncated": {"train_sources": train.truncated_sources, "train_targets": train.truncated_targets},

@@ -196,7 +196,7 @@ def test_evaluate_shows_progress_and_times_every_model_side_by_side(chain):
     out = chain["evaluate_stdout"]
     progress = re.findall(r"^(baseline|model): (\d+)/(\d+) summaries \(([\d.]+)/s, (\d+) s left\)$", out, re.M)
     assert {name for name, *_ in progress} == {"baseline", "model"}
-    assert all(done <= total for _, done, total, *_ in progress) and progress[-1][1] == progress[-1][2]
+    assert all(int(done) <= int(total) for _, done, total, *_ in progress) and progress[-1][1] == progress[-1][2]
     assert re.search(r"timing 2 models side by side", out) and "timing round 2/2" in out
     ratio = chain["result"]["metrics"]["latency_ratio"]["value"]
     # the fine-tuned model has the base model's architecture: timed side by side, about the same speed

@@ -1,6 +1,7 @@
 """Unit tests of the shared step library: metrics, warm-up noising, atomic outputs, tokenization."""
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -14,7 +15,9 @@ from stepkit.metrics import best_constant_output, fact_accuracy, rouge
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
 from stepkit.synthetic import generate_splits, unseen_in_train
 from stepkit.tiny import span_corrupt, train_tokenizer
-from stepkit.training import TrainSettings, encode_pairs
+from stepkit.catalog import CATALOG, GIB, T5Dims
+from stepkit.training import (MAX_EVAL_BATCH_SIZE, Encoded, TrainSettings, activation_bytes, encode_pairs,
+                              evaluation_batch_size, plan_memory)
 
 # ---------------------------------------------------------------- metrics
 
@@ -125,10 +128,62 @@ def test_encode_pairs_counts_truncations_instead_of_hiding_them(small_tokenizer)
     ({"max_steps": 5, "learning_rate": 0}, "--learning-rate"),
     ({"max_steps": 5, "learning_rate": 1e-3, "precision": "fp16"}, "never fp16"),
     ({"max_steps": 5, "learning_rate": 1e-3, "early_stopping_patience": 2}, "--eval-steps"),
+    ({"max_steps": 5, "learning_rate": 1e-3, "eval_batch_size": 0}, "--eval-batch-size"),
 ])
 def test_train_settings_reject_bad_values(kwargs, message):
     with pytest.raises(StepError, match=message):
         TrainSettings(**kwargs)
+
+
+# ---------------------------------------------------------------- memory
+
+BASE = CATALOG["flan-t5-base"].dims
+STAND_IN = T5Dims.from_config(json.loads((STEPS / "stepkit" / "standin" / "config.json").read_text()))
+
+
+def examples(count: int, source_tokens: int, target_tokens: int) -> Encoded:
+    return Encoded(features=[{"input_ids": [5] * source_tokens, "attention_mask": [1] * source_tokens,
+                              "labels": [6] * target_tokens}] * count)
+
+
+def test_activation_estimates_order_the_ways_of_running():
+    train, checkpointed, evaluation = (activation_bytes(BASE, 512, 128, mode) for mode in ("train", "checkpointed", "eval"))
+    assert evaluation < checkpointed < train / 4   # checkpointing keeps block inputs, not every layer's tensors
+    assert activation_bytes(BASE, 256, 128, "train") < train / 2   # attention grows with the square of the length
+    assert activation_bytes(BASE, 512, 128, "train", element_bytes=2) == train // 2
+    with pytest.raises(ValueError, match="mode"):
+        activation_bytes(BASE, 512, 128, "backward")
+
+
+def test_evaluation_batch_is_sized_from_memory_and_sequence_length():
+    long = examples(100, 512, 128)
+    per_example = activation_bytes(BASE, 512, 128, "eval")
+    assert evaluation_batch_size(BASE, long, 2 * GIB) == 2 * GIB // per_example
+    assert evaluation_batch_size(BASE, long, GIB) < evaluation_batch_size(BASE, long, 2 * GIB)
+    assert evaluation_batch_size(BASE, examples(100, 128, 32), 2 * GIB) > evaluation_batch_size(BASE, long, 2 * GIB)
+    assert evaluation_batch_size(BASE, long, 1) == 1   # never zero, however little memory is left
+    assert evaluation_batch_size(STAND_IN, long, 2 * GIB) == MAX_EVAL_BATCH_SIZE
+
+
+def test_memory_plan_checkpoints_flan_t5_base_but_not_the_stand_in():
+    train, validation = examples(64, 512, 128), examples(100, 512, 128)
+    base = plan_memory(BASE, train, validation, batch_size=16, available_bytes=16 * GIB)
+    assert base.gradient_checkpointing and base.activations_bytes == base.checkpointed_bytes < base.train_bytes
+    assert base.eval_batch_size < MAX_EVAL_BATCH_SIZE and base.budget_bytes == 4 * GIB
+    tiny = plan_memory(STAND_IN, train, validation, batch_size=16, available_bytes=16 * GIB)
+    assert not tiny.gradient_checkpointing and tiny.eval_batch_size == MAX_EVAL_BATCH_SIZE
+    short = plan_memory(BASE, examples(64, 64, 16), validation, batch_size=2, available_bytes=16 * GIB)
+    assert not short.gradient_checkpointing   # a small batch of short examples fits without it
+
+
+def test_memory_plan_keeps_what_the_flags_say():
+    train, validation = examples(64, 512, 128), examples(100, 512, 128)
+    plan = plan_memory(BASE, train, validation, batch_size=16, available_bytes=16 * GIB, gradient_checkpointing=False,
+                       eval_batch_size=8)
+    assert not plan.gradient_checkpointing and plan.eval_batch_size == 8
+    forced = plan_memory(STAND_IN, train, None, batch_size=16, available_bytes=16 * GIB, gradient_checkpointing=True)
+    assert forced.gradient_checkpointing and forced.eval_batch_size == MAX_EVAL_BATCH_SIZE
+    assert "gradient checkpointing on" in forced.describe()
 
 
 # ---------------------------------------------------------------- atomic outputs
@@ -191,12 +246,3 @@ def test_percentile_interpolates_like_numpy():
     assert _percentile([7.0], 95) == 7.0
 
 
-def test_parameter_count_includes_int8_weights_packed_in_quantized_layers():
-    import torch
-    from stepkit.modeling import count_parameters
-
-    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
-    dense = count_parameters(model)
-    quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
-    assert sum(p.numel() for p in quantized.parameters()) < dense  # what parameters() alone would report
-    assert count_parameters(quantized) == dense == 16 * 32 + 32 + 32 * 4 + 4
