@@ -244,6 +244,9 @@ def train_seq2seq(model, tokenizer, train: Encoded, validation: Encoded | None, 
         data_seed=settings.seed,
         train_sampling_strategy="group_by_length",  # less padding: long dialogues batch together
         include_num_input_tokens_seen="non_padding",
+        # Evaluation needs the loss only; without this the Trainer keeps every batch's logits
+        # (examples x target tokens x 32128 floats for Flan-T5) and concatenates them.
+        prediction_loss_only=True,
         disable_tqdm=True,
         report_to="none",
         log_level="warning",
