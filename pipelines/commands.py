@@ -388,19 +388,28 @@ def gate_facts(record: dict) -> dict | None:
     conditions = []
     for condition in GATE:
         value, threshold = measured[condition.metric], parameters.get(condition.parameter)
-        passed = None if value is None or threshold is None else condition.passed(float(value), float(threshold))
+        # skipped where evaluation.json says it does not apply (e.g. no facts recorded): the definition's Or holds
+        skipped = measured[f"{condition.applies_when}_note"] if condition.applies_when and \
+            measured[condition.applies_when] == 0 else None
+        if skipped:
+            passed = True
+        else:
+            passed = None if value is None or threshold is None else condition.passed(float(value), float(threshold))
         conditions.append({"label": condition.label, "metric": condition.metric, "parameter": condition.parameter,
-                           "bound": condition.bound(), "unit": condition.unit, "measured": value,
+                           "bound": condition.bound(), "unit": condition.unit,
+                           "measured": None if skipped else value, "skipped": skipped,
                            "threshold": threshold, "passed": passed})
     return {"passed": outcome == "True" if outcome else None, "variant": measured["variant"],
-            "measured": {k: v for k, v in measured.items() if k != "variant"},
+            "measured": {k: v for k, v in measured.items() if k != "variant" and not k.endswith("_note")},
             "thresholds": {condition.parameter: parameters.get(condition.parameter) for condition in GATE},
             "conditions": conditions, "why": selection.get("rule"), "candidates": selection.get("candidates")}
 
 
 def gate_sentence(gate: dict) -> str:
-    """``ROUGE-L 0.64 (min 0.4), p95 latency 12.3 ms (max 1000), …``: every condition, measured and its threshold."""
-    return ", ".join(f"{c['label']} {fmt(c['measured'])}{c['unit']} ({c['bound']} {c['threshold']})"
+    """``ROUGE-L 0.64 (min 0.4), p95 latency 12.3 ms (max 1000), …``: every condition, measured and its threshold
+    (or why it was skipped)."""
+    return ", ".join(f"{c['label']} {c['skipped']}" if c.get("skipped") else
+                     f"{c['label']} {fmt(c['measured'])}{c['unit']} ({c['bound']} {c['threshold']})"
                      + ("" if c["passed"] is not False else " FAILED") for c in gate["conditions"])
 
 
@@ -422,7 +431,9 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
         if gate["why"]:
             print(f"variant choice: {gate['why']}")
         for row in gate["candidates"] or []:
+            facts = f"facts {fmt(row['facts_all_right']):<8} " if row.get("facts_all_right") is not None else ""
             print(f"  {row['name']:<10} ROUGE-L {fmt(row.get('rougeL')):<8} drop {fmt(row.get('rougeL_drop')):<9} "
+                  f"{facts}repeating {fmt(row.get('repetition_rate', '–')):<6} "
                   f"p95 {fmt(row.get('latency_p95_ms')):>7} ms  {row.get('why', '')}")
     registered = next((s["Metadata"]["RegisterModel"]["Arn"] for s in record["Steps"]
                        if s["StepName"] == NAMES.register and s["StepStatus"] == "Succeeded"), None)

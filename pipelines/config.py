@@ -56,7 +56,8 @@ WIRED_FLAGS = {
     "quantize": {"model_dir", "data_dir", "output_dir", "overwrite"},
     "prune": {"model_dir", "data_dir", "output_dir", "overwrite"},
     "evaluate": {"model_dir", "baseline_dir", "data_dir", "output_dir", "compare", "select_within_drop",
-                 "package_dir", "serving_python", "wheelhouse", "overwrite"},
+                 "select_max_fact_drop", "select_max_repetition", "package_dir", "serving_python", "wheelhouse",
+                 "overwrite"},
 }
 
 
@@ -85,6 +86,15 @@ class Parameters(BaseModel):
         "Evaluate job (a figure the machine's load does not move)"))
     MaxRougeLDrop: float = Field(0.05, ge=0.0, le=1.0, description=(
         "gate and variant choice: largest ROUGE-L F1 loss (0..1) allowed against the fine-tuned model"))
+    MinFactAccuracy: float = Field(0.80, ge=0.0, le=1.0, description=(
+        "gate: lowest share (0..1) of summaries that state every recorded fact (speakers, day, time, amount …) "
+        "right; skipped for data that records no facts (DialogSum)"))
+    MaxFactAccuracyDrop: float = Field(0.05, ge=0.0, le=1.0, description=(
+        "gate and variant choice: largest loss (0..1) of that share allowed against the fine-tuned model; "
+        "skipped for data that records no facts"))
+    MaxRepetitionRate: float = Field(0.02, ge=0.0, le=1.0, description=(
+        "gate and variant choice: highest share (0..1) of summaries that repeat themselves (a character 4+ times "
+        "or a phrase back to back) where no reference does"))
     ModelPackageGroupName: str = Field("flanops", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,62}$",
                                        description="Model Registry group the model is registered in")
     ModelApprovalStatus: Literal[APPROVAL_STATUSES] = Field("PendingManualApproval",

@@ -51,6 +51,9 @@ class GateCondition:
     at_least: bool          # True: measured >= threshold; False: measured <= threshold
     label: str              # as people read it in the summary, the FailStep's message and the report
     unit: str = ""
+    # A metric of evaluation.json (1 or 0) that says whether this condition applies; where it is 0 the
+    # condition holds (skipped) and ``metrics.<applies_when>.note`` says why.
+    applies_when: str | None = None
 
     def passed(self, measured: float, threshold: float) -> bool:
         return measured >= threshold if self.at_least else measured <= threshold
@@ -66,9 +69,15 @@ GATE = (
     GateCondition("latency_p95_ms", "MaxP95LatencyMs", False, "p95 latency", " ms"),
     GateCondition("latency_ratio", "MaxLatencyRatio", False, "latency vs the base model", "x"),
     GateCondition("rougeL_drop", "MaxRougeLDrop", False, "ROUGE-L drop vs fine-tuned"),
+    GateCondition("facts_all_right", "MinFactAccuracy", True, "all facts right", applies_when="facts_recorded"),
+    GateCondition("facts_all_right_drop", "MaxFactAccuracyDrop", False, "all-facts-right drop vs fine-tuned",
+                  applies_when="facts_recorded"),
+    GateCondition("repetition_rate", "MaxRepetitionRate", False, "repeating summaries"),
 )
 # Where the gate reads evaluate.py's evaluation.json.
 GATE_PATHS = {**{condition.metric: f"metrics.{condition.metric}.value" for condition in GATE},
+              **{flag: f"metrics.{flag}.value" for flag in {c.applies_when for c in GATE if c.applies_when}},
+              **{f"{flag}_note": f"metrics.{flag}.note" for flag in {c.applies_when for c in GATE if c.applies_when}},
               "variant": "selected_variant"}
 
 
@@ -314,7 +323,8 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     from sagemaker.core.network import NetworkConfig
     from sagemaker.core.processing import FrameworkProcessor
     from sagemaker.core.shapes import ProcessingInput, ProcessingOutput, ProcessingS3Input, ProcessingS3Output
-    from sagemaker.core.workflow.conditions import ConditionGreaterThanOrEqualTo, ConditionLessThanOrEqualTo
+    from sagemaker.core.workflow.conditions import (ConditionEquals, ConditionGreaterThanOrEqualTo,
+                                                     ConditionLessThanOrEqualTo, ConditionOr)
     from sagemaker.core.workflow.execution_variables import ExecutionVariables
     from sagemaker.core.workflow.functions import Join, JsonGet
     from sagemaker.core.workflow.parameters import ParameterFloat, ParameterInteger, ParameterString
@@ -453,6 +463,8 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         ["--model-dir", f"{PROCESSING}/input/finetuned", "--baseline-dir", f"{PROCESSING}/input/baseline",
          "--data-dir", f"{PROCESSING}/input/data", "--output-dir", f"{PROCESSING}/output/evaluation",
          "--package-dir", f"{PROCESSING}/output/model", "--select-within-drop", p("MaxRougeLDrop").to_string(),
+         "--select-max-fact-drop", p("MaxFactAccuracyDrop").to_string(),
+         "--select-max-repetition", p("MaxRepetitionRate").to_string(),
          "--serving-python", serving_python, *wheels[0],
          *[arg for variant in VARIANTS for arg in ("--compare", f"{variant}={PROCESSING}/input/{variant}")],
          *config.step_arguments("evaluate")],
@@ -480,13 +492,21 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     message = ["Quality gate failed for variant", measured("variant"), "-"]
     for index, condition in enumerate(GATE):
         message += [condition.label, measured(condition.metric), f"{condition.unit.strip()} ({condition.bound()}".lstrip(),
-                    p(condition.parameter), ")" + (";" if index < len(GATE) - 1 else "")]
+                    p(condition.parameter)]
+        if condition.applies_when:   # "checked: the data records facts" or "skipped: …", as evaluate.py says
+            message += ["—", measured(f"{condition.applies_when}_note")]
+        message.append(")" + (";" if index < len(GATE) - 1 else ""))
     fail = FailStep(name=NAMES.fail, error_message=Join(on=" ", values=message))
-    gate = ConditionStep(
-        name=NAMES.gate,
-        conditions=[(ConditionGreaterThanOrEqualTo if condition.at_least else ConditionLessThanOrEqualTo)(
-            left=measured(condition.metric), right=p(condition.parameter)) for condition in GATE],
-        if_steps=[register], else_steps=[fail])
+
+    def gate_condition(condition: GateCondition):
+        compare = (ConditionGreaterThanOrEqualTo if condition.at_least else ConditionLessThanOrEqualTo)(
+            left=measured(condition.metric), right=p(condition.parameter))
+        if condition.applies_when is None:
+            return compare
+        return ConditionOr(conditions=[ConditionEquals(left=measured(condition.applies_when), right=0), compare])
+
+    gate = ConditionStep(name=NAMES.gate, conditions=[gate_condition(condition) for condition in GATE],
+                         if_steps=[register], else_steps=[fail])
 
     return Pipeline(name=name, parameters=list(params.values()),
                     steps=[prepare, select, finetune, *optimize.values(), evaluate, gate],

@@ -20,6 +20,7 @@ from typing import Any
 from .definition import EVALUATION_REPORT, NAMES, split_s3_uri
 from .errors import FlanopsError
 from .local import StepGraph, load_execution
+from .steps.stepkit.metrics import mention_spans, stated_facts, unexplained_runs
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -27,6 +28,8 @@ REPORT_FILES = "report_files"
 SAMPLE_PREDICTIONS = 5
 DIALOGUE_PREVIEW_CHARS = 600
 ROUGE_COLUMNS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+VARIANT_COLUMNS = ("variant", "method", *ROUGE_COLUMNS, "all facts right", "repeating", "parameters", "size MB",
+                   "compression", "p50 ms", "p95 ms", "vs base", "MFLOP/token")
 STATUS_COLORS = {"Succeeded": "#4caf50", "Failed": "#e53935", "Stopped": "#fb8c00", "Executing": "#1e88e5",
                  "Starting": "#1e88e5", "cached": "#a5d6a7", "skipped": "#b0bec5", "not run": "#e0e0e0"}
 BASELINE, FINETUNED = "base", "finetuned"   # row names in the variants table (evaluate.py calls them baseline/model)
@@ -354,19 +357,31 @@ def variants_chart(variants: list[Variant]) -> bytes:
 
 
 def tradeoff_chart(facts: RunFacts) -> bytes:
-    """Quality vs latency: every variant, the gate's thresholds, the chosen variant marked."""
+    return png(tradeoff_figure(facts)[0])
+
+
+def tradeoff_figure(facts: RunFacts):
+    """Quality vs latency: every variant, the gate's thresholds, the chosen variant marked.
+
+    Returns (figure, point labels); the labels are placed so that none overlaps another or a point.
+    """
     plt = pyplot()
     figure, axes = plt.subplots(figsize=(7, 4.5))
     thresholds = (facts.gate or {}).get("thresholds") or {}
     latencies = [v.metrics["latency_p95_ms"] for v in facts.variants if "latency_p95_ms" in v.metrics]
+    points, labels = [], []
     for variant in facts.variants:
         if "latency_p95_ms" not in variant.metrics:
             continue
         x, y = variant.metrics["latency_p95_ms"], variant.metrics["rougeL"]
-        axes.scatter([x], [y], s=220 if variant.selected else 60, marker="*" if variant.selected else "o",
+        size = 220 if variant.selected else 60
+        axes.scatter([x], [y], s=size, marker="*" if variant.selected else "o",
                      color="#ff9800" if variant.selected else "#546e7a", zorder=3,
                      label="registered" if variant.selected else None)
-        axes.annotate(variant.name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8)
+        points.append((x, y, size))
+        labels.append(axes.annotate(variant.name, (x, y), textcoords="offset points", xytext=(6, 6), fontsize=8,
+                                    arrowprops={"arrowstyle": "-", "color": "#9e9e9e", "lw": 0.6, "shrinkA": 0,
+                                                "shrinkB": 4}))
     finetuned = next((v for v in facts.variants if v.name == FINETUNED), None)
     max_latency = thresholds.get("MaxP95LatencyMs")
     if thresholds.get("MinRougeL") is not None:
@@ -394,8 +409,48 @@ def tradeoff_chart(facts: RunFacts) -> bytes:
     axes.set_title("quality vs latency; pass: above the red dashed line, left of the red dash-dot line")
     axes.title.set_fontsize(9)
     axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=7, loc="best")
-    return png(figure)
+    axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))   # outside: it never hides a label
+    place_labels(figure, axes, labels, points)
+    return figure, labels
+
+
+def label_box(label, renderer):
+    """Where a point's label is drawn, in pixels: its text only (an Annotation's own extent includes its line)."""
+    from matplotlib.text import Text
+
+    return Text.get_window_extent(label, renderer)
+
+
+LABEL_STEP_POINTS = 11   # how far a label moves per try when the spots beside its point are taken
+
+
+def place_labels(figure, axes, labels: list, points: list[tuple[float, float, float]]) -> None:
+    """Put each point's label (an annotation in offset points) on the first free spot: beside the point
+    (upper right, lower right, upper left, lower left), else further above or below, with a line to it.
+
+    Free: its box overlaps no label placed before it and no point's marker. Labels go in order of
+    height, so neighbours take spots on their own side first.
+    """
+    from matplotlib.transforms import Bbox
+
+    figure.canvas.draw()   # extents need a renderer and the final axis limits
+    renderer = figure.canvas.get_renderer()
+    pixels_per_point = figure.dpi / 72
+    taken = []
+    for x, y, size in points:   # a marker of area ``size`` (points²) is about sqrt(size) points across
+        cx, cy = axes.transData.transform((x, y))
+        radius = (size ** 0.5) / 2 * pixels_per_point
+        taken.append(Bbox.from_extents(cx - radius, cy - radius, cx + radius, cy + radius))
+    beside = [(6, 6), (6, -14), (-6, 6), (-6, -14)]
+    further = [(6, sign * (6 + step * LABEL_STEP_POINTS)) for step in range(1, 30) for sign in (1, -1)]
+    for label in sorted(labels, key=lambda label: label.xy[1]):
+        for dx, dy in beside + further:
+            label.xyann = (dx, dy)
+            label.set_horizontalalignment("left" if dx > 0 else "right")
+            box = label_box(label, renderer)
+            if not any(box.overlaps(other) for other in taken):
+                break
+        taken.append(box)
 
 
 def draw_charts(facts: RunFacts) -> dict[str, bytes]:
@@ -418,9 +473,12 @@ def variant_rows(facts: RunFacts) -> list[dict[str, str]]:
     for v in facts.variants:
         m = v.metrics
         flops = m.get("flops_per_generated_token")
+        recorded = m.get("facts_recorded", 1) and "facts_all_right" in m   # older evaluations lack the flag
         rows.append({
             "variant": v.name + (" ★" if v.selected else ""), "method": v.method,
             **{column: number(m.get(column) and 100 * m[column], ".1f") for column in ROUGE_COLUMNS},
+            "all facts right": percent(m["facts_all_right"]) if recorded else "–",
+            "repeating": percent(m.get("repetition_rate")),
             "parameters": number(m.get("parameters") and m["parameters"] / 1e6, ".2f") + "M",
             "size MB": number(m.get("weights_bytes") and m["weights_bytes"] / 1e6, ".2f"),
             "compression": number(m.get("compression_ratio"), ".2f") + "×",
@@ -431,39 +489,90 @@ def variant_rows(facts: RunFacts) -> list[dict[str, str]]:
     return rows
 
 
+def percent(value: float | None) -> str:
+    return "" if value is None else f"{100 * value:.1f}%"
+
+
+def readable(value: Any) -> str:
+    """A data card value as a person reads it: ``{"train": 3, "test": 1}`` → ``train 3, test 1``."""
+    if isinstance(value, dict):
+        return ", ".join(f"{key.replace('_', ' ')} {readable(item)}" if not isinstance(item, dict)
+                         else f"{key.replace('_', ' ')} ({readable(item)})" for key, item in value.items())
+    if isinstance(value, list):
+        return ", ".join(readable(item) for item in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def data_card_rows(card: dict | None) -> list[tuple[str, str]]:
+    """prepare_data.py's data card as (field, value) rows: one per split where a field holds a figure per split."""
     if not card:
         return []
-    rows = [("source", json.dumps(card.get("source"), ensure_ascii=False)),
-            ("examples", ", ".join(f"{split} {n}" for split, n in card.get("counts", {}).items())),
-            ("prompt template", card.get("prompt_template", "").replace("\n", " ⏎ ")),
-            ("max source / target tokens", f"{card.get('max_source_length')} / {card.get('max_target_length')}")]
-    for key, value in card.items():
-        if key not in {"source", "counts", "prompt_template", "max_source_length", "max_target_length", "seed"}:
-            rows.append((key.replace("_", " "), json.dumps(value, ensure_ascii=False)))
-    return [(key, value) for key, value in rows if value not in ("null", "None / None", "")]
+    source = dict(card.get("source") or {})
+    rows = [("source", f"{source.pop('kind', '')} {source.pop('input', '')}".strip())]
+    rows += [(f"source: {key.replace('_', ' ')}", readable(value)) for key, value in source.items()]
+    rows += [("examples", readable(card.get("counts", {}))), ("seed", readable(card.get("seed", ""))),
+             ("prompt template", card.get("prompt_template", "").replace("\n", " ⏎ ")),
+             ("max source / target tokens", f"{card.get('max_source_length')} / {card.get('max_target_length')}")]
+    tokenizer = card.get("tokenizer")
+    if isinstance(tokenizer, dict):
+        rows.append(("token counts", f"{tokenizer.get('name')}: {tokenizer.get('unit')}"))
+    for split, sides in (card.get("token_lengths") or {}).items():
+        for side, stats in sides.items():
+            rows.append((f"{split} {side} tokens", readable(stats)))
+    truncated = card.get("truncated") or {}
+    if truncated:
+        rows.append(("truncated (source / target)", ", ".join(
+            f"{split} {cut.get('source', 0)} / {cut.get('target', 0)}" for split, cut in truncated.items())))
+    shown = {"source", "counts", "seed", "prompt_template", "max_source_length", "max_target_length", "tokenizer",
+             "token_lengths", "truncated"}
+    rows += [(key.replace("_", " "), readable(value)) for key, value in card.items() if key not in shown]
+    return [(key, value) for key, value in rows if value not in ("None", "None / None", "")]
 
 
-def sample_rows(facts: RunFacts) -> list[dict[str, str]]:
+def fact_marks(prediction: str, facts: dict | None) -> list[dict]:
+    """Each recorded fact value and whether ``prediction`` states it (a name of ``speakers`` each on its own)."""
+    return [{"slot": slot, "value": value, "stated": stated}
+            for slot, values in stated_facts(prediction, facts or {}).items() for value, stated in values]
+
+
+def dialogue_segments(dialogue: str, marks: list[dict]) -> list[tuple[str, str | None]]:
+    """``dialogue`` cut into (text, mark): mark is "stated" or "missing" where the text is a fact value that the
+    summary states or leaves out (or states wrongly), None elsewhere."""
+    state = {mark["value"].lower(): "stated" if mark["stated"] else "missing" for mark in marks}
+    segments, at = [], 0
+    for start, end in mention_spans(dialogue, [mark["value"] for mark in marks]):
+        segments += [(dialogue[at:start], None), (dialogue[start:end], state.get(dialogue[start:end].lower()))]
+        at = end
+    segments.append((dialogue[at:], None))
+    return [(text, mark) for text, mark in segments if text]
+
+
+def sample_rows(facts: RunFacts) -> list[dict]:
+    """Sample predictions; the registered model's with its facts marked (in the dialogue too) and its repetitions."""
     chosen = (facts.gate or {}).get("variant") or FINETUNED
     column = "prediction" if chosen == FINETUNED else f"{chosen}_prediction"
     rows = []
     for row in facts.predictions:
         dialogue = row["dialogue"]
-        rows.append({"id": row.get("id", ""),
-                     "dialogue": dialogue if len(dialogue) <= DIALOGUE_PREVIEW_CHARS
-                     else dialogue[:DIALOGUE_PREVIEW_CHARS] + " …",
+        if len(dialogue) > DIALOGUE_PREVIEW_CHARS:
+            dialogue = dialogue[:DIALOGUE_PREVIEW_CHARS] + " …"
+        prediction = row.get(column, row.get("prediction", ""))
+        marks = fact_marks(prediction, row.get("facts"))
+        rows.append({"id": row.get("id", ""), "dialogue": dialogue, "segments": dialogue_segments(dialogue, marks),
                      "reference": (row.get("references") or [""])[0],
                      "base": row.get("baseline_prediction", ""), "finetuned": row.get("prediction", ""),
-                     "chosen_name": chosen, "chosen": row.get(column, row.get("prediction", ""))})
+                     "chosen_name": chosen, "chosen": prediction, "facts": marks,
+                     "wrong": [mark for mark in marks if not mark["stated"]],
+                     "repeats": unexplained_runs(prediction, row.get("references") or [])})
     return rows
 
 
 def page_context(facts: RunFacts, images: dict[str, str]) -> dict:
     gate = facts.gate or {}
     return {"facts": facts, "images": images, "variant_rows": variant_rows(facts),
-            "variant_columns": ["variant", "method", *ROUGE_COLUMNS, "parameters", "size MB", "compression",
-                                "p50 ms", "p95 ms", "vs base", "MFLOP/token"],
+            "variant_columns": list(VARIANT_COLUMNS),
             "data_card": data_card_rows(facts.data_card), "samples": sample_rows(facts),
             "verdict": {True: "PASSED", False: "FAILED", None: "not reached"}[gate.get("passed")] if gate else None,
             "total_seconds": sum(s["seconds"] or 0 for s in facts.steps)}

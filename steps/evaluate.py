@@ -1,8 +1,10 @@
 """Score a candidate model against a baseline on the same test split with the same generation settings.
 
 Quality: ROUGE-1/2/L/Lsum (best over references per example), the best constant output (one
-training summary given for every input: what the template alone earns) and, where the data
-records its facts (synthetic), how often the speakers and slot values in the summary are right.
+training summary given for every input: what the template alone earns), repetition (the share of
+summaries that loop, "discussssss" or "at 2 pm at 2 pm at 2 pm", where no reference does) and,
+where the data records its facts (synthetic), how often the speakers and slot values in the
+summary are right (``facts_recorded`` says which: 1 or 0).
 Cost: parameters, size on disk, compression ratio vs the baseline, FLOPs per generated token,
 latency p50/p95 at batch 1 and throughput at a larger batch, on the same inputs, after warm-up;
 every model is timed side by side in the same rounds, and ``latency_ratio`` (its batch-1
@@ -20,11 +22,13 @@ note and listed under ``skipped``. Any model folder may instead hold SageMaker's
 Choosing the variant to register (--select-within-drop X): the candidates are the --model-dir
 model (named "finetuned") and every --compare model; those whose ROUGE-L is at most X below
 the fine-tuned model's are eligible (X is a fraction, as ROUGE is in evaluation.json: 0.05 =
-5 points), and the one with the lowest p95 latency at batch 1 wins (ties: smaller weights).
-evaluation.json then gets ``selection`` (every candidate and why it won or lost) and
-``selected_variant``, and its top-level ``metrics`` and model_quality.json describe the winner,
-with ``metrics.rougeL_drop`` (fine-tuned ROUGE-L minus the winner's). Without the flag they
-describe the --model-dir model.
+5 points) if they also lose at most --select-max-fact-drop of the fine-tuned model's share of
+summaries with every fact right (where the data records facts) and repeat themselves in at most
+--select-max-repetition of their summaries; the one with the lowest p95 latency at batch 1 wins
+(ties: smaller weights). evaluation.json then gets ``selection`` (every candidate and why it won
+or lost) and ``selected_variant``, and its top-level ``metrics`` and model_quality.json describe
+the winner, with ``metrics.rougeL_drop`` and ``metrics.facts_all_right_drop`` (the fine-tuned
+model's figure minus the winner's). Without the flag they describe the --model-dir model.
 
 --package-dir writes the winner (without selection: the --model-dir model) as model.tar.gz
 (SageMaker's layout, reproducible bytes) for the Model Registry; evaluation.json's ``package``
@@ -48,7 +52,7 @@ from stepkit.contract import (atomic_output_dir, env_path, path_help, require_ou
                               skipped_reason)
 from stepkit.cost import CostSettings, flops_per_generated_token, measure_speed, settings_dict, size_on_disk
 from stepkit.errors import StepError, run_step
-from stepkit.metrics import ROUGE_TYPES, best_constant_output, fact_accuracy, rouge, rouge_per_example
+from stepkit.metrics import ROUGE_TYPES, best_constant_output, fact_accuracy, repetition, rouge, rouge_per_example
 from stepkit.modeling import (MODEL_ARCHIVE, check_model_dir, configure_runtime, count_parameters,
                               load_model_and_tokenizer, package_model, read_model_card, summarize)
 from stepkit.records import read_split, write_jsonl
@@ -62,6 +66,8 @@ EVALUATION_FILE = "evaluation.json"
 MODEL_QUALITY_FILE = "model_quality.json"
 PREDICTIONS_FILE = "predictions.jsonl"
 FINETUNED = "finetuned"  # the --model-dir model's name among the selection's candidates
+FACTS_RECORDED = "facts_recorded"   # the metric that says whether the fact figures mean anything (1) or not (0)
+FACT_GATE_METRICS = ("facts_all_right", "facts_all_right_drop")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -86,6 +92,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     choose.add_argument("--select-within-drop", type=float, metavar="X",
                         help="choose among the --model-dir model and the --compare models: ROUGE-L at most X below "
                              "the --model-dir model's (a fraction, e.g. 0.05), then the lowest p95 latency")
+    choose.add_argument("--select-max-fact-drop", type=float, default=1.0, metavar="X",
+                        help="with --select-within-drop: a model is eligible only if its share of summaries with every "
+                             "fact right is at most X below the --model-dir model's, where the data records facts "
+                             "(a fraction; default: 1, no bound)")
+    choose.add_argument("--select-max-repetition", type=float, default=1.0, metavar="X",
+                        help="with --select-within-drop: a model is eligible only if at most this share of its summaries "
+                             "repeat themselves where no reference does (a fraction; default: 1, no bound)")
     choose.add_argument("--package-dir",
                         help="write the chosen model (without --select-within-drop: the --model-dir model) there as "
                              f"{MODEL_ARCHIVE}, for the Model Registry")
@@ -122,7 +135,8 @@ def parse_compare(specs: list[str]) -> list[tuple[str, Path]]:
 
 def score(predictions: list[str], rows: list[dict]) -> dict:
     facts = fact_accuracy(predictions, [row.get("facts") for row in rows])
-    return {"rouge": rouge(predictions, [row["references"] for row in rows]), "facts": facts}
+    references = [row["references"] for row in rows]
+    return {"rouge": rouge(predictions, references), "facts": facts, "repetition": repetition(predictions, references)}
 
 
 def load_and_score(name: str, folder: Path, flag: str, rows: list[dict], generation: dict) -> dict:
@@ -172,6 +186,8 @@ def measure_costs(results: dict[str, dict], rows: list[dict], cost_settings: Cos
 def metric_entries(result: dict, reference_weights: int | None = None) -> dict:
     """``{"rougeL": {"value": 0.61}, …}``: the shape a SageMaker PropertyFile + JsonGet reads."""
     entries = {name: {"value": round(result["rouge"][name], 6)} for name in ROUGE_TYPES}
+    entries["repetition_rate"] = {"value": round(result["repetition"]["rate"], 6)}
+    entries[FACTS_RECORDED] = {"value": int(bool(result["facts"]))}
     if result["facts"]:
         entries["facts_all_right"] = {"value": round(result["facts"]["all_facts_right"], 6)}
         for slot, value in result["facts"]["per_slot"].items():
@@ -206,12 +222,13 @@ def model_quality_document(result: dict, rows: list[dict]) -> dict:
 def print_table(results: list[tuple[str, dict]], reference_weights: int) -> None:
     has_facts = any(r.get("facts") for _, r in results)
     columns = ["rouge1", "rouge2", "rougeL", "rougeLsum"] + (["facts"] if has_facts else []) + \
-        ["params", "size MB", "compress", "p50 ms", "p95 ms", "vs base", "tok/s", "MFLOP/tok"]
+        ["repeat", "params", "size MB", "compress", "p50 ms", "p95 ms", "vs base", "tok/s", "MFLOP/tok"]
     print(f"{'':<22}" + "".join(f"{c:>10}" for c in columns))
     for label, r in results:
         cells = [f"{100 * r['rouge'][n]:.1f}" for n in ROUGE_TYPES]
         if has_facts:
             cells.append(f"{100 * r['facts']['all_facts_right']:.1f}" if r.get("facts") else "")
+        cells.append(f"{100 * r['repetition']['rate']:.1f}")
         cost = r.get("cost")
         if cost:
             flops = cost["flops_per_generated_token"]
@@ -222,42 +239,79 @@ def print_table(results: list[tuple[str, dict]], reference_weights: int) -> None
                       f"{flops / 1e6:.1f}" if flops else "n/a"]
         print(f"{label:<22}" + "".join(f"{c:>10}" for c in cells))
     print("(ROUGE F1 x100, best over references; facts: % of summaries with every speaker and slot value right;\n"
+          " repeat: % of summaries that repeat themselves where no reference does;\n"
           " compress: baseline weights / these weights; latency at batch 1 and tok/s at the throughput batch, "
           "fixed new tokens;\n vs base: median latency over the baseline's on the same input in the same round)")
 
 
-def select_variant(candidates: dict[str, dict], max_drop: float) -> dict:
-    """The model to register among ``candidates`` (name → an :func:`assess` result; the first is the reference).
+def select_variant(candidates: dict[str, dict], max_drop: float, max_fact_drop: float = 1.0,
+                   max_repetition: float = 1.0) -> dict:
+    """The model to register among ``candidates`` (name → a :func:`load_and_score` result with ``cost``; the
+    first is the reference).
 
-    Eligible: ROUGE-L at most ``max_drop`` below the reference's (the reference always is).
-    Winner: the lowest p95 latency at batch 1 among the eligible; ties go to smaller weights,
-    then to the earlier candidate. Returns the ``selection`` entry of evaluation.json.
+    Eligible: ROUGE-L at most ``max_drop`` below the reference's, the share of summaries with every
+    fact right at most ``max_fact_drop`` below the reference's (where the data records facts), and at
+    most ``max_repetition`` of its summaries repeating themselves. Winner: the lowest p95 latency at
+    batch 1 among the eligible; ties go to smaller weights, then to the earlier candidate. When none
+    is eligible (the reference itself repeats too much) the reference is returned for the gate to
+    fail. Returns the ``selection`` entry of evaluation.json.
     """
     names = list(candidates)
     reference = names[0]
-    reference_rouge = candidates[reference]["rouge"]["rougeL"]
+    reference_result = candidates[reference]
     rows = []
     for name in names:
         result = candidates[name]
-        drop = round(reference_rouge - result["rouge"]["rougeL"], 6)  # as written to the file, so it reads consistently
+        facts = all_facts_right(result)
+        # drops are rounded as written to the file, so they read consistently
         rows.append({"name": name, "model_dir": result["model_dir"], "rougeL": round(result["rouge"]["rougeL"], 6),
-                     "rougeL_drop": drop, "latency_p95_ms": result["cost"]["latency_p95_ms"],
-                     "weights_bytes": result["cost"]["weights_bytes"],
-                     "eligible": name == reference or drop <= max_drop + 1e-9})  # 1e-9: float noise in the subtraction
+                     "rougeL_drop": round(reference_result["rouge"]["rougeL"] - result["rouge"]["rougeL"], 6),
+                     "facts_all_right": None if facts is None else round(facts, 6),
+                     "facts_all_right_drop": None if facts is None else round(all_facts_right(reference_result) - facts, 6),
+                     "repetition_rate": round(result["repetition"]["rate"], 6),
+                     "latency_p95_ms": result["cost"]["latency_p95_ms"], "weights_bytes": result["cost"]["weights_bytes"]})
+    for row in rows:
+        row["problems"] = _problems(row, reference, max_drop, max_fact_drop, max_repetition)
+        row["eligible"] = not row["problems"]
     eligible = [row for row in rows if row["eligible"]]
-    winner = min(eligible, key=lambda row: (row["latency_p95_ms"], row["weights_bytes"]))  # min keeps the first of equals
+    winner = min(eligible, key=lambda row: (row["latency_p95_ms"], row["weights_bytes"])) if eligible else rows[0]
     tied = any(row is not winner and row["latency_p95_ms"] == winner["latency_p95_ms"] for row in eligible)
     for row in rows:
         row["why"] = _why(row, winner, len(eligible), tied, reference, max_drop)
-    rule = (f"eligible: ROUGE-L at most {max_drop:g} below the {reference} model's ({reference_rouge:.4f}); "
-            "chosen: the eligible model with the lowest p95 latency at batch 1 (ties: smaller weights on disk)")
+        del row["problems"]
+    rule = (f"eligible: ROUGE-L at most {max_drop:g} below the {reference} model's "
+            f"({reference_result['rouge']['rougeL']:.4f}), the share of summaries with every fact right at most "
+            f"{max_fact_drop:g} below its share (where the data records facts), and at most {max_repetition:g} of "
+            "the summaries repeating themselves; chosen: the eligible model with the lowest p95 latency at batch 1 "
+            "(ties: smaller weights on disk)")
     return {"variant": winner["name"], "model_dir": winner["model_dir"], "rule": rule, "max_rougeL_drop": max_drop,
-            "candidates": rows}
+            "max_facts_all_right_drop": max_fact_drop, "max_repetition_rate": max_repetition, "candidates": rows}
+
+
+def all_facts_right(result: dict) -> float | None:
+    return result["facts"]["all_facts_right"] if result.get("facts") else None
+
+
+def _problems(row: dict, reference: str, max_drop: float, max_fact_drop: float, max_repetition: float) -> list[str]:
+    """Why ``row`` may not be registered ([] if it may). 1e-9: float noise in the subtractions."""
+    problems = []
+    if row["name"] != reference and row["rougeL_drop"] > max_drop + 1e-9:
+        problems.append(f"ROUGE-L {row['rougeL_drop']:.4f} below the {reference} model's, more than the {max_drop:g} "
+                        "allowed")
+    if row["name"] != reference and row["facts_all_right_drop"] is not None \
+            and row["facts_all_right_drop"] > max_fact_drop + 1e-9:
+        problems.append(f"every fact right in {row['facts_all_right_drop']:.4f} fewer of its summaries than the "
+                        f"{reference} model, more than the {max_fact_drop:g} allowed")
+    if row["repetition_rate"] > max_repetition + 1e-9:
+        problems.append(f"repeats itself in {row['repetition_rate']:.4f} of its summaries, more than the "
+                        f"{max_repetition:g} allowed")
+    return problems
 
 
 def _why(row: dict, winner: dict, eligible_count: int, tied: bool, reference: str, max_drop: float) -> str:
     if not row["eligible"]:
-        return f"not eligible: ROUGE-L {row['rougeL_drop']:.4f} below the {reference} model's, more than the {max_drop:g} allowed"
+        fallback = ("; no model is eligible, so the gate judges this one" if row is winner else "")
+        return "not eligible: " + "; ".join(row["problems"]) + fallback
     quality = (f"the {reference} model itself" if row["name"] == reference
                else f"ROUGE-L drop {row['rougeL_drop']:.4f} within the {max_drop:g} allowed")
     if row is winner:
@@ -273,12 +327,39 @@ def _why(row: dict, winner: dict, eligible_count: int, tied: bool, reference: st
 
 def print_selection(selection: dict) -> None:
     print(f"choosing the model to register: {selection['rule']}")
-    print(f"{'':<22}{'rougeL':>10}{'drop':>10}{'p95 ms':>10}{'size MB':>10}  eligible")
+    print(f"{'':<22}{'rougeL':>10}{'drop':>10}{'facts':>10}{'drop':>10}{'repeat':>10}{'p95 ms':>10}{'size MB':>10}"
+          "  eligible")
+
+    def points(value):
+        return "" if value is None else f"{100 * value:.1f}"
+
     for row in selection["candidates"]:
-        print(f"{row['name']:<22}{100 * row['rougeL']:>10.1f}{100 * row['rougeL_drop']:>10.1f}"
-              f"{row['latency_p95_ms']:>10.1f}{row['weights_bytes'] / 1e6:>10.2f}  {'yes' if row['eligible'] else 'no'}")
+        print(f"{row['name']:<22}{points(row['rougeL']):>10}{points(row['rougeL_drop']):>10}"
+              f"{points(row['facts_all_right']):>10}{points(row['facts_all_right_drop']):>10}"
+              f"{points(row['repetition_rate']):>10}{row['latency_p95_ms']:>10.1f}{row['weights_bytes'] / 1e6:>10.2f}"
+              f"  {'yes' if row['eligible'] else 'no'}")
     winner = next(row for row in selection["candidates"] if row["name"] == selection["variant"])
     print(f"registering {winner['name']}: {winner['why']}")
+
+
+def gate_metrics(results: dict[str, dict], chosen: str, selection: dict | None) -> dict:
+    """The top-level metrics beside the chosen model's own that the gate reads.
+
+    The fact figures are written even where the data records none (``facts_recorded`` 0, with a
+    note): SageMaker resolves every JsonGet of a condition, also the side of an Or that does not
+    decide it. Their value there is a placeholder the gate never compares.
+    """
+    recorded = bool(results[chosen]["facts"])
+    metrics = {FACTS_RECORDED: {"value": int(recorded), "note": "checked: the data records facts" if recorded
+                                else "skipped: the data records no facts (e.g. DialogSum)"}}
+    if not recorded:
+        metrics.update({name: {"value": 0.0, "placeholder": True} for name in FACT_GATE_METRICS})
+    if selection:
+        metrics["rougeL_drop"] = {"value": round(results["model"]["rouge"]["rougeL"] - results[chosen]["rouge"]["rougeL"], 6)}
+        if recorded:
+            drop = all_facts_right(results["model"]) - all_facts_right(results[chosen])
+            metrics["facts_all_right_drop"] = {"value": round(drop, 6)}
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,6 +377,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.select_within_drop is not None and not 0 <= args.select_within_drop <= 1:
         raise StepError(f"--select-within-drop {args.select_within_drop:g}: expected a fraction in [0, 1] (ROUGE is "
                         "0..1 in evaluation.json), e.g. 0.05 to allow 5 ROUGE-L points below the --model-dir model")
+    for flag, value in (("--select-max-fact-drop", args.select_max_fact_drop),
+                        ("--select-max-repetition", args.select_max_repetition)):
+        if not 0 <= value <= 1:
+            raise StepError(f"{flag} {value:g}: expected a fraction in [0, 1], e.g. 0.05 for 5% of the summaries")
     rows = read_split(data_dir, args.split)[: args.max_examples]
     train_summaries = [row["summary"] for row in read_split(data_dir, "train")]
     compare, skipped = [], []
@@ -324,15 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"searching the best constant output among {len(set(train_summaries))} distinct training summaries")
     constant = best_constant_output(train_summaries, [row["references"] for row in rows],
                                     max_candidates=args.constant_candidates, seed=args.seed)
-    constant_result = {"rouge": constant["scores"],
-                       "facts": fact_accuracy([constant["text"]] * len(rows), [row.get("facts") for row in rows])}
+    constant_result = score([constant["text"]] * len(rows), rows)
     print_table([("baseline", results["baseline"]), ("best constant output", constant_result), ("model", results["model"])]
                 + [(name, results[name]) for name, _ in compare], reference_weights)
 
     selection, chosen = None, "model"  # chosen: the key in results of the model that the top-level metrics describe
     if args.select_within_drop is not None:
         selection = select_variant({FINETUNED: results["model"], **{name: results[name] for name, _ in compare}},
-                                   args.select_within_drop)
+                                   args.select_within_drop, args.select_max_fact_drop, args.select_max_repetition)
         print_selection(selection)
         chosen = "model" if selection["variant"] == FINETUNED else selection["variant"]
 
@@ -341,10 +425,10 @@ def main(argv: list[str] | None = None) -> int:
         **metric_entries(results[chosen], reference_weights),
         "rougeL_gain_over_baseline": {"value": round(chosen_rouge_l - results["baseline"]["rouge"]["rougeL"], 6)},
         "rougeL_gain_over_constant": {"value": round(chosen_rouge_l - constant["scores"]["rougeL"], 6)},
+        **gate_metrics(results, chosen, selection),
     }
     evaluation = {"metrics": metrics}
     if selection:
-        metrics["rougeL_drop"] = {"value": round(results["model"]["rouge"]["rougeL"] - chosen_rouge_l, 6)}
         evaluation.update({"selected_variant": selection["variant"], "selection": selection})
     evaluation.update({
         "baseline": {"metrics": metric_entries(results["baseline"]), "model_dir": str(baseline_dir)},

@@ -448,15 +448,30 @@ def test_step_graph(definition, steps):
     assert evaluate["PropertyFiles"] == [{"PropertyFileName": EVALUATION_REPORT, "OutputName": "evaluation",
                                           "FilePath": "evaluation.json"}]
 
-    # the gate compares evaluate.py's figures with the thresholds; RegisterModel and GateFailed read Evaluate
-    json_gets = [c["LeftValue"]["Std:JsonGet"] for c in gate["Conditions"]]
+    # the gate compares evaluate.py's figures with the thresholds; a fact condition holds where no facts are
+    # recorded (Or); RegisterModel and GateFailed read Evaluate
+    comparisons = [c["Conditions"][1] if c["Type"] == "Or" else c for c in gate["Conditions"]]
+    json_gets = [c["LeftValue"]["Std:JsonGet"] for c in comparisons]
     assert {g["PropertyFile"]["Get"] for g in json_gets} == {"Steps.Evaluate.PropertyFiles.EvaluationReport"}
     assert [g["Path"] for g in json_gets] == [GATE_PATHS[name] for name in
-                                              ("rougeL", "latency_p95_ms", "latency_ratio", "rougeL_drop")]
-    assert [c["RightValue"] for c in gate["Conditions"]] == [
+                                              ("rougeL", "latency_p95_ms", "latency_ratio", "rougeL_drop",
+                                               "facts_all_right", "facts_all_right_drop", "repetition_rate")]
+    assert [c["RightValue"] for c in comparisons] == [
         {"Get": "Parameters.MinRougeL"}, {"Get": "Parameters.MaxP95LatencyMs"}, {"Get": "Parameters.MaxLatencyRatio"},
-        {"Get": "Parameters.MaxRougeLDrop"}]
-    assert [c["Type"] for c in gate["Conditions"]] == ["GreaterThanOrEqualTo"] + ["LessThanOrEqualTo"] * 3
+        {"Get": "Parameters.MaxRougeLDrop"}, {"Get": "Parameters.MinFactAccuracy"},
+        {"Get": "Parameters.MaxFactAccuracyDrop"}, {"Get": "Parameters.MaxRepetitionRate"}]
+    assert [c["Type"] for c in comparisons] == ["GreaterThanOrEqualTo"] + ["LessThanOrEqualTo"] * 3 + \
+        ["GreaterThanOrEqualTo", "LessThanOrEqualTo", "LessThanOrEqualTo"]
+    assert [c["Type"] for c in gate["Conditions"]] == ["GreaterThanOrEqualTo"] + ["LessThanOrEqualTo"] * 3 + \
+        ["Or", "Or", "LessThanOrEqualTo"]
+    for condition in gate["Conditions"][4:6]:
+        skip = condition["Conditions"][0]
+        assert skip["Type"] == "Equals" and skip["RightValue"] == 0
+        assert skip["LeftValue"]["Std:JsonGet"]["Path"] == GATE_PATHS["facts_recorded"] == "metrics.facts_recorded.value"
+    evaluate_arguments = steps[NAMES.evaluate]["Arguments"]["AppSpecification"]["ContainerArguments"]
+    for flag, parameter in (("--select-within-drop", "MaxRougeLDrop"), ("--select-max-fact-drop", "MaxFactAccuracyDrop"),
+                            ("--select-max-repetition", "MaxRepetitionRate")):
+        assert gets(evaluate_arguments[evaluate_arguments.index(flag) + 1]) == [f"Parameters.{parameter}"], flag
     # the FailStep's message names every condition with its measured value and its threshold
     message = steps[NAMES.fail]["Arguments"]["ErrorMessage"]["Std:Join"]["Values"]
     for condition in GATE:
@@ -468,27 +483,24 @@ def test_step_graph(definition, steps):
 
 
 # ----------------------------------------------------------------------------- gate paths vs evaluate.py
-def test_gate_paths_exist_in_the_evaluation_json_that_evaluate_writes(tmp_path, monkeypatch):
-    """evaluate.py's main() on fake model results (no model is loaded): the gate's JsonGet paths resolve."""
+def fake_evaluation(tmp_path: Path, monkeypatch, rows: list[dict], fake: dict, model: str = "finetuned",
+                    extra: tuple[str, ...] = ()) -> dict:
+    """evaluate.py's main() on fake model results (no model is loaded); returns the evaluation.json it wrote.
+
+    ``fake``: folder name → (prediction for a row, p95 latency ms); distill is always a skipped branch and
+    every other name but ``model`` and baseline is compared.
+    """
     evaluate = import_step("evaluate")
     data = tmp_path / "data"
-    data.mkdir()
-    rows = [{"id": f"d{i}", "dialogue": f"#Person1#: I need {i} apples. #Person2#: Fine.",
-             "summary": f"Person1 needs {i} apples.", "references": [f"Person1 needs {i} apples."]} for i in range(4)]
+    data.mkdir(parents=True)
     for split in ("train", "test"):
         (data / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    folders = {name: tmp_path / name for name in ("finetuned", "baseline", "distill", "quantize", "prune")}
+    folders = {name: tmp_path / name for name in {*fake, "distill"}}
     for folder in folders.values():
         folder.mkdir()
         (folder / "weights.bin").write_bytes(b"\0" * 64)
     (folders["distill"] / "SKIPPED.json").write_text(json.dumps(
         {"variant": "distill", "method": "quantize", "reason": "OptimizationMethod is quantize"}), encoding="utf-8")
-
-    # name → (prediction for every row, p95 latency ms): quantize loses a little ROUGE-L and is fastest,
-    # prune is faster still but loses too much to be eligible.
-    fake = {"finetuned": (lambda r: r["summary"], 100.0), "baseline": (lambda r: "hello", 120.0),
-            "quantize": (lambda r: r["summary"].replace("Person1 ", ""), 50.0),
-            "prune": (lambda r: "apples", 20.0)}
 
     def load_and_score(name, folder, flag, rows, generation):
         predict, _ = fake[Path(folder).name]
@@ -505,25 +517,124 @@ def test_gate_paths_exist_in_the_evaluation_json_that_evaluate_writes(tmp_path, 
 
     monkeypatch.setattr(evaluate, "load_and_score", load_and_score)
     monkeypatch.setattr(evaluate, "measure_costs", measure_costs)
-    output, package = tmp_path / "evaluation", tmp_path / "package"
-    code = evaluate.main(["--model-dir", str(folders["finetuned"]), "--baseline-dir", str(folders["baseline"]),
-                          "--data-dir", str(data), "--output-dir", str(output), "--package-dir", str(package),
-                          "--select-within-drop", "0.2", "--constant-candidates", "2",
-                          *[arg for v in ("distill", "quantize", "prune")
-                            for arg in ("--compare", f"{v}={folders[v]}")]])
+    output = tmp_path / "evaluation"
+    compared = [name for name in folders if name not in (model, "baseline")]
+    code = evaluate.main(["--model-dir", str(folders[model]), "--baseline-dir", str(folders["baseline"]),
+                          "--data-dir", str(data), "--output-dir", str(output), "--constant-candidates", "2",
+                          *[arg for name in sorted(compared) for arg in ("--compare", f"{name}={folders[name]}")],
+                          *extra])
     assert code == 0
-    report = json.loads((output / "evaluation.json").read_text(encoding="utf-8"))
+    return json.loads((output / "evaluation.json").read_text(encoding="utf-8"))
+
+
+def test_gate_paths_exist_in_the_evaluation_json_that_evaluate_writes(tmp_path, monkeypatch):
+    rows = [{"id": f"d{i}", "dialogue": f"#Person1#: I need {i} apples. #Person2#: Fine.",
+             "summary": f"Person1 needs {i} apples.", "references": [f"Person1 needs {i} apples."]} for i in range(4)]
+    # name → (prediction for every row, p95 latency ms): quantize loses a little ROUGE-L and is fastest,
+    # prune is faster still but loses too much to be eligible.
+    fake = {"finetuned": (lambda r: r["summary"], 100.0), "baseline": (lambda r: "hello", 120.0),
+            "quantize": (lambda r: r["summary"].replace("Person1 ", ""), 50.0),
+            "prune": (lambda r: "apples", 20.0)}
+    report = fake_evaluation(tmp_path, monkeypatch, rows, fake, extra=(
+        "--package-dir", str(tmp_path / "package"), "--select-within-drop", "0.2"))
     values = {name: json_path(report, path, "evaluation.json") for name, path in GATE_PATHS.items()}
     assert values["variant"] == "quantize"
     assert values["latency_p95_ms"] == 50.0 and values["latency_ratio"] == pytest.approx(50 / 120)
     finetuned_rouge = report["model"]["metrics"]["rougeL"]["value"]
     assert 0 < values["rougeL"] < finetuned_rouge
     assert values["rougeL_drop"] == pytest.approx(finetuned_rouge - values["rougeL"], abs=1e-6)
-    assert all(isinstance(values[n], (int, float)) for n in ("rougeL", "latency_p95_ms", "latency_ratio", "rougeL_drop"))
+    numeric = [condition.metric for condition in GATE] + ["facts_recorded"]
+    assert all(isinstance(values[n], (int, float)) for n in numeric), values
+    assert values["facts_recorded"] == 0 and values["facts_recorded_note"].startswith("skipped: the data records no facts")
     assert [s["name"] for s in report["skipped"]] == ["distill"]
-    assert (package / "model.tar.gz").is_file() and report["package"]["variant"] == "quantize"
+    assert (tmp_path / "package" / "model.tar.gz").is_file() and report["package"]["variant"] == "quantize"
     # what RegisterModel attaches as ModelQuality statistics sits beside it
-    assert (output / "model_quality.json").is_file()
+    assert (tmp_path / "evaluation" / "model_quality.json").is_file()
+
+
+def gate_outcome(steps: dict, report: dict) -> tuple[bool, dict, str]:
+    """The QualityGate of the built definition, run by the local executor's own condition code on ``report``
+    with the quick config's thresholds: (outcome, gate_facts as the summary and report show it, FailStep message)."""
+    from flanops.commands import gate_facts
+    from flanops.local import Context, evaluate_condition
+
+    parameters = load_config().parameter_values()
+    context = Context("e1", "arn:e1", "p", parameters, property_files={f"{NAMES.evaluate}.{EVALUATION_REPORT}": report})
+    outcome = all(evaluate_condition(c, context, NAMES.gate) for c in steps[NAMES.gate]["Arguments"]["Conditions"])
+    message = context.resolve(steps[NAMES.fail]["Arguments"]["ErrorMessage"], NAMES.fail)
+    record = {"PropertyFiles": context.property_files, "Parameters": parameters,
+              "Steps": [{"StepName": NAMES.gate, "Metadata": {"Condition": {"Outcome": str(outcome)}}}]}
+    return outcome, gate_facts(record), message
+
+
+def meeting_rows(count: int = 6) -> list[dict]:
+    """Synthetic-style rows with their facts recorded."""
+    days, names = ("Monday", "Tuesday", "Friday"), (("Ann", "Bob"), ("Priya", "Xena"), ("Hugo", "Ines"))
+    rows = []
+    for i in range(count):
+        (first, second), day, time = names[i % 3], days[i % 3], f"{i + 1} pm"
+        summary = f"{first} and {second} will meet on {day} at {time} to discuss the budget."
+        rows.append({"id": f"m{i}", "dialogue": f"#Person1#: {second}, it's {first}. Can we meet on {day} at {time}?\n"
+                                                f"#Person2#: Yes, to discuss the budget.",
+                     "summary": summary, "references": [summary],
+                     "facts": {"speakers": [first, second], "day": day, "time": time}})
+    return rows
+
+
+def babble(row: dict) -> str:
+    """What the issue saw a pruned variant answer: right facts, then a loop."""
+    return row["summary"].replace("discuss the budget.", "discusssssssssss")
+
+
+def test_a_variant_that_repeats_itself_is_not_chosen_and_fails_the_gate(steps, tmp_path, monkeypatch):
+    fake = {"finetuned": (lambda r: r["summary"], 100.0), "baseline": (lambda r: "hello", 120.0),
+            "prune": (babble, 20.0)}   # the fastest, its ROUGE-L within the drop and every fact right: but it babbles
+    selected = fake_evaluation(tmp_path / "auto", monkeypatch, meeting_rows(), fake, extra=(
+        "--select-within-drop", "0.2", "--select-max-fact-drop", "0.05", "--select-max-repetition", "0.02"))
+    prune = next(row for row in selected["selection"]["candidates"] if row["name"] == "prune")
+    assert selected["selected_variant"] == "finetuned"
+    assert prune["rougeL_drop"] <= 0.2 and prune["facts_all_right"] == 1.0 and prune["repetition_rate"] == 1.0
+    assert prune["why"] == "not eligible: repeats itself in 1.0000 of its summaries, more than the 0.02 allowed"
+    assert selected["comparisons"]["prune"]["metrics"]["repetition_rate"]["value"] == 1.0
+    outcome, gate, _ = gate_outcome(steps, selected)
+    assert outcome is True and gate["passed"] is True
+
+    # The same babbling model as the one the gate judges (it is the only candidate): the gate fails it on
+    # repetition alone, and the summary, the hint and the FailStep's message say so.
+    judged = fake_evaluation(tmp_path / "alone", monkeypatch, meeting_rows(), {**fake, "finetuned": (babble, 20.0)},
+                             extra=("--select-within-drop", "0.2", "--select-max-repetition", "0.02"))
+    assert judged["metrics"]["repetition_rate"]["value"] == 1.0 and judged["metrics"]["facts_all_right"]["value"] == 1.0
+    outcome, gate, message = gate_outcome(steps, judged)
+    assert outcome is False and gate["passed"] is False
+    assert [c["parameter"] for c in gate["conditions"] if c["passed"] is False] == ["MaxRepetitionRate"]
+    from flanops.commands import gate_sentence
+
+    assert "repeating summaries 1 (max 0.02) FAILED" in gate_sentence(gate)
+    assert "repeating summaries 1.0 (max 0.02 )" in message
+    assert "all facts right 1.0 (min 0.8 — checked: the data records facts )" in message
+
+
+def test_the_fact_conditions_are_skipped_where_the_data_records_no_facts(steps, tmp_path, monkeypatch):
+    """DialogSum records no facts: the fact figures are placeholders that would fail, and the Or skips them."""
+    from flanops.local import Context, evaluate_condition
+
+    rows = [{key: value for key, value in row.items() if key != "facts"} for row in meeting_rows()]
+    fake = {"finetuned": (lambda r: r["summary"], 100.0), "baseline": (lambda r: "hello", 120.0),
+            "quantize": (lambda r: r["summary"], 50.0)}
+    report = fake_evaluation(tmp_path, monkeypatch, rows, fake, extra=("--select-within-drop", "0.05"))
+    assert report["metrics"]["facts_recorded"]["value"] == 0
+    outcome, gate, message = gate_outcome(steps, report)
+    assert outcome is True
+    note = "skipped: the data records no facts (e.g. DialogSum)"
+    skipped = {c["parameter"]: c for c in gate["conditions"] if c["skipped"]}
+    assert set(skipped) == {"MinFactAccuracy", "MaxFactAccuracyDrop"}
+    assert all(c["skipped"] == note and c["passed"] for c in skipped.values())
+    assert f"all facts right 0.0 (min 0.8 — {note} )" in message
+    context = Context("e1", "arn:e1", "p", load_config().parameter_values(),
+                      property_files={f"{NAMES.evaluate}.{EVALUATION_REPORT}": report})
+    fact_condition = next(c for c in steps[NAMES.gate]["Arguments"]["Conditions"] if c["Type"] == "Or")
+    assert not evaluate_condition(fact_condition["Conditions"][1], context, NAMES.gate), \
+        "the placeholder alone would fail MinFactAccuracy: the skip is what lets the gate pass"
 
 
 # ----------------------------------------------------------------------------- stability

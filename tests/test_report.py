@@ -47,13 +47,16 @@ def definition() -> dict:
 
 def metrics(rouge_l: float, p95: float, weights: int, **extra: float) -> dict:
     values = {"rouge1": rouge_l + 0.05, "rouge2": rouge_l - 0.2, "rougeL": rouge_l, "rougeLsum": rouge_l,
+              "facts_recorded": 1, "facts_all_right": 0.9, "repetition_rate": 0.0,
               "parameters": 1_500_000, "weights_bytes": weights, "latency_p50_ms": p95 * 0.8,
               "latency_p95_ms": p95, "latency_ratio": p95 / 50.0, "flops_per_generated_token": 3_000_000, **extra}
     return {name: {"value": value} for name, value in values.items()}
 
 
 EVALUATION = {
-    "metrics": {**metrics(0.60, 60.0, 6_000_000, compression_ratio=1.0), "rougeL_drop": {"value": 0.0}},
+    "metrics": {**metrics(0.60, 60.0, 6_000_000, compression_ratio=1.0), "rougeL_drop": {"value": 0.0},
+                "facts_all_right_drop": {"value": 0.0},
+                "facts_recorded": {"value": 1, "note": "checked: the data records facts"}},
     "selected_variant": "finetuned",
     "selection": {"variant": "finetuned", "rule": "lowest p95 within 0.05 ROUGE-L of finetuned",
                   "candidates": [{"name": "finetuned", "rougeL": 0.6, "rougeL_drop": 0.0, "latency_p95_ms": 60.0,
@@ -62,7 +65,8 @@ EVALUATION = {
                                   "why": "slower"}]},
     "baseline": {"metrics": metrics(0.10, 50.0, 6_000_000)},
     "model": {"metrics": metrics(0.60, 60.0, 6_000_000, compression_ratio=1.0), "card": {}},
-    "comparisons": {"quantize": {"metrics": metrics(0.59, 90.0, 2_000_000, compression_ratio=3.0),
+    "comparisons": {"quantize": {"metrics": metrics(0.59, 90.0, 2_000_000, compression_ratio=3.0,
+                                                    facts_all_right=0.25, repetition_rate=0.125),
                                  "card": {"method": "quantize", "quantization": {"method": "ct2-int8"}}}},
     "skipped": [{"name": "distill", "model_dir": "/opt/ml/processing/input/distill",
                  "reason": "OptimizationMethod is quantize"}],
@@ -101,8 +105,10 @@ def make_record(session, run_dir: Path, *, failed: bool = False) -> dict:
     put(session, "run/finetune/model.tar.gz", model_archive(curve))
     put(session, "run/evaluation/evaluation.json", json.dumps(EVALUATION))
     put(session, "run/evaluation/predictions.jsonl", "".join(json.dumps(
-        {"id": f"t{i}", "dialogue": HOSTILE, "references": ["ref " + HOSTILE], "prediction": f"pred {i}",
-         "baseline_prediction": "base", "quantize_prediction": "q"}) + "\n" for i in range(8)))
+        {"id": f"t{i}", "dialogue": f"{HOSTILE}\n#Person1#: Ann here. Tuesday at 2 pm?\n#Person2#: Bob: yes.",
+         "references": ["ref " + HOSTILE], "prediction": f"pred {i}: Ann and Bob meet on Monday at 2 pm",
+         "baseline_prediction": "base", "quantize_prediction": "q",
+         "facts": {"speakers": ["Ann", "Bob"], "day": "Tuesday", "time": "2 pm"}}) + "\n" for i in range(8)))
     steps = [
         {"StepName": NAMES.prepare, "StepType": "Processing", "StepStatus": "Succeeded", "DurationSeconds": 3.2,
          "CacheHitResult": {"SourcePipelineExecutionArn": "x"}, "Metadata": {}},
@@ -134,7 +140,8 @@ def make_record(session, run_dir: Path, *, failed: bool = False) -> dict:
             "PipelineExecutionStatus": "Failed" if failed else "Succeeded",
             "FailureReason": "FineTuneLoRA: out of memory" if failed else None, "RunDir": str(run_dir),
             "CreationTime": "2026-11-30T00:00:00+00:00", "LastModifiedTime": "2026-11-30T00:01:00+00:00",
-            "Parameters": {"MinRougeL": 0.4, "MaxP95LatencyMs": 5000, "MaxLatencyRatio": 1.5, "MaxRougeLDrop": 0.05},
+            "Parameters": {"MinRougeL": 0.4, "MaxP95LatencyMs": 5000, "MaxLatencyRatio": 1.5, "MaxRougeLDrop": 0.05,
+                           "MinFactAccuracy": 0.8, "MaxFactAccuracyDrop": 0.05, "MaxRepetitionRate": 0.02},
             "Steps": steps, "Properties": properties, "PropertyFiles": files}
 
 
@@ -297,3 +304,85 @@ def test_a_failed_write_leaves_no_partial_report(aws, tmp_path, monkeypatch):
         report_run(aws, record)
     assert (run_dir / REPORT_HTML).read_bytes() == before
     assert not [p for p in run_dir.iterdir() if p.name.startswith(".")]
+
+
+# ----------------------------------------------------------------------------- facts, repetition, data card, chart
+def test_the_variants_table_has_facts_and_repetition_and_the_samples_mark_wrong_facts(aws, tmp_path):
+    run_dir = tmp_path / "run"
+    html = report_run(aws, make_record(aws, run_dir)).read_text(encoding="utf-8")
+    markdown = (run_dir / REPORT_MD).read_text(encoding="utf-8")
+    header = next(line for line in markdown.splitlines() if line.startswith("| variant |"))
+    assert "| all facts right | repeating |" in header
+    quantize = next(line for line in markdown.splitlines() if line.startswith("| quantize | ct2-int8 |"))
+    assert "| 25.0% | 12.5% |" in quantize
+    assert "<th>all facts right</th>" in html and "25.0%" in html and "12.5%" in html
+    # the registered model's summary says Monday where the dialogue says Tuesday: marked in the dialogue and beside it
+    assert '<mark class="missing">Tuesday</mark>' in html and '<mark class="stated">2 pm</mark>' in html
+    assert '<mark class="stated">Ann</mark>' in html
+    assert "✗ day: Tuesday (not stated)" in html and "✓ time: 2 pm" in html
+    assert "**Tuesday** ✗" in markdown and "**2 pm**" in markdown and "✗ day Tuesday" in markdown
+    assert "<script>alert" not in html, "marking the facts keeps the dialogue escaped"
+
+
+def test_a_gate_on_data_without_facts_says_the_fact_conditions_were_skipped(aws, tmp_path):
+    record = make_record(aws, tmp_path / "run")
+    evaluation = json.loads(json.dumps(EVALUATION))
+    note = "skipped: the data records no facts (e.g. DialogSum)"
+    evaluation["metrics"].update({"facts_recorded": {"value": 0, "note": note}, "facts_all_right": {"value": 0.0},
+                                  "facts_all_right_drop": {"value": 0.0}, "repetition_rate": {"value": 0.5}})
+    for entry in (evaluation["baseline"], evaluation["model"], *evaluation["comparisons"].values()):
+        entry["metrics"]["facts_recorded"] = {"value": 0}
+        del entry["metrics"]["facts_all_right"]
+    record["PropertyFiles"][f"{NAMES.evaluate}.{EVALUATION_REPORT}"] = evaluation
+    facts = collect(aws, record, definition())
+    conditions = {c["parameter"]: c for c in facts.gate["conditions"]}
+    assert conditions["MinFactAccuracy"]["skipped"] == note and conditions["MinFactAccuracy"]["measured"] is None
+    assert conditions["MaxFactAccuracyDrop"]["skipped"] == note
+    assert conditions["MaxRepetitionRate"]["passed"] is False and not conditions["MaxRepetitionRate"]["skipped"]
+    write_report(facts, tmp_path / "run")
+    markdown = (tmp_path / "run" / REPORT_MD).read_text(encoding="utf-8")
+    assert f"| all facts right | – | min 0.8 | MinFactAccuracy | {note} |" in markdown
+    assert "| repeating summaries | 0.5 | max 0.02 | MaxRepetitionRate | FAILED |" in markdown
+    finetuned = next(line for line in markdown.splitlines() if line.startswith("| finetuned ★ |"))
+    assert "| 60.0 | – | 0.0% |" in finetuned, "no facts figure where none are recorded"
+
+
+def test_the_data_card_reads_as_rows_not_json():
+    from flanops.report import data_card_rows
+
+    card = {"source": {"kind": "local", "input": "data/", "files": ["a.jsonl", "b.jsonl"], "repeats_dropped": 0,
+                       "splits_from": "pooled"},
+            "seed": 0, "counts": {"train": 20, "validation": 2, "test": 2}, "prompt_template": "Summarize:\n{dialogue}",
+            "tokenizer": {"name": "regex", "unit": "approximate tokens", "approximate": True},
+            "max_source_length": 512, "max_target_length": 128, "overlap_with_train": {"validation": 0, "test": 1},
+            "token_lengths": {"train": {"source": {"p50": 40, "p90": 60, "p95": 61, "p99": 70, "max": 80},
+                                        "target": {"p50": 9, "p90": 12, "p95": 12, "p99": 14, "max": 15}}},
+            "truncated": {"train": {"source": 1, "target": 0}},
+            "unseen_in_train": {"test": {"intent_day_pair": 0.25, "speaker_name": 0.5}}}
+    rows = dict(data_card_rows(card))
+    assert rows["source"] == "local data/" and rows["source: files"] == "a.jsonl, b.jsonl"
+    assert rows["examples"] == "train 20, validation 2, test 2"
+    assert rows["train source tokens"] == "p50 40, p90 60, p95 61, p99 70, max 80"
+    assert rows["truncated (source / target)"] == "train 1 / 0"
+    assert rows["overlap with train"] == "validation 0, test 1"
+    assert rows["unseen in train"] == "test (intent day pair 0.25, speaker name 0.5)"
+    assert not [value for value in rows.values() if "{" in value.replace("{dialogue}", "") or '"' in value]
+
+
+def test_point_labels_in_the_quality_vs_latency_chart_do_not_overlap():
+    """Variants with almost the same latency and ROUGE-L (as quantize and the fine-tuned model often have)."""
+    from flanops.report import RunFacts, Variant, label_box, pyplot, tradeoff_figure
+
+    near = [("base", 50.0, 0.20), ("finetuned", 60.0, 0.600), ("quantize", 61.0, 0.601), ("bf16", 60.5, 0.599),
+            ("distill", 62.0, 0.600), ("prune", 59.5, 0.602)]
+    facts = RunFacts(execution={}, steps=[], graph=None, variants=[
+        Variant(name, {"latency_p95_ms": p95, "rougeL": rouge_l}, selected=name == "quantize")
+        for name, p95, rouge_l in near], gate={"thresholds": {"MinRougeL": 0.4, "MaxP95LatencyMs": 1000}})
+    figure, labels = tradeoff_figure(facts)
+    renderer = figure.canvas.get_renderer()
+    boxes = [label_box(label, renderer) for label in labels]
+    pyplot().close(figure)
+    assert [label.get_text() for label in labels] == [name for name, *_ in near]
+    for i, box in enumerate(boxes):
+        for j in range(i + 1, len(boxes)):
+            assert not box.overlaps(boxes[j]), f"{labels[i].get_text()} overlaps {labels[j].get_text()}"

@@ -1,6 +1,8 @@
 """evaluate.py chooses the variant to register: ROUGE-L within --select-within-drop of the fine-tuned
-model, then the lowest p95 latency (ties: smaller weights). The rule on made-up results, then one
-end-to-end run on cut-down random T5s (quality is meaningless there; the wiring is what is checked)."""
+model, the share of summaries with every fact right within --select-max-fact-drop of it, at most
+--select-max-repetition of the summaries repeating themselves, then the lowest p95 latency (ties:
+smaller weights). The rule on made-up results, then one end-to-end run on cut-down random T5s
+(quality is meaningless there; the wiring is what is checked)."""
 from __future__ import annotations
 
 import json
@@ -18,8 +20,9 @@ from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
 from stepkit.records import write_jsonl
 
 
-def _result(rouge_l: float, p95: float, weights: int) -> dict:
+def _result(rouge_l: float, p95: float, weights: int, facts: float | None = None, repeating: float = 0.0) -> dict:
     return {"model_dir": f"/in/{rouge_l}-{p95}", "rouge": {"rougeL": rouge_l},
+            "facts": None if facts is None else {"all_facts_right": facts}, "repetition": {"rate": repeating},
             "cost": {"latency_p95_ms": p95, "weights_bytes": weights}}
 
 
@@ -42,8 +45,10 @@ def test_fastest_model_within_the_allowed_drop_wins():
     assert "lowest p95 latency among the 3 eligible" in rows["quantized"]["why"]
     assert "slower" in rows["distilled"]["why"] and "quantized" in rows["distilled"]["why"]
     assert "0.05" in selection["rule"] and "p95 latency" in selection["rule"]
-    assert set(rows["finetuned"]) == {"name", "model_dir", "rougeL", "rougeL_drop", "latency_p95_ms", "weights_bytes",
+    assert set(rows["finetuned"]) == {"name", "model_dir", "rougeL", "rougeL_drop", "facts_all_right",
+                                      "facts_all_right_drop", "repetition_rate", "latency_p95_ms", "weights_bytes",
                                       "eligible", "why"}
+    assert rows["finetuned"]["facts_all_right"] is None, "no facts recorded: no fact figures"
 
 
 def test_a_drop_of_exactly_the_limit_is_eligible_and_a_better_variant_has_a_negative_drop():
@@ -66,6 +71,41 @@ def test_the_finetuned_model_wins_when_no_variant_is_good_enough():
                                         max_drop=0.05)
     assert selection["variant"] == "finetuned"
     assert "the only eligible model" in _rows(selection)["finetuned"]["why"]
+
+
+def test_a_variant_that_repeats_itself_or_loses_facts_is_never_chosen():
+    """The fastest variants are within the ROUGE-L drop, but one babbles and one gets the facts wrong."""
+    selection = evaluate.select_variant({
+        "finetuned": _result(0.60, 40.0, 1000, facts=0.90),
+        "babbling": _result(0.59, 10.0, 300, facts=0.90, repeating=0.30),   # "to discusssss…" in 30% of summaries
+        "forgetful": _result(0.59, 15.0, 300, facts=0.70),                   # 20 points fewer with every fact right
+        "good": _result(0.58, 30.0, 300, facts=0.88, repeating=0.01),
+    }, max_drop=0.05, max_fact_drop=0.05, max_repetition=0.02)
+    rows = _rows(selection)
+    assert selection["variant"] == "good"
+    assert not rows["babbling"]["eligible"] and not rows["forgetful"]["eligible"]
+    assert rows["babbling"]["why"] == ("not eligible: repeats itself in 0.3000 of its summaries, more than the 0.02 "
+                                       "allowed")
+    assert rows["forgetful"]["why"].startswith("not eligible: every fact right in 0.2000 fewer of its summaries than "
+                                               "the finetuned model, more than the 0.05 allowed")
+    assert rows["forgetful"]["facts_all_right_drop"] == 0.2 and rows["good"]["facts_all_right_drop"] == 0.02
+    assert "repeating themselves" in selection["rule"] and selection["max_repetition_rate"] == 0.02
+    # without the bounds (their defaults) the babbling variant would have won: the bounds are what stop it
+    assert evaluate.select_variant({"finetuned": _result(0.60, 40.0, 1000, facts=0.9),
+                                    "babbling": _result(0.59, 10.0, 300, facts=0.9, repeating=0.3)},
+                                   max_drop=0.05)["variant"] == "babbling"
+
+
+def test_a_variant_failing_several_bounds_names_each_and_a_babbling_reference_is_left_for_the_gate():
+    selection = evaluate.select_variant({
+        "finetuned": _result(0.60, 40.0, 1000, facts=0.9, repeating=0.5),
+        "bad": _result(0.40, 10.0, 300, facts=0.1, repeating=0.5),
+    }, max_drop=0.05, max_fact_drop=0.05, max_repetition=0.02)
+    rows = _rows(selection)
+    assert not any(row["eligible"] for row in selection["candidates"])
+    assert selection["variant"] == "finetuned", "nothing is eligible: the reference goes to the gate, which fails it"
+    assert rows["finetuned"]["why"].endswith("; no model is eligible, so the gate judges this one")
+    assert rows["bad"]["why"].count("more than the") == 3
 
 
 # ---------------------------------------------------------------- end to end, tiny models
@@ -122,6 +162,11 @@ def test_evaluate_selects_packages_and_reports_the_winner(tmp_path, capsys):
     assert metrics["weights_bytes"]["value"] == (small / "model.safetensors").stat().st_size
     assert metrics["rougeL_drop"]["value"] == pytest.approx(
         result["model"]["metrics"]["rougeL"]["value"] - winner["rougeL"]["value"], abs=1e-6)
+    # no facts in this data: the gate's fact figures are placeholders, flagged so that the gate skips them
+    assert metrics["facts_recorded"] == {"value": 0, "note": "skipped: the data records no facts (e.g. DialogSum)"}
+    assert metrics["facts_all_right"]["placeholder"] and metrics["facts_all_right_drop"]["placeholder"]
+    assert "facts_all_right" not in winner and winner["facts_recorded"] == {"value": 0}
+    assert 0 <= metrics["repetition_rate"]["value"] <= 1
     quality = json.loads((out / "model_quality.json").read_text())
     assert quality["summarization_metrics"]["rougeL"]["value"] == pytest.approx(metrics["rougeL"]["value"], abs=1e-5)
 
