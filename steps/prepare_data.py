@@ -10,7 +10,9 @@
 
 Columns map onto the record contract (``stepkit.records``): ``id`` or ``fname`` → ``id``;
 ``summary`` and/or ``summary1..N`` → ``summary`` (the first) and ``references`` (all); other
-columns (``topic`` ...) are kept. Files or dataset splits named train / validation (dev) /
+columns (``topic`` ...) are kept. An optional ``facts`` column maps each slot to the value a correct
+summary states (``{"speakers": ["Ann", "Bob"], "day": "Tuesday"}``); each value must appear in the
+dialogue, since the evaluation and the gate check summaries against it. Files or dataset splits named train / validation (dev) /
 test keep their split; anything else is pooled and split with ``--seed``.
 
 ``--output-dir`` receives ``train.jsonl``, ``validation.jsonl``, ``test.jsonl`` and
@@ -33,6 +35,7 @@ from typing import Callable
 
 from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, env_path, path_help, require_output_dir
 from stepkit.errors import StepError, first_line, run_step
+from stepkit.metrics import fact_values, mentions
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
 from stepkit.records import DATA_CARD, SPLITS, iter_jsonl, json_problem, read_text, split_path, write_jsonl
 from stepkit.synthetic import generate_splits, unseen_in_train
@@ -306,7 +309,36 @@ def to_record(row: Row) -> dict:
 
     consumed = {"dialogue", "references", id_column, *summary_columns}
     extras = {name: json_value(value) for name, value in fields.items() if name not in consumed}
+    if extras.get("facts") is None:
+        extras.pop("facts", None)   # null: this example records no facts (Parquet and CSV give every row the column)
+    else:
+        check_facts(extras["facts"], dialogue, row.where)
     return {"id": record_id, "dialogue": dialogue, "summary": references[0], "references": references, **extras}
+
+
+FACTS_EXAMPLE = '{"speakers": ["Ann", "Bob"], "day": "Tuesday", "time": "2 pm"}'
+
+
+def check_facts(facts: object, dialogue: str, where: str) -> None:
+    """``facts`` maps each slot to a value as text (or a list of them, e.g. speakers) that the dialogue states.
+
+    Checked here, before anything trains: a fact the dialogue lacks would count every summary wrong.
+    """
+    if not isinstance(facts, dict) or not facts:
+        given = "an empty mapping" if isinstance(facts, dict) else f"{type(facts).__name__} {facts!r:.60}"
+        raise StepError(f"{where}: facts must map each slot to its value, e.g. {FACTS_EXAMPLE}; got {given}. Fix it, "
+                        "or leave facts out (or null) for an example that records none")
+    for slot, value in facts.items():
+        values = fact_values(value)
+        if not slot.strip() or not values or not all(isinstance(v, str) and v.strip() for v in values):
+            raise StepError(f"{where}: facts.{slot or '(empty name)'} is {json.dumps(value)[:60]}: each slot needs a "
+                            "value as non-empty text as the dialogue says it (or a list of them, e.g. speakers), as "
+                            f"in {FACTS_EXAMPLE}")
+        missing = [v for v in values if not mentions(dialogue, v)]
+        if missing:
+            raise StepError(f"{where}: facts.{slot} {missing[0]!r} is not in the dialogue; a fact must be written as "
+                            "the dialogue states it (check its spelling and form, e.g. '2 pm' not '14:00'), or remove "
+                            "the slot")
 
 
 def make_unit(label: str, split: str | None, rows: list[Row]) -> Unit:
@@ -617,6 +649,9 @@ def main(argv: list[str] | None = None) -> int:
             "overlap_with_train": overlap_with_train(splits),
             **length_report(splits, counter, args.max_source_length, args.max_target_length),
         }
+        recorded = [record["facts"] for split in SPLITS for record in splits[split] if record.get("facts")]
+        if recorded:   # what the evaluation's fact accuracy and the gate's MinFactAccuracy will check
+            card["facts"] = {"examples": len(recorded), "slots": sorted({slot for facts in recorded for slot in facts})}
         if args.input == SYNTHETIC:
             card["unseen_in_train"] = {
                 split: unseen_in_train(splits["train"], splits[split]) for split in ("validation", "test")

@@ -35,6 +35,8 @@ CASES: list[tuple[str, str, str, str]] = [
     ("data.huge_dialogue", "Bad input", "Data", "a single 5 MB dialogue"),
     ("data.wrong_format", "Bad input", "Data", "a file that is not the format its extension says"),
     ("data.missing_s3", "Bad input", "Data", "an S3 URI that does not exist"),
+    ("data.bad_facts", "Bad input", "Data", "facts that are not a slot → value mapping, or a value the dialogue "
+                                            "does not contain"),
     ("config.unknown_key", "Bad input", "Config and CLI", "unknown keys"),
     ("config.wrong_type", "Bad input", "Config and CLI", "wrong types"),
     ("config.rank_zero", "Bad input", "Config and CLI", "LoRA rank 0 / negative values"),

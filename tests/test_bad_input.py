@@ -106,6 +106,14 @@ DATA_CASES = [   # (case, file in bad_inputs/data, what the line must say: where
                                                 "unpack it"]),
     ("data.wrong_format", "text_inside.parquet", ["text_inside.parquet: not a Parquet file (no PAR1 header), it looks "
                                                   "like JSON", "rename the file"]),
+    ("data.bad_facts", "facts_not_a_mapping.jsonl", ["facts_not_a_mapping.jsonl:2: facts must map each slot to its "
+                                                     "value, e.g. {\"speakers\": [\"Ann\", \"Bob\"]",
+                                                     "got str 'Priya, Xena, Friday, 7 pm'", "Fix it, or leave facts out"]),
+    ("data.bad_facts", "facts_value_not_text.jsonl", ["facts_value_not_text.jsonl:1: facts.time is 14",
+                                                      "value as non-empty text as the dialogue says it"]),
+    ("data.bad_facts", "facts_value_not_in_dialogue.jsonl", ["facts_value_not_in_dialogue.jsonl:3: facts.day 'Tuesday' "
+                                                             "is not in the dialogue", "check its spelling and form",
+                                                             "or remove the slot"]),
 ]
 
 
@@ -154,6 +162,23 @@ def test_an_exact_repeat_is_dropped_and_a_test_dialogue_also_in_train_is_reporte
     assert json.loads((tmp_path / "leak" / DATA_CARD).read_text())["overlap_with_train"] == {"validation": 0, "test": 1}
     reliability.record("data.duplicate_ids", f"an exact repeat: exit {repeated.returncode}, {readable(dropped)}; "
                                              f"a test dialogue also in train: exit {leak.returncode}, {overlap}")
+
+
+def test_facts_the_dialogue_states_are_kept_and_counted(tmp_path, reliability):
+    """The refused file with its wrong fact corrected: prepared, the facts kept, the data card counts them."""
+    lines = (CORPUS / "data" / "facts_value_not_in_dialogue.jsonl").read_text(encoding="utf-8").splitlines()
+    fixed = [json.loads(line) for line in lines]
+    fixed[2]["facts"]["day"] = "monday"   # the dialogue says Monday; case is not a mistake
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in fixed), encoding="utf-8")
+    result = run_step("prepare_data.py", "--input", str(data), "--output-dir", str(tmp_path / "out"))
+    card = json.loads((tmp_path / "out" / DATA_CARD).read_text())
+    assert card["facts"] == {"examples": 3, "slots": ["amount", "day", "speakers", "time"]}
+    kept = {row["id"]: row["facts"] for split in SPLITS
+            for row in map(json.loads, (tmp_path / "out" / f"{split}.jsonl").read_text().splitlines())}
+    assert kept == {row["id"]: row["facts"] for row in fixed}
+    reliability.record("data.bad_facts", f"the same file with the fact corrected: exit {result.returncode}, facts "
+                                         f"kept, data card: {card['facts']}")
 
 
 def test_a_5_mb_dialogue_is_prepared_quickly_and_its_truncation_reported(tmp_path, reliability):
