@@ -50,7 +50,7 @@ STEP_SCRIPTS = {
 }
 WIRED_FLAGS = {
     "prepare": {"input", "output_dir", "overwrite"},
-    "select": {"model", "output_dir", "data_dir", "overwrite", "dry_run", "list"},
+    "select": {"model", "output_dir", "overwrite", "dry_run", "list"},
     "finetune": {"model_dir", "data_dir", "output_dir", "checkpoint_dir", "lora_r", "lora_alpha", "overwrite"},
     "distill": {"teacher_dir", "data_dir", "output_dir", "checkpoint_dir", "overwrite"},
     "quantize": {"model_dir", "data_dir", "output_dir", "overwrite"},

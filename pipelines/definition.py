@@ -410,9 +410,8 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
 
     select = processing_step(
         NAMES.select, "select_model",
-        ["--model", p("BaseModelId"), "--data-dir", f"{PROCESSING}/input/data",
-         "--output-dir", f"{PROCESSING}/output/model", *config.step_arguments("select")],
-        inputs=[processing_input("data", data_uri)], outputs=["model"])
+        ["--model", p("BaseModelId"), "--output-dir", f"{PROCESSING}/output/model", *config.step_arguments("select")],
+        inputs=[], outputs=["model"])
 
     trainer = ModelTrainer(
         training_image=training_image, role=role_arn, sagemaker_session=pipeline_session,

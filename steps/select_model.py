@@ -2,9 +2,9 @@
 
 Where ``--model`` can point (first match wins):
 
-  tiny                         the offline stand-in: the one shipped in stepkit/standin/ (warmed up
-                               once on the synthetic dialogues; checked against its SHA256SUMS), or
-                               with --warmup-steps N, built from the prepared data (--data-dir)
+  tiny                         the offline stand-in: the one shipped in stepkit/standin/ (pretrained
+                               once on stepkit/pretraining.py's corpus; checked against its SHA256SUMS),
+                               or with --pretrain-steps N, built and pretrained here (tens of minutes)
   flan-t5-base                 a catalog name or hub id (google/flan-t5-base): downloaded from
                                the Hugging Face Hub, or built with random weights (--random-weights)
   s3://bucket/prefix/          a save_pretrained folder in S3, or a prefix holding model.tar.gz
@@ -30,7 +30,7 @@ from pathlib import Path
 
 from stepkit import catalog
 from stepkit.catalog import GIB, Budget, CatalogEntry
-from stepkit.contract import atomic_output_dir, ensure_input_dir, env_path, path_help, require_output_dir, require_path
+from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir
 from stepkit.errors import StepError, first_line, run_step
 from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, extract_safely, find_model_root,
                               load_model_and_tokenizer, path_inside, read_model_card, save_model)
@@ -70,12 +70,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="weight dtype to save, and to assume in memory budgets (default: float32)")
     parser.add_argument("--output-dir", default=env_path("SM_MODEL_DIR"),
                         help=path_help("where to write the model folder", "SM_MODEL_DIR"))
-    parser.add_argument("--data-dir", default=env_path("SM_CHANNEL_TRAIN"),
-                        help=path_help("prepared data (prepare_data.py output); only for --model tiny", "SM_CHANNEL_TRAIN"))
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and the tiny model (default: 0)")
-    parser.add_argument("--warmup-steps", type=int, help="--model tiny: build the stand-in from --data-dir with this "
-                                                         "many warm-up steps (default: the shipped stand-in, "
-                                                         "built with 400)")
+    parser.add_argument("--pretrain-steps", type=int, help="--model tiny: build the stand-in and pretrain it for this "
+                                                           "many steps of 32 examples (default: the shipped stand-in, "
+                                                           "pretrained with the same code)")
     budget = parser.add_argument_group("budget (choose the largest Flan-T5 size that fits every limit given)")
     budget.add_argument("--max-params", type=_count, help="parameter budget, e.g. 300M or 3B")
     budget.add_argument("--max-memory-gb", type=float, help="budget for the weights in --dtype, in GiB (2^30 bytes)")
@@ -277,22 +275,21 @@ def download_from_hub(entry: CatalogEntry, dtype: str, revision: str):
 
 
 def build_tiny(args: argparse.Namespace):
-    """The shipped stand-in, or with --warmup-steps one built from --data-dir (tokenizer, model, warm-up)."""
+    """The shipped stand-in, or with --pretrain-steps one built here (tokenizer, model, pretraining)."""
     from stepkit import tiny
 
-    if args.warmup_steps is None:
+    if args.pretrain_steps is None:
         folder = tiny.check_standin()
         model, tokenizer = load_model_and_tokenizer(folder)
         shipped = read_model_card(folder)
-        print(f"[tiny] the shipped stand-in ({folder}, checked against its {tiny.CHECKSUMS}); --warmup-steps N "
-              "builds one from --data-dir instead")
+        print(f"[tiny] the shipped stand-in ({folder}, checked against its {tiny.CHECKSUMS}); --pretrain-steps N "
+              "builds one instead")
         return model, tokenizer, {**{key: value for key, value in shipped.items() if key not in ("source", "step")},
                                   "weights": "shipped stand-in (stepkit/standin)", "benchmark_only": False,
                                   "shipped": {"folder": "stepkit/standin", "recipe": tiny.STANDIN_RECIPE,
                                               "sha256": tiny.file_sha256(folder / "model.safetensors")}}
-    data_dir = Path(args.data_dir)  # checked before the output folder was created
-    model, tokenizer, card = tiny.build_tiny_foundation(data_dir, seed=args.seed, warmup_steps=args.warmup_steps)
-    return model, tokenizer, {"weights": "warm-up (tiny)", "benchmark_only": False, **card}
+    model, tokenizer, card = tiny.build_tiny_foundation(seed=args.seed, pretrain_steps=args.pretrain_steps)
+    return model, tokenizer, {"weights": "pretrained here (tiny)", "benchmark_only": False, **card}
 
 
 def load_local(source: Source, work_dir: Path, dtype: str):
@@ -424,10 +421,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dry run: would take {source.kind} model {source.uri}")
         return 0
 
+    if args.pretrain_steps is not None and (source.kind != "tiny" or args.pretrain_steps < 1):
+        raise StepError(f"--pretrain-steps {args.pretrain_steps}: builds the stand-in (--model tiny) and needs at "
+                        f"least 1 step; drop it to take {'the shipped stand-in' if source.kind == 'tiny' else args.model}")
     output_dir = require_output_dir(args.output_dir, "--output-dir", args.overwrite, "SM_MODEL_DIR")
-    if source.kind == "tiny" and args.warmup_steps is not None:   # built from the data, not the shipped one
-        data_dir = require_path(args.data_dir, "--data-dir", "SM_CHANNEL_TRAIN")
-        ensure_input_dir(data_dir, "--data-dir", must_contain=("train.jsonl", "validation.jsonl"))
     if source.kind in ("hub", "random"):
         check_room_to_build(source.entry, args.dtype, "downloading" if source.kind == "hub" else "building")
     configure_runtime()

@@ -66,7 +66,6 @@ def dialogsum_dir() -> Path:
     return folder
 
 
-WARMUP_STEPS = "300"
 LORA_STEPS = "300"
 
 
@@ -88,8 +87,7 @@ def chain(tmp_path_factory):
     data, model, tuned, evaluation = (root / name for name in ("data", "model", "finetuned", "evaluation"))
     run_step("prepare_data.py", "--input", "synthetic", "--output-dir", str(data), "--seed", "0",
              "--test-size", "100")
-    run_step("select_model.py", "--model", "tiny", "--data-dir", str(data), "--output-dir", str(model),
-             "--warmup-steps", WARMUP_STEPS)
+    run_step("select_model.py", "--model", "tiny", "--output-dir", str(model))
     finetune = run_step("finetune_lora.py", "--model-dir", str(model), "--data-dir", str(data), "--output-dir", str(tuned),
                         "--lora-r", "16", "--lora-alpha", "16", "--target-modules", "all-linear",
                         "--learning-rate", "5e-3", "--max-steps", LORA_STEPS, "--eval-steps", "100")

@@ -94,7 +94,7 @@ def test_synthetic_data_card(synthetic_run):
     assert card["token_lengths"]["train"]["source"]["p50"] > card["token_lengths"]["train"]["target"]["max"]
     for split in ("validation", "test"):  # held-out combinations the model never saw in training
         assert 0 < card["unseen_in_train"][split]["intent_day_pair"] < 1
-        assert 0 < card["unseen_in_train"][split]["speaker_name"] < 1
+        assert card["unseen_in_train"][split]["speaker_name"] == card["unseen_in_train"][split]["amount"] == 1.0
 
 
 def test_same_seed_gives_identical_files_and_another_seed_does_not(tmp_path):

@@ -323,17 +323,9 @@ def test_s3_missing_prefix_or_bucket_is_a_clear_error(s3, tmp_path, capsys, uri,
 
 
 def test_tiny_end_to_end(tmp_path):
-    """Needs stepkit/tiny.py (built from the prepared data): a short warm-up keeps this quick."""
-    from stepkit.records import split_path, write_jsonl
-    from stepkit.synthetic import generate_splits
-
-    data = tmp_path / "data"
-    data.mkdir()
-    for split, rows in generate_splits({"train": 64, "validation": 16, "test": 16}, seed=0).items():
-        write_jsonl(split_path(data, split), rows)
+    """--pretrain-steps builds the stand-in from the pretraining corpus: a few steps keep this quick."""
     out = tmp_path / "out"
-    run_step("select_model.py", "--model", "tiny", "--data-dir", str(data), "--warmup-steps", "3",
-             "--output-dir", str(out))
+    run_step("select_model.py", "--model", "tiny", "--pretrain-steps", "3", "--output-dir", str(out))
     card = read_model_card(out)
     assert card["base_model"] == "tiny" and card["source"]["kind"] == "tiny"
     model, tokenizer = load_model_and_tokenizer(out)

@@ -13,7 +13,8 @@ from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, is_complete
 from stepkit.errors import StepError
 from stepkit.metrics import best_constant_output, fact_accuracy, rouge
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
-from stepkit.synthetic import generate_splits, unseen_in_train
+from stepkit.pretraining import corpus_pairs
+from stepkit.synthetic import CITIES, FIRST_NAMES, SURNAMES, generate_splits, unseen_in_train
 from stepkit.tiny import span_corrupt, train_tokenizer
 from stepkit.catalog import CATALOG, GIB, T5Dims
 from stepkit.training import (MAX_EVAL_BATCH_SIZE, Encoded, TrainSettings, activation_bytes, encode_pairs,
@@ -74,7 +75,7 @@ def test_synthetic_held_out_splits_contain_unseen_intent_day_pairs():
     assert len(unseen) >= 10
     shares = unseen_in_train(splits["train"], splits["test"])
     assert shares["intent_day_pair"] == pytest.approx(len(unseen) / 80, abs=1e-4)
-    assert 0 < shares["speaker_name"] < 1
+    assert shares["speaker_name"] == 1.0
     assert generate_splits({"train": 5, "validation": 1, "test": 1}, seed=3) == \
         generate_splits({"train": 5, "validation": 1, "test": 1}, seed=3)
 
@@ -114,6 +115,46 @@ def test_tiny_tokenizer_keeps_t5_special_ids_and_round_trips_amounts(small_token
     ids = small_tokenizer(text)["input_ids"]
     assert ids[-1] == 1
     assert small_tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_tiny_tokenizer_spells_any_name_and_splits_digits(small_tokenizer):
+    """A held-out name must be copyable piece by piece (no <unk>), and an amount digit by digit."""
+    for text in ("Ximena Okafor paid $2119", "Zyqwux"):
+        pieces = small_tokenizer.tokenize(text)
+        assert "<unk>" not in pieces and small_tokenizer.convert_tokens_to_string(pieces) == text
+    assert [p for p in small_tokenizer.tokenize("$2119") if p.strip("▁")][-4:] == ["2", "1", "1", "9"]
+
+
+def test_synthetic_held_out_splits_use_only_values_train_never_has():
+    splits = generate_splits({"train": 600, "validation": 60, "test": 120}, seed=5)
+    train_facts = [row["facts"] for row in splits["train"]]
+    for slot in ("amount", "place", "city"):
+        seen = {facts[slot] for facts in train_facts if slot in facts}
+        held = [row["facts"][slot] for row in splits["test"] if slot in row["facts"]]
+        assert held and not seen & set(held), slot
+    seen_names = {name for facts in train_facts for name in facts["speakers"]}
+    assert not seen_names & {name for row in splits["test"] for name in row["facts"]["speakers"]}
+    shares = unseen_in_train(splits["train"], splits["test"])
+    assert shares["speaker_name"] == shares["amount"] == 1.0 and 0.3 < shares["time"] < 1
+
+
+def test_synthetic_summaries_state_every_recorded_fact_and_the_dialogue_gives_it():
+    for split in generate_splits({"train": 300, "test": 100}, seed=2).values():
+        for row in split:
+            for value in (v for values in row["facts"].values() for v in (values if isinstance(values, list) else [values])):
+                assert all(value in reference for reference in row["references"]) and value in row["dialogue"], row["id"]
+
+
+def test_pretraining_corpus_invents_its_names_and_answers_from_the_text():
+    pairs = corpus_pairs(400, seed=0)
+    assert {pair.task for pair in pairs} == {"infill", "corrupt", "question"}
+    evaluation_names = set(FIRST_NAMES) | set(SURNAMES) | set(CITIES)
+    text = " ".join(pair.source for pair in pairs)
+    assert not {word.strip(".,?!'s") for word in text.split()} & evaluation_names
+    for pair in pairs:
+        if pair.task == "question":
+            assert pair.target and pair.target.split(" and ")[0] in pair.source.split("Question:")[0]
+        assert "Summary:" not in pair.source     # never the downstream task
 
 
 def test_encode_pairs_counts_truncations_instead_of_hiding_them(small_tokenizer):

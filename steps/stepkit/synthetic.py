@@ -6,9 +6,10 @@ a rejected first offer as a distractor value) and summaries come in several phra
 of which are kept as references. ``facts`` lists the slot values the summary states, so an
 evaluation can check whether a model got the speakers and values right, not just the template.
 
-Held-out combinations: a fixed share of (intent, day) pairs and of first names never occur
-in the train split; the validation and test splits are drawn with them, so they contain
-combinations the model has never seen.
+Held out, so that stating a fact means copying it from the dialogue (see HoldOut): validation
+and test use only names, surnames, restaurants and cities that train never has, never an amount
+train has, clock times train never has half the time, and (intent, day) pairs train never has
+half the time.
 """
 from __future__ import annotations
 
@@ -16,19 +17,38 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+# Held-out splits draw their names, places and cities from shares of these pools that train never
+# uses (HoldOut), so a model that states them must have copied them from the dialogue.
 FIRST_NAMES = (
     "Anna", "Ben", "Carla", "David", "Elena", "Frank", "Grace", "Hugo", "Irene", "Jack",
     "Karen", "Leo", "Maria", "Nick", "Olivia", "Paul", "Quinn", "Rosa", "Sam", "Tina",
     "Umar", "Vera", "Will", "Xena", "Yusuf", "Zoe", "Amir", "Bella", "Chen", "Dana",
     "Emil", "Fiona", "Gita", "Hank", "Ines", "Jonas", "Kira", "Lars", "Mei", "Nora",
     "Oscar", "Priya", "Raj", "Sofia", "Tom", "Uma", "Victor", "Wendy", "Yara", "Ziggy",
+    "Adele", "Boris", "Celia", "Dmitri", "Esther", "Felix", "Greta", "Hamid", "Ivy", "Jorge",
+    "Keiko", "Luis", "Marta", "Nadia", "Omar", "Petra", "Ravi", "Sara", "Theo", "Ursula",
+    "Vikram", "Wanda", "Yosef", "Zara", "Aiko", "Bruno", "Chloe", "Diego", "Eva", "Farah",
+    "Gustav", "Hana", "Igor", "Julia", "Kofi", "Lena", "Mateo", "Nina", "Otto", "Pablo",
+    "Rhea", "Stefan", "Tariq", "Ulla", "Vince", "Wei", "Ximena", "Yuki", "Zane", "Alma",
+)
+SURNAMES = (  # the name a booking is made under
+    "Johnson", "Smith", "Garcia", "Miller", "Brown", "Lopez", "Wilson", "Nakamura", "Kowalski", "Okafor",
+    "Schmidt", "Rossi", "Dubois", "Novak", "Jensen", "Patel", "Kim", "Silva", "Murphy", "Fischer",
+    "Larsen", "Moreau", "Costa", "Tanaka", "Ivanova", "Becker", "Hughes", "Romero", "Sato", "Walsh",
 )
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 HOURS = ("8", "9", "10", "11", "12", "1", "2", "3", "4", "5", "6", "7")
 MINUTES = ("00", "15", "30", "45")
-RESTAURANTS = ("Luigi's", "the Golden Dragon", "Blue Harbor", "Casa Verde", "the Corner Bistro")
+RESTAURANTS = (
+    "Luigi's", "the Golden Dragon", "Blue Harbor", "Casa Verde", "the Corner Bistro", "Chez Marcel",
+    "the Olive Tree", "Sakura House", "the Red Lantern", "Bella Napoli", "the Green Fig", "Taj Palace",
+    "the Salty Dog", "Cafe Aurora", "the Copper Pot", "Little Lisbon", "the Silver Spoon", "El Toro",
+)
 ITEMS = ("jacket", "laptop", "coffee maker", "pair of shoes", "phone", "lamp", "backpack", "watch")
-CITIES = ("Boston", "Denver", "Chicago", "Seattle", "Madrid", "Tokyo", "Lisbon", "Toronto")
+CITIES = (
+    "Boston", "Denver", "Chicago", "Seattle", "Madrid", "Tokyo", "Lisbon", "Toronto", "Dublin", "Oslo",
+    "Vienna", "Prague", "Nairobi", "Lima", "Sydney", "Athens", "Cairo", "Montreal", "Warsaw", "Dallas",
+)
 SUBJECTS = ("history", "chemistry", "math", "biology", "economics", "French")
 REPAIRS = ("heater", "kitchen sink", "front door lock", "washing machine", "window")
 COUNTS = ("two", "three", "four", "five", "six")
@@ -55,9 +75,10 @@ class Scenario:
 
     topic: str
     intent: str
-    fact_slots: tuple[str, ...]  # slots a summary states (beside the two names)
+    fact_slots: tuple[str, ...]  # slots every summary states (beside the speakers)
     turns: Callable[[Slots, random.Random], list[tuple[int, str]]]  # (speaker 1|2, text)
     summaries: tuple[str, ...]
+    speakers: tuple[str, ...] = ("name1", "name2")  # the names the dialogue gives, in summary order
 
 
 def _pick(rng: random.Random, *options: str) -> str:
@@ -88,6 +109,17 @@ def _restaurant_booking(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
         *_offer_then_settle(rng, s, "? We have a few tables left."),
         (1, f"{s['day']}, please, at {s['time']}."),
         (2, f"A table for {s['count']} on {s['day']} at {s['time']}. That's booked, {s['name1']}."),
+    ]
+
+
+def _restaurant_booking_by_name(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
+    """A booking where only the caller's surname is given, last, and the restaurant is not named."""
+    when = _pick(rng, f"at {s['time']} on {s['day']}", f"on {s['day']} at {s['time']}")
+    return [
+        (1, f"Hi, I'd like to {_pick(rng, 'book', 'reserve')} a table for {s['count']} {when}."),
+        (2, _pick(rng, "Sure, under what name?", "Of course. What name is it under?", "Certainly, may I have your name?")),
+        (1, _pick(rng, f"{s['name1']}.", f"It's {s['name1']}.", f"{s['name1']}, please.")),
+        *([(2, f"Thank you, {s['name1']}. See you on {s['day']}.")] if rng.random() < 0.5 else []),
     ]
 
 
@@ -254,13 +286,17 @@ def _hotel(s: Slots, rng: random.Random) -> list[tuple[int, str]]:
 
 
 SCENARIOS = (
-    Scenario("restaurant", "book_table", ("day", "time"), _restaurant_booking, (
-        "{name1} books a table for {count} at {place} on {day} at {time}.",
+    Scenario("restaurant", "book_table", ("count", "place", "day", "time"), _restaurant_booking, (
+        "{name1} books a table for {count} at {place} with {name2} on {day} at {time}.",
         "{name1} calls {place} and {name2} reserves a table for {count} on {day} at {time}.",
     )),
-    Scenario("restaurant", "cancel_reservation", ("day", "time"), _restaurant_cancel, (
-        "{name1} cancels the reservation at {place} for {day} at {time}.",
-        "{name1} asks {name2} to cancel the {day} reservation at {time}.",
+    Scenario("restaurant", "book_table", ("count", "day", "time"), _restaurant_booking_by_name, (
+        "{name1} books a table for {count} on {day} at {time}.",
+        "{name1} reserves a table for {count} at {time} on {day}.",
+    ), speakers=("name1",)),
+    Scenario("restaurant", "cancel_reservation", ("place", "day", "time"), _restaurant_cancel, (
+        "{name1} tells {name2} to cancel the reservation at {place} for {day} at {time}.",
+        "{name1} asks {name2} to cancel the {day} reservation at {place} at {time}.",
     )),
     Scenario("health", "doctor_appointment", ("day", "time", "amount"), _doctor_appointment, (
         "{name1} makes an appointment with Dr. {name2} on {day} at {time} about the {ailment}. It costs {amount}.",
@@ -274,11 +310,11 @@ SCENARIOS = (
         "{name1} returns a {item} bought on {day} and {name2} refunds {amount}.",
         "{name2} refunds {name1} {amount} for the {item} bought on {day}.",
     )),
-    Scenario("travel", "book_flight", ("day", "time", "amount"), _flight_booking, (
+    Scenario("travel", "book_flight", ("city", "day", "time", "amount"), _flight_booking, (
         "{name1} books a flight to {city} on {day} at {time} for {amount} with {name2}.",
         "{name2} books {name1} a flight to {city} on {day} at {time}; it costs {amount}.",
     )),
-    Scenario("travel", "change_flight", ("day", "time", "amount"), _flight_change, (
+    Scenario("travel", "change_flight", ("city", "day", "time", "amount"), _flight_change, (
         "{name1} changes the flight to {city} to {day} at {time}. {name2} charges a {amount} fee.",
         "{name2} moves {name1}'s flight to {city} to {day} at {time} for a fee of {amount}.",
     )),
@@ -306,7 +342,7 @@ SCENARIOS = (
         "{name2} tells {name1} the {subject} exam is on {day} at {time}. They will study together.",
         "{name1} and {name2} will study for the {subject} exam on {day} at {time}.",
     )),
-    Scenario("social", "invite_party", ("day", "time"), _party, (
+    Scenario("social", "invite_party", ("place", "day", "time"), _party, (
         "{name1} invites {name2} to a birthday party at {place} on {day} at {time}.",
         "{name2} will come to {name1}'s birthday party at {place} on {day} at {time}.",
     )),
@@ -314,9 +350,9 @@ SCENARIOS = (
         "{name2} tells {name1} the car repair costs {amount}. The car will be ready on {day} at {time}.",
         "{name1}'s car will be repaired for {amount} and ready on {day} at {time}, says {name2}.",
     )),
-    Scenario("travel", "book_hotel", ("count", "day", "amount"), _hotel, (
+    Scenario("travel", "book_hotel", ("city", "count", "day", "amount"), _hotel, (
         "{name1} books a room in {city} with {name2} for {count} nights from {day} at {amount} per night.",
-        "{name2} books {name1} a room for {count} nights from {day}; it is {amount} per night.",
+        "{name2} books {name1} a room in {city} for {count} nights from {day}; it is {amount} per night.",
     )),
 )
 
@@ -324,41 +360,65 @@ AILMENTS = ("back pain", "cough", "headaches", "sore knee", "rash")
 PROJECTS = ("budget", "website", "marketing", "hiring", "Alpha", "data")
 
 
+ALL_TIMES = tuple(f"{hour} {'am' if hour in ('8', '9', '10', '11') else 'pm'}" if minute == "00" else
+                  f"{hour}:{minute} {'am' if hour in ('8', '9', '10', '11') else 'pm'}"
+                  for hour in HOURS for minute in MINUTES)
+
+
 def _amount(rng: random.Random) -> str:
     whole = rng.choice((rng.randint(5, 99), rng.randint(100, 999), rng.randint(1000, 2500)))
     return f"${whole}" if rng.random() < 0.6 else f"${whole}.{rng.choice(('50', '99', '25', '75'))}"
 
 
-def _time(rng: random.Random) -> str:
-    hour = rng.choice(HOURS)
-    suffix = "am" if hour in ("8", "9", "10", "11") else "pm"
-    minute = rng.choice(MINUTES)
-    return f"{hour} {suffix}" if minute == "00" else f"{hour}:{minute} {suffix}"
+def _split_pool(rng: random.Random, pool: tuple[str, ...], share: float) -> tuple[list[str], list[str]]:
+    held = set(rng.sample(pool, max(2, round(len(pool) * share))))
+    return [v for v in pool if v not in held], [v for v in pool if v in held]
+
+
+@dataclass(frozen=True)
+class Pools:
+    """The values one side of the split draws its slots from."""
+
+    names: list[str]
+    surnames: list[str]
+    places: list[str]
+    cities: list[str]
+    times: list[str]
 
 
 @dataclass(frozen=True)
 class HoldOut:
-    """What the train split never sees: some (intent, day) pairs and some first names."""
+    """What the train split never sees.
+
+    Names, surnames, restaurants and cities: held-out splits use only the held-out share, so every
+    speaker and place there is new. Times: a held-out share of the 48 clock times, which held-out
+    splits use half the time. Days: some (intent, day) pairs (there are only seven days).
+    Amounts: a held-out split never repeats an amount that train has.
+    """
 
     pairs: frozenset[tuple[str, str]]
-    names: frozenset[str]
+    train: Pools
+    held: Pools
 
     @classmethod
-    def draw(cls, rng: random.Random, pair_share: float = 0.2, name_share: float = 0.15) -> "HoldOut":
-        pairs = sorted((sc.intent, day) for sc in SCENARIOS for day in DAYS)
+    def draw(cls, rng: random.Random, pair_share: float = 0.2, value_share: float = 0.35) -> "HoldOut":
+        pairs = sorted({(sc.intent, day) for sc in SCENARIOS for day in DAYS})
         held_pairs = rng.sample(pairs, max(1, round(len(pairs) * pair_share)))
-        held_names = rng.sample(FIRST_NAMES, max(1, round(len(FIRST_NAMES) * name_share)))
-        return cls(frozenset(held_pairs), frozenset(held_names))
+        sides = [_split_pool(rng, pool, value_share) for pool in (FIRST_NAMES, SURNAMES, RESTAURANTS, CITIES)]
+        train_times, held_times = _split_pool(rng, ALL_TIMES, 0.25)
+        train = Pools(*(side[0] for side in sides), train_times)
+        held = Pools(*(side[1] for side in sides), held_times)
+        return cls(frozenset(held_pairs), train, held)
 
 
-def _slots(rng: random.Random, names: list[str], days: list[str]) -> Slots:
-    name1, name2 = rng.sample(names, 2)
+def _slots(rng: random.Random, pools: Pools, days: list[str], times: list[str], new_amount: Callable[[], str]) -> Slots:
+    name1, name2 = rng.sample(pools.names, 2)
     day = rng.choice(days)
     slots = {
-        "name1": name1, "name2": name2, "day": day, "time": _time(rng), "amount": _amount(rng),
-        "count": rng.choice(COUNTS), "place": rng.choice(RESTAURANTS), "item": rng.choice(ITEMS),
-        "city": rng.choice(CITIES), "subject": rng.choice(SUBJECTS), "repair": rng.choice(REPAIRS),
-        "ailment": rng.choice(AILMENTS), "project": rng.choice(PROJECTS),
+        "name1": name1, "name2": name2, "day": day, "time": rng.choice(times), "amount": new_amount(),
+        "count": rng.choice(COUNTS), "place": rng.choice(pools.places), "item": rng.choice(ITEMS),
+        "city": rng.choice(pools.cities), "subject": rng.choice(SUBJECTS), "repair": rng.choice(REPAIRS),
+        "ailment": rng.choice(AILMENTS), "project": rng.choice(PROJECTS), "surname": rng.choice(pools.surnames),
     }
     if rng.random() < 0.4:  # a rejected first offer: a distractor day the summary must not use
         slots["other_day"] = rng.choice([d for d in DAYS if d != day])
@@ -379,11 +439,14 @@ def _render(scenario: Scenario, slots: Slots, rng: random.Random) -> tuple[str, 
     return dialogue, summaries[first:] + summaries[:first]
 
 
-def generate_example(rng: random.Random, example_id: str, names: list[str], days_for: Callable[[str], list[str]]) -> dict:
+def generate_example(rng: random.Random, example_id: str, pools: Pools, days_for: Callable[[str], list[str]],
+                     times: list[str], new_amount: Callable[[], str]) -> dict:
     scenario = rng.choice(SCENARIOS)
-    slots = _slots(rng, names, days_for(scenario.intent))
+    slots = _slots(rng, pools, days_for(scenario.intent), times, new_amount)
+    if scenario.speakers == ("name1",):     # booked under a surname
+        slots["name1"] = slots["surname"]
     dialogue, references = _render(scenario, slots, rng)
-    facts = {"speakers": [slots["name1"], slots["name2"]]}
+    facts = {"speakers": [slots[speaker] for speaker in scenario.speakers]}
     facts.update({slot: slots[slot] for slot in scenario.fact_slots})
     return {
         "id": example_id,
@@ -397,14 +460,25 @@ def generate_example(rng: random.Random, example_id: str, names: list[str], days
 
 
 def generate_splits(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
-    """Generate every split; train avoids the held-out pairs and names, the others favour them.
+    """Generate every split; train avoids every held-out value, the other splits are made of them.
 
-    Validation and test draw half their examples from held-out (intent, day) pairs and use the
-    full name pool, so they contain combinations never seen in training.
+    Validation and test take their names, surnames, restaurants and cities only from the held-out
+    pools, never repeat an amount train has, use held-out clock times half the time, and draw half
+    their examples from held-out (intent, day) pairs.
     """
     rng = random.Random(seed)
     hold_out = HoldOut.draw(rng)
-    train_names = [n for n in FIRST_NAMES if n not in hold_out.names]
+    train_amounts: set[str] = set()
+
+    def train_amount() -> str:
+        amount = _amount(rng)
+        train_amounts.add(amount)
+        return amount
+
+    def held_amount() -> str:
+        while (amount := _amount(rng)) in train_amounts:
+            pass
+        return amount
 
     def train_days(intent: str) -> list[str]:
         return [d for d in DAYS if (intent, d) not in hold_out.pairs] or list(DAYS)
@@ -414,18 +488,34 @@ def generate_splits(sizes: dict[str, int], seed: int) -> dict[str, list[dict]]:
         return held if held and rng.random() < 0.5 else list(DAYS)
 
     splits: dict[str, list[dict]] = {}
-    for split, size in sizes.items():
-        names, days = (train_names, train_days) if split == "train" else (list(FIRST_NAMES), held_days)
-        splits[split] = [generate_example(rng, f"synthetic-{split}-{i:05d}", names, days) for i in range(size)]
-    return splits
+    # train first, so that held-out amounts can avoid every train amount
+    for split in sorted(sizes, key=lambda name: name != "train"):
+        if split == "train":
+            make = lambda i: generate_example(rng, f"synthetic-{split}-{i:05d}", hold_out.train, train_days,  # noqa: E731
+                                              hold_out.train.times, train_amount)
+        else:
+            make = lambda i: generate_example(  # noqa: E731
+                rng, f"synthetic-{split}-{i:05d}", hold_out.held, held_days,
+                hold_out.held.times if rng.random() < 0.5 else list(ALL_TIMES), held_amount)
+        splits[split] = [make(i) for i in range(sizes[split])]
+    return {split: splits[split] for split in sizes}
+
+
+FACT_VALUE_SLOTS = ("day", "time", "amount", "place", "city", "count")
 
 
 def unseen_in_train(train: list[dict], held_out: list[dict]) -> dict[str, float]:
-    """Shares of held-out examples with an (intent, day) pair, or a speaker name, that train never has."""
+    """Shares of held-out examples whose (intent, day) pair, speaker names or slot values train never has."""
     seen_pairs = {(row.get("intent"), row["facts"].get("day")) for row in train}
     seen_names = {name for row in train for name in row["facts"]["speakers"]}
+    seen_values = {slot: {row["facts"][slot] for row in train if slot in row["facts"]} for slot in FACT_VALUE_SLOTS}
     count = max(1, len(held_out))
-    return {
+    shares = {
         "intent_day_pair": round(sum((r.get("intent"), r["facts"].get("day")) not in seen_pairs for r in held_out) / count, 4),
         "speaker_name": round(sum(any(n not in seen_names for n in r["facts"]["speakers"]) for r in held_out) / count, 4),
     }
+    for slot, seen in seen_values.items():
+        having = [r["facts"][slot] for r in held_out if slot in r["facts"]]
+        if having:
+            shares[slot] = round(sum(value not in seen for value in having) / len(having), 4)
+    return shares

@@ -17,6 +17,7 @@ dates wrong); rebuilding the whole text reached ROUGE-L 72 with the day right 87
 from __future__ import annotations
 
 import hashlib
+import string
 import random
 import tempfile
 from pathlib import Path
@@ -24,7 +25,7 @@ from typing import Callable
 
 from .catalog import untie_lm_head
 from .prompt import PROMPT_TEMPLATE
-from .records import read_split
+from .pretraining import CORRUPT_PROMPT, INFILL_PROMPT, QUESTION_PROMPT, Pair, corpus_pairs
 from .training import Encoded, TrainSettings, evaluation_loss, train_seq2seq
 
 # d_model 128, d_ff 512, 2+2 layers, 4 heads: about 1.4M parameters, a usable pace on 2 cores.
@@ -46,16 +47,15 @@ TINY_VOCAB_SIZE = 1800
 SENTINELS = 32  # <extra_id_0..31>, T5's span-corruption markers
 SPECIAL_TOKENS = ("<pad>", "</s>", "<unk>")  # ids 0, 1, 2 as in T5
 MAX_LENGTH = 512
-DEFAULT_WARMUP_STEPS = 400  # x 32 examples: about 1.6 passes over the warm-up texts
+DEFAULT_PRETRAIN_STEPS = 4000  # x 32 examples, each one new
 # The stand-in as shipped: select_model.py's output for the recipe below, so that a run starts from
 # it instead of spending minutes on the warm-up. The SHA256SUMS beside it is checked on every load.
 STANDIN_DIR = Path(__file__).resolve().parent / "standin"
 CHECKSUMS = "SHA256SUMS"
 CHECKED_FILES = ("model.safetensors", "tokenizer.json", "config.json")
 STANDIN_RECIPE = (
-    "python steps/prepare_data.py --input synthetic --seed 0 --output-dir /tmp/standin-data && "
-    f"python steps/select_model.py --model tiny --data-dir /tmp/standin-data --seed 0 --warmup-steps "
-    f"{DEFAULT_WARMUP_STEPS} --output-dir steps/stepkit/standin --overwrite && "
+    f"python steps/select_model.py --model tiny --seed 0 --pretrain-steps {DEFAULT_PRETRAIN_STEPS} "
+    "--output-dir steps/stepkit/standin --overwrite && "
     "python -c \"import sys; sys.path.insert(0, 'steps'); from stepkit.tiny import write_checksums; write_checksums()\""
 )
 
@@ -67,12 +67,12 @@ def train_tokenizer(texts: list[str], vocab_size: int = TINY_VOCAB_SIZE):
 
     core = Tokenizer(models.Unigram())
     core.normalizer = normalizers.NFKC()
-    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    # Digits are single pieces, so that an amount or a time is copied digit by digit whatever its value.
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Metaspace(), pre_tokenizers.Digits(individual_digits=True)])
     core.decoder = decoders.Metaspace()
-    # Digits stay single pieces so that amounts and times are copied digit by digit.
     trainer = trainers.UnigramTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
                                       unk_token="<unk>", max_piece_length=12,  # nosec B106 # a special token
-                                      initial_alphabet=list("0123456789$:.,'"))
+                                      initial_alphabet=list("0123456789$:.,'#" + string.ascii_letters))
     core.train_from_iterator(texts, trainer)
     core.post_processor = processors.TemplateProcessing(single="$A </s>", pair="$A </s> $B </s>",
                                                         special_tokens=[("</s>", 1)])
@@ -127,78 +127,99 @@ def span_corrupt(ids: list[int], sentinel_ids: list[int], eos_id: int, rng: rand
     return source + [eos_id], target + [eos_id]
 
 
-def infilling_examples(tokenizer, texts: list[str], seed: int) -> Encoded:
-    """BART-style text infilling: spans of each text masked with sentinels; the target is the whole text."""
+def encode_pretraining(tokenizer, pairs: list[Pair], seed: int) -> Encoded:
+    """Token ids for the corpus's tasks; infilling and span corruption are masked here, with T5's sentinels."""
     rng = random.Random(seed)
     sentinel_ids = tokenizer.convert_tokens_to_ids([f"<extra_id_{i}>" for i in range(SENTINELS)])
     eos = tokenizer.eos_token_id
+    prompts = {task: [tokenizer(part, add_special_tokens=False)["input_ids"] for part in template.split("{text}")]
+               for task, template in (("infill", INFILL_PROMPT), ("corrupt", CORRUPT_PROMPT))}
+    texts = tokenizer([pair.source for pair in pairs], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([pair.target for pair in pairs], add_special_tokens=True)["input_ids"]
     features = []
-    for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
-        ids = ids[: MAX_LENGTH - 1]
-        if len(ids) < 4:
-            continue
-        source, _ = span_corrupt(ids, sentinel_ids, eos, rng)
-        features.append({"input_ids": source, "attention_mask": [1] * len(source), "labels": ids + [eos]})
-    rng.shuffle(features)
+    for pair, ids, answer in zip(pairs, texts, answers):
+        if pair.task == "question":
+            source, target = ids + [eos], answer
+        else:
+            ids = ids[: MAX_LENGTH - 40]   # room for the instruction
+            if len(ids) < 4:
+                continue
+            corrupted, spans = span_corrupt(ids, sentinel_ids, eos, rng)
+            before, after = prompts[pair.task]
+            source = before + corrupted[:-1] + after + [eos]
+            target = ids + [eos] if pair.task == "infill" else spans
+        features.append({"input_ids": source, "attention_mask": [1] * len(source), "labels": target})
     return Encoded(features=features)
 
 
-def turn_windows(dialogues: list[str], turns_per_window: int = 3) -> list[str]:
-    """Short runs of consecutive turns: cheap to rebuild, and they keep who-says-what together."""
-    windows = []
-    for dialogue in dialogues:
-        turns = [turn for turn in dialogue.splitlines() if turn.strip()]
-        windows += ["\n".join(turns[i:i + turns_per_window]) for i in range(0, len(turns), turns_per_window)]
-    return windows
+def copying_accuracy(model, tokenizer, count: int = 100, seed: int = 0) -> float:
+    """Exact answers to "What is the name of #Person1#?" on evaluation-generator dialogues: names pretraining never saw."""
+    import torch
+
+    from .synthetic import generate_splits
+
+    rows = generate_splits({"test": count}, seed)["test"]
+    prompts = [QUESTION_PROMPT.format(text=row["dialogue"], question="What is the name of #Person1#?") for row in rows]
+    model.eval()
+    right = 0
+    with torch.no_grad():
+        for start in range(0, count, 25):
+            batch = tokenizer(prompts[start:start + 25], return_tensors="pt", padding=True)
+            answers = tokenizer.batch_decode(model.generate(**batch, max_new_tokens=12), skip_special_tokens=True)
+            right += sum(answer.strip() == row["facts"]["speakers"][0] for answer, row in zip(answers, rows[start:start + 25]))
+    return right / count
 
 
-def build_tiny_foundation(data_dir: Path, seed: int = 0, warmup_steps: int | None = None,
-                          progress: Callable[[str], None] = print, batch_size: int = 32,
-                          learning_rate: float = 3e-3):
-    """Tokenizer + model + warm-up from the prepared data in ``data_dir``; returns (model, tokenizer, card)."""
-    train_rows = read_split(data_dir, "train")
-    validation_rows = read_split(data_dir, "validation")
-    dialogues = [row["dialogue"] for row in train_rows]
-    summaries = [row["summary"] for row in train_rows]
-    template_text = PROMPT_TEMPLATE.format(dialogue="")
-    progress(f"[tiny] training a {TINY_VOCAB_SIZE}-piece Unigram tokenizer on {len(train_rows)} train dialogues and summaries")
-    tokenizer = train_tokenizer(dialogues + summaries + [template_text] * 10)
+def build_tiny_foundation(seed: int = 0, pretrain_steps: int | None = None, progress: Callable[[str], None] = print,
+                          batch_size: int = 32, learning_rate: float = 3e-3):
+    """Tokenizer + model + pretraining on the synthetic corpus (stepkit.pretraining); returns (model, tokenizer, card)."""
+    steps = pretrain_steps if pretrain_steps is not None else DEFAULT_PRETRAIN_STEPS
+    pairs = corpus_pairs(steps * batch_size, seed)
+    held_out_pairs = corpus_pairs(300, seed + 1)
+    texts = [pair.source for pair in pairs[:20000]] + [pair.target for pair in pairs[:20000]]
+    texts += [INFILL_PROMPT, CORRUPT_PROMPT, QUESTION_PROMPT, PROMPT_TEMPLATE] * 20
+    progress(f"[tiny] training a {TINY_VOCAB_SIZE}-piece Unigram tokenizer on {len(texts):,} corpus texts")
+    tokenizer = train_tokenizer(texts)
     model = build_tiny_model(len(tokenizer), seed)
     parameters = sum(p.numel() for p in model.parameters())
     progress(f"[tiny] T5 of the Flan-T5 shape: {parameters:,} parameters, vocabulary {len(tokenizer)}")
 
-    # Every text is noised on its own: nothing pairs a dialogue with its summary.
-    train = infilling_examples(tokenizer, summaries + turn_windows(dialogues), seed=seed)
-    held_out = infilling_examples(tokenizer, turn_windows([r["dialogue"] for r in validation_rows[:50]]), seed=seed + 1)
-    steps = warmup_steps if warmup_steps is not None else DEFAULT_WARMUP_STEPS
+    train = encode_pretraining(tokenizer, pairs, seed)
+    held_out = encode_pretraining(tokenizer, held_out_pairs, seed + 1)
+    tasks = {task: sum(pair.task == task for pair in pairs) for task in ("infill", "corrupt", "question")}
     settings = TrainSettings(max_steps=steps, learning_rate=learning_rate, batch_size=batch_size,
-                             warmup_steps=min(50, steps // 10), logging_steps=max(steps // 10, 1), seed=seed)
+                             warmup_steps=min(200, steps // 10), logging_steps=max(steps // 20, 1), seed=seed,
+                             lr_scheduler="cosine")
     loss_before = evaluation_loss(model, tokenizer, held_out)
-    with tempfile.TemporaryDirectory(prefix="tiny-warmup-") as checkpoints:
-        result = train_seq2seq(model, tokenizer, train, None, settings, checkpoints, label="warm-up",
+    with tempfile.TemporaryDirectory(prefix="tiny-pretrain-") as checkpoints:
+        result = train_seq2seq(model, tokenizer, train, None, settings, checkpoints, label="pretraining",
                                progress=progress, resume=False)
     loss_after = evaluation_loss(model, tokenizer, held_out)
-    progress(f"[tiny] infilling loss on held-out dialogue turns: {loss_before:.3f} → {loss_after:.3f}")
+    copying = copying_accuracy(model, tokenizer)
+    progress(f"[tiny] held-out corpus loss {loss_before:.3f} → {loss_after:.3f}; names copied right: {copying:.0%}")
     card = {
         "base_model": "tiny",
         "stands_in_for": "google/flan-t5-* (offline: no model hub reachable)",
         "architecture": {**TINY_ARCHITECTURE, "vocab_size": len(tokenizer)},
-        "tokenizer": f"Unigram, {len(tokenizer)} pieces, trained on the train split's dialogues and summaries",
-        "warmup": {
-            "objective": "text infilling (T5 sentinel spans, 15% noise, mean span 3; the target is the whole text) "
-                         "over train summaries and 3-turn dialogue windows, each on its own: never a dialogue with its summary",
-            "data": str(data_dir),
-            "examples": len(train.features),
+        "tokenizer": f"Unigram, {len(tokenizer)} pieces, trained on the pretraining corpus",
+        "pretraining": {
+            "corpus": "stepkit/pretraining.py: synthetic conversations, narratives and messages with invented "
+                      "names and places; never a conversation with its summary, never DialogSum",
+            "tasks": {"infill": "spans masked with T5 sentinels (15%, mean 3); the target is the whole text",
+                      "corrupt": "T5 span corruption; the target is the masked spans",
+                      "question": "extractive questions (a speaker's name, the day, time, amount, place)"},
+            "examples": tasks,
             "steps": result.steps,
             "batch_size": batch_size,
             "learning_rate": learning_rate,
             "seed": seed,
-            "heldout_infilling_loss_before": round(loss_before, 4),
-            "heldout_infilling_loss_after": round(loss_after, 4),
+            "heldout_loss_before": round(loss_before, 4),
+            "heldout_loss_after": round(loss_after, 4),
+            "copies_unseen_names": round(copying, 4),
             "seconds": result.seconds,
         },
-        "note": "A small T5 built and warmed up locally so the pipeline runs offline. It is not Flan-T5 "
-                "and has not been instruction-tuned; in the cloud the same steps load google/flan-t5-*.",
+        "note": "A small T5 pretrained locally so the pipeline runs offline. It is not Flan-T5; in the cloud "
+                "the same steps load google/flan-t5-*.",
     }
     return model, tokenizer, card
 
