@@ -293,7 +293,11 @@ def resume_local(config: PipelineConfig, target: Target, execution: str) -> tupl
     return summarize_execution(executor.resume(record), run_dir), run_dir
 
 
-SAMPLE_SEED = 7   # any seed: one synthetic dialogue for the sample invocation after a local run
+# The sample invocation after a local run: a dialogue written by hand, not by the data generator, and the
+# facts a summary of it must state.
+SAMPLE = {"dialogue": "#Person1#: Hi, I'd like to book a table for four at 7 pm on Friday.\n"
+                      "#Person2#: Sure, under what name?\n#Person1#: Johnson.",
+          "facts": {"speakers": ["Johnson"], "count": "four", "time": "7 pm", "day": "Friday"}}
 
 
 def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -> int:
@@ -302,7 +306,7 @@ def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -
     from .infra.deploy import resolve_package
     from .infra.stages import load_stage
     from .local import write_json_atomic
-    from .steps.stepkit.synthetic import generate_splits
+    from .steps.stepkit.metrics import stated_facts
 
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
@@ -314,7 +318,7 @@ def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -
     try:
         package = resolve_package(target.session, model_package_arn=arn, stage=stage)
         result = deploy_stack(target.session, stage, package, default_bucket=target.bucket)
-        dialogue = generate_splits({"test": 1}, SAMPLE_SEED)["test"][0]["dialogue"]
+        dialogue = SAMPLE["dialogue"]
         generated = sample_invocation(arn, result.endpoint_name, target.session.region_name, dialogue)
     except FlanopsError as err:
         raise FlanopsError(f"the pipeline succeeded and registered {arn}, but deploying it to {stage.name} "
@@ -322,10 +326,12 @@ def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -
     print(f"\nsample invocation of endpoint {result.endpoint_name} (through model.tar.gz's code/inference.py):")
     print("  dialogue: " + dialogue.replace("\n", "\n            "))
     print(f"  summary:  {generated}")
+    stated = {value: said for values in stated_facts(generated, SAMPLE["facts"]).values() for value, said in values}
+    print("  facts:    " + ", ".join(f"{value} {'stated' if said else 'MISSING'}" for value, said in stated.items()))
     print(f"\nnext: flanops serve --stage {stage.name}   (then flanops invoke \"...\" or boto3 invoke_endpoint)\n"
           f"      flanops approve {arn} && flanops deploy --stage prod --latest-approved --dry-run")
     summary["deployment"] = {"stage": stage.name, "stack": result.stack_name, "endpoint_name": result.endpoint_name,
-                             "model_package_arn": arn, "sample": {"dialogue": dialogue, "summary": generated}}
+                             "model_package_arn": arn, "sample": {"dialogue": dialogue, "summary": generated, "facts_stated": stated}}
     write_json_atomic(summary_file, summary)
     return 0
 

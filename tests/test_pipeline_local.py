@@ -501,6 +501,9 @@ def test_the_run_deploys_to_local_staging_and_shows_a_sample_invocation(flanops,
     deployment = quick_run.summary["deployment"]
     assert deployment["stage"] == "staging" and deployment["model_package_arn"] == quick_run.summary["model_package_arn"]
     assert deployment["sample"]["summary"].strip(), "the sample invocation returned an empty summary"
+    # a dialogue written by hand, not by the generator: the registered model states its facts
+    assert deployment["sample"]["facts_stated"] == {"Johnson": True, "four": True, "7 pm": True, "Friday": True}, \
+        deployment["sample"]
     assert f"sample invocation of endpoint {deployment['endpoint_name']}" in quick_run.process.stdout
     assert deployment["sample"]["summary"] in quick_run.process.stdout
     sagemaker = flanops.session().client("sagemaker")

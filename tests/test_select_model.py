@@ -205,6 +205,15 @@ def test_unknown_ids_are_clear_errors(tmp_path, capsys, reliability, model_id, m
     reliability.record("config.unknown_model", f"select_model.py --model {model_id}: exit {code}: {err.strip()}")
 
 
+@pytest.mark.parametrize("args", [("--model", "flan-t5-small", "--random-weights", "--pretrain-steps", "5"),
+                                  ("--model", "tiny", "--pretrain-steps", "0")])
+def test_pretrain_steps_is_refused_where_it_cannot_apply(tmp_path, capsys, args):
+    code = run_main(select_model.main, [*args, "--output-dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--pretrain-steps" in err and "--model tiny" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_hub_id_offline_is_one_clear_line(tmp_path):
     out = tmp_path / "out"
     result = run_step("select_model.py", "--model", "google/flan-t5-small", "--output-dir", str(out), check=False,

@@ -161,8 +161,12 @@ def questions(slots: dict[str, str], scenario: synthetic.Scenario | None) -> lis
     return asked
 
 
-def corpus_pairs(count: int, seed: int, sentinel_tokens: list[str] | None = None) -> list[Pair]:
+TASK_SHARES = {"question": 0.6, "infill": 0.3, "corrupt": 0.1}   # questions only where a text has answers
+
+
+def corpus_pairs(count: int, seed: int, shares: dict[str, float] | None = None) -> list[Pair]:
     """``count`` (source, target) pairs of the tasks above, as text, seeded."""
+    shares = shares or TASK_SHARES
     rng = random.Random(seed)
     pairs: list[Pair] = []
     while len(pairs) < count:
@@ -176,10 +180,10 @@ def corpus_pairs(count: int, seed: int, sentinel_tokens: list[str] | None = None
         else:
             text = message(slots, rng)
         task = rng.random()
-        if task < 0.45 and (scenario is not None or text.startswith("From:")):
+        if task < shares["question"] and (scenario is not None or text.startswith("From:")):
             question, answer = rng.choice(questions(slots, scenario))
             pairs.append(Pair("question", QUESTION_PROMPT.format(text=text, question=question), answer))
-        elif task < 0.85:   # a window of a conversation: rebuilding it costs its length twice
+        elif task < shares["question"] + shares["infill"]:    # a window of a conversation: rebuilding it costs its length twice
             window = turn_window(text, rng) if scenario is not None else text
             pairs.append(Pair("infill", window, window))  # masked when encoded: the target is the whole text
         else:
