@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import run_step
 from stepkit.catalog import T5Dims, count_t5_parameters
+from stepkit.tiny import STANDIN_DIR
 from stepkit.distillation import (DEFAULT_DECODER_FRACTION, DEFAULT_ENCODER_FRACTION, distillation_loss, layers_to_keep,
                                   shrink_teacher, student_layer_count)
 from stepkit.errors import StepError
@@ -239,6 +240,10 @@ def test_student_artifact_serves_under_transformers_5_and_the_4_51_toolkit(disti
 # ---------------------------------------------------------------- bad inputs
 
 
+# the chain's teacher is fine-tuned from the shipped stand-in
+TEACHER_VOCAB = json.loads((STANDIN_DIR / "config.json").read_text())["vocab_size"]
+
+
 def student_folder_like_teacher(chain, tmp_path, edit):
     folder = tmp_path / "other-student"
     shutil.copytree(chain["tuned"], folder)
@@ -264,9 +269,9 @@ def swapped_pieces(folder):
     (["--alpha", "1.5"], "--alpha must be in [0, 1]"),
     (["--alpha", "-0.5"], "--alpha must be in [0, 1]"),
     (["--teacher-dir", "{tmp}/no-such-teacher"], "--teacher-dir {tmp}/no-such-teacher: no such folder"),
-    (["--student", "flan-t5-small"], "--student flan-t5-small has a vocabulary of 32128 tokens, the teacher 1575"),
+    (["--student", "flan-t5-small"], f"--student flan-t5-small has a vocabulary of 32128 tokens, the teacher {TEACHER_VOCAB}"),
     (["--student-encoder-layers", "3"], "--student-encoder-layers 3: the teacher has 2 such layers"),
-    (["--student", other_vocab_size], "has a vocabulary of 1639 tokens, the teacher 1575"),
+    (["--student", other_vocab_size], f"has a vocabulary of {TEACHER_VOCAB + 64} tokens, the teacher {TEACHER_VOCAB}"),
     (["--student", swapped_pieces], "its tokenizer differs from the teacher's (4 token/id pairs not shared"),
 ], ids=["t-zero", "t-negative", "alpha-above-1", "alpha-negative", "no-teacher", "catalog-vocab", "too-many-layers",
         "folder-vocab-size", "folder-tokenizer"])

@@ -609,9 +609,10 @@ def test_a_variant_that_repeats_itself_is_not_chosen_and_fails_the_gate(steps, t
     assert [c["parameter"] for c in gate["conditions"] if c["passed"] is False] == ["MaxRepetitionRate"]
     from flanops.commands import gate_sentence
 
-    assert "repeating summaries 1 (max 0.02) FAILED" in gate_sentence(gate)
-    assert "repeating summaries 1.0 (max 0.02 )" in message
-    assert "all facts right 1.0 (min 0.8 — checked: the data records facts )" in message
+    bound = {c["parameter"]: c["threshold"] for c in gate["conditions"]}
+    assert f"repeating summaries 1 (max {bound['MaxRepetitionRate']:g}) FAILED" in gate_sentence(gate)
+    assert f"repeating summaries 1.0 (max {float(bound['MaxRepetitionRate'])} )" in message
+    assert f"all facts right 1.0 (min {float(bound['MinFactAccuracy'])} — checked: the data records facts )" in message
 
 
 def test_the_fact_conditions_are_skipped_where_the_data_records_no_facts(steps, tmp_path, monkeypatch):
