@@ -25,7 +25,8 @@ ORDER = ["01_quickstart.ipynb", "02_sagemaker_pipeline.ipynb", "03_deploy_and_mo
 # As test_pipeline_local's FAST run: seconds per job instead of minutes; a gate everything passes
 QUICK = {"steps.prepare.train_size": 200, "steps.prepare.test_size": 20,
          "steps.finetune.max_steps": 10, "steps.evaluate.max_examples": 20, "steps.evaluate.speed_inputs": 1,
-         "steps.evaluate.speed_repeats": 1, "MinRougeL": 0.0, "MaxP95LatencyMs": 600000}
+         "steps.evaluate.speed_repeats": 1, "MinRougeL": 0.0, "MaxP95LatencyMs": 600000,
+         "MinFactAccuracy": 0.0, "MaxRepetitionRate": 1.0}
 
 
 @pytest.fixture(scope="module")
