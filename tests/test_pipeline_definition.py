@@ -630,7 +630,7 @@ def test_the_fact_conditions_are_skipped_where_the_data_records_no_facts(steps, 
     skipped = {c["parameter"]: c for c in gate["conditions"] if c["skipped"]}
     assert set(skipped) == {"MinFactAccuracy", "MaxFactAccuracyDrop"}
     assert all(c["skipped"] == note and c["passed"] for c in skipped.values())
-    assert f"all facts right 0.0 (min 0.8 — {note} )" in message
+    assert f"all facts right 0.0 (min {float(skipped['MinFactAccuracy']['threshold'])} — {note} )" in message
     context = Context("e1", "arn:e1", "p", load_config().parameter_values(),
                       property_files={f"{NAMES.evaluate}.{EVALUATION_REPORT}": report})
     fact_condition = next(c for c in steps[NAMES.gate]["Arguments"]["Conditions"] if c["Type"] == "Or")

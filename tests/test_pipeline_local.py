@@ -313,9 +313,10 @@ def start_run(flanops: Flanops, name: str, *params: str) -> BackgroundRun:
 def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_run, reliability):
     """SIGKILL a job's process group mid-run; the execution fails, --resume completes it."""
     run_dir = flanops.run_dir("killed")
-    # another data seed: nothing is cached, so PrepareData really runs before SelectModel is killed
-    run = start_run(flanops, "killed", *FAST, "--param", "steps.prepare.seed=1", "--param", "OptimizationMethod=none",
-                    "--no-deploy")
+    # other seeds for the data and the model: nothing is cached, so PrepareData really runs before SelectModel
+    # (which reads no data) is killed
+    run = start_run(flanops, "killed", *FAST, "--param", "steps.prepare.seed=1", "--param", "steps.select.seed=1",
+                    "--param", "OptimizationMethod=none", "--no-deploy")
     process, log_path, record_path = run.process, run.log_path, run.record_path
     try:
         job_pid = run.executing(NAMES.select)["Metadata"]["Pid"]
