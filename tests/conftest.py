@@ -66,7 +66,6 @@ def dialogsum_dir() -> Path:
     return folder
 
 
-LORA_STEPS = "300"
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +87,12 @@ def chain(tmp_path_factory):
     run_step("prepare_data.py", "--input", "synthetic", "--output-dir", str(data), "--seed", "0",
              "--test-size", "100")
     run_step("select_model.py", "--model", "tiny", "--output-dir", str(model))
+    from flanops.config import load_config
+
+    quick = load_config("quick")   # the quick run's fine-tune, flag for flag
     finetune = run_step("finetune_lora.py", "--model-dir", str(model), "--data-dir", str(data), "--output-dir", str(tuned),
-                        "--lora-r", "16", "--lora-alpha", "16", "--target-modules", "all-linear",
-                        "--learning-rate", "5e-3", "--max-steps", LORA_STEPS, "--eval-steps", "100")
+                        "--lora-r", str(quick.parameters.LoraRank), "--lora-alpha", str(quick.parameters.LoraAlpha),
+                        *quick.step_arguments("finetune"))
     evaluate = run_step("evaluate.py", "--model-dir", str(tuned), "--baseline-dir", str(model), "--data-dir", str(data),
                         "--output-dir", str(evaluation), "--constant-candidates", "50",
                         # timing is checked for presence and order here; benchmarks measure speed

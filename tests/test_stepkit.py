@@ -14,7 +14,8 @@ from stepkit.errors import StepError
 from stepkit.metrics import best_constant_output, fact_accuracy, rouge
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
 from stepkit.pretraining import corpus_pairs
-from stepkit.synthetic import CITIES, FIRST_NAMES, SURNAMES, generate_splits, unseen_in_train
+from stepkit.synthetic import (CITIES, FIRST_NAMES, NAME_STYLES, SURNAMES, generate_splits, invented_name,
+                               unseen_in_train)
 from stepkit.tiny import span_corrupt, train_tokenizer
 from stepkit.catalog import CATALOG, GIB, T5Dims
 from stepkit.training import (MAX_EVAL_BATCH_SIZE, Encoded, TrainSettings, activation_bytes, encode_pairs,
@@ -134,6 +135,7 @@ def test_synthetic_held_out_splits_use_only_values_train_never_has():
         assert held and not seen & set(held), slot
     seen_names = {name for facts in train_facts for name in facts["speakers"]}
     assert not seen_names & {name for row in splits["test"] for name in row["facts"]["speakers"]}
+    assert len(seen_names) > 500 and not seen_names & set(FIRST_NAMES)   # invented: too many to memorise
     shares = unseen_in_train(splits["train"], splits["test"])
     assert shares["speaker_name"] == shares["amount"] == 1.0 and 0.3 < shares["time"] < 1
 
@@ -287,3 +289,14 @@ def test_percentile_interpolates_like_numpy():
     assert _percentile([7.0], 95) == 7.0
 
 
+
+
+def test_invented_names_are_never_evaluation_names_in_either_style():
+    rng = random.Random(0)
+    evaluation = {name.lower() for name in FIRST_NAMES + SURNAMES + CITIES}
+    for style in NAME_STYLES:
+        names = {invented_name(rng, style) for _ in range(3000)}
+        assert len(names) > 1000 and all(name.isalpha() and name[0].isupper() for name in names), style
+        assert not {name.lower() for name in names} & evaluation, style
+    with pytest.raises(ValueError, match="unknown name style 'runes'"):
+        invented_name(rng, "runes")

@@ -6,8 +6,8 @@ of the summarisation task:
 
 * **Texts** of three kinds: conversations (the synthetic generator's scenarios, so the domain's
   words are known), short narratives and messages written from their own sentence templates. Every
-  name, surname, restaurant and city is an invented word (``invented_name``), never one of the
-  evaluation generator's pools, so evaluation names are unseen by pretraining as well as by the
+  name, surname, restaurant and city is an invented word (``synthetic.invented_name``), never one
+  of the evaluation generator's pools, so evaluation names are unseen by pretraining as well as by the
   fine-tune. Amounts and clock times are drawn afresh for every text.
 * **Tasks**, each with a Flan-style instruction: text infilling (spans masked with T5's sentinels,
   the target the whole text: copying in order), T5's span corruption (the target only the spans:
@@ -23,39 +23,6 @@ from dataclasses import dataclass
 
 from . import synthetic
 
-ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z",
-          "br", "ch", "cl", "dr", "fr", "gr", "kr", "ph", "pr", "sh", "st", "th", "tr")
-VOWELS = ("a", "a", "e", "e", "i", "o", "o", "u", "ai", "ea", "ia", "ie", "io", "ou", "ei")
-CODAS = ("", "", "", "", "n", "r", "l", "s", "m", "k", "nd", "rt", "x", "ck", "ng", "son", "ton", "ez")
-PLACE_KINDS = ("Cafe", "Bistro", "Grill", "Kitchen", "House", "Diner", "Tavern", "Garden")
-ADJECTIVES = ("Golden", "Silver", "Green", "Blue", "Red", "Old", "Little", "Happy", "Quiet", "Rusty", "Lucky",
-              "Sunny", "Wild", "Royal", "Hidden", "Crooked")
-NOUNS = ("Lantern", "Anchor", "Fig", "Lemon", "Fox", "Kettle", "Oak", "Pearl", "Bridge", "Tiger", "Spoon",
-         "Harbor", "Crown", "Feather", "Barrel", "Moon")
-RESERVED = {name.lower() for pool in (synthetic.FIRST_NAMES, synthetic.SURNAMES, synthetic.CITIES)
-            for name in pool} | {place.lower().removeprefix("the ") for place in synthetic.RESTAURANTS}
-
-
-def invented_name(rng: random.Random) -> str:
-    """A pronounceable word that is none of the evaluation generator's names, places or cities."""
-    while True:
-        syllables = rng.choice((1, 2, 2, 2, 3))
-        word = ("" if rng.random() < 0.2 else rng.choice(ONSETS)) + \
-            "".join(rng.choice(VOWELS) + rng.choice(ONSETS) for _ in range(syllables - 1)) + rng.choice(VOWELS)
-        word = (word + rng.choice(CODAS)).capitalize()
-        if word.lower() not in RESERVED:
-            return word
-
-
-def invented_place(rng: random.Random) -> str:
-    return rng.choice((
-        lambda: f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}",
-        lambda: f"{rng.choice(PLACE_KINDS)} {invented_name(rng)}",
-        lambda: f"{invented_name(rng)}'s",
-        lambda: f"the {invented_name(rng)} {rng.choice(PLACE_KINDS)}",
-    ))()
-
-
 def random_time(rng: random.Random) -> str:
     hour = rng.randint(1, 12)
     minute = rng.choice((0, 0, 0, 15, 30, 45, rng.randint(1, 59)))
@@ -68,16 +35,17 @@ def random_amount(rng: random.Random) -> str:
     return f"${whole}" if rng.random() < 0.6 else f"${whole}.{rng.randint(0, 99):02d}"
 
 
-def invented_slots(rng: random.Random) -> dict[str, str]:
-    """The synthetic generator's slots, with invented names and places and fresh values."""
-    name1, name2 = invented_name(rng), invented_name(rng)
+def invented_slots(rng: random.Random, names: str = "letters") -> dict[str, str]:
+    """The synthetic generator's slots, with invented names and places (``names``: their style) and fresh values."""
+    name1, name2 = synthetic.invented_name(rng, names), synthetic.invented_name(rng, names)
     while name2 == name1:
-        name2 = invented_name(rng)
+        name2 = synthetic.invented_name(rng, names)
     day = rng.choice(synthetic.DAYS)
     slots = {
-        "name1": name1, "name2": name2, "surname": invented_name(rng), "day": day, "time": random_time(rng),
-        "amount": random_amount(rng), "count": rng.choice(synthetic.COUNTS), "place": invented_place(rng),
-        "item": rng.choice(synthetic.ITEMS), "city": invented_name(rng), "subject": rng.choice(synthetic.SUBJECTS),
+        "name1": name1, "name2": name2, "surname": synthetic.invented_name(rng, names), "day": day,
+        "time": random_time(rng), "amount": random_amount(rng), "count": rng.choice(synthetic.COUNTS),
+        "place": synthetic.invented_place(rng, names), "item": rng.choice(synthetic.ITEMS),
+        "city": synthetic.invented_name(rng, names), "subject": rng.choice(synthetic.SUBJECTS),
         "repair": rng.choice(synthetic.REPAIRS), "ailment": rng.choice(synthetic.AILMENTS),
         "project": rng.choice(synthetic.PROJECTS),
     }
@@ -124,7 +92,7 @@ def conversation(slots: dict[str, str], rng: random.Random) -> tuple[str, synthe
     scenario = rng.choice(synthetic.SCENARIOS)
     if scenario.speakers == ("name1",):
         slots = {**slots, "name1": slots["surname"]}
-    dialogue, _summaries = synthetic._render(scenario, slots, rng)  # the summaries are never used
+    dialogue, _summaries = synthetic.render(scenario, slots, rng)  # the summaries are never used
     return dialogue, scenario
 
 
@@ -164,13 +132,14 @@ def questions(slots: dict[str, str], scenario: synthetic.Scenario | None) -> lis
 TASK_SHARES = {"question": 0.6, "infill": 0.3, "corrupt": 0.1}   # questions only where a text has answers
 
 
-def corpus_pairs(count: int, seed: int, shares: dict[str, float] | None = None) -> list[Pair]:
-    """``count`` (source, target) pairs of the tasks above, as text, seeded."""
+
+def corpus_pairs(count: int, seed: int, shares: dict[str, float] | None = None, names: str = "letters") -> list[Pair]:
+    """``count`` (source, target) pairs of the tasks above, as text, seeded; ``names`` as in invented_name."""
     shares = shares or TASK_SHARES
     rng = random.Random(seed)
     pairs: list[Pair] = []
     while len(pairs) < count:
-        slots = invented_slots(rng)
+        slots = invented_slots(rng, names)
         kind = rng.random()
         scenario = None
         if kind < 0.6:

@@ -6,14 +6,15 @@ a rejected first offer as a distractor value) and summaries come in several phra
 of which are kept as references. ``facts`` lists the slot values the summary states, so an
 evaluation can check whether a model got the speakers and values right, not just the template.
 
-Held out, so that stating a fact means copying it from the dialogue (see HoldOut): validation
-and test use only names, surnames, restaurants and cities that train never has, never an amount
-train has, clock times train never has half the time, and (intent, day) pairs train never has
-half the time.
+Held out, so that stating a fact means copying it from the dialogue (see HoldOut): train's
+names, surnames, restaurants and cities are invented words while validation and test use real
+ones; they never repeat an amount train has, use clock times train never has half the time, and
+(intent, day) pairs train never has half the time.
 """
 from __future__ import annotations
 
 import random
+import string
 from dataclasses import dataclass
 from typing import Callable
 
@@ -365,6 +366,63 @@ ALL_TIMES = tuple(f"{hour} {'am' if hour in ('8', '9', '10', '11') else 'pm'}" i
                   for hour in HOURS for minute in MINUTES)
 
 
+PLACE_KINDS = ("Cafe", "Bistro", "Grill", "Kitchen", "House", "Diner", "Tavern", "Garden")
+ADJECTIVES = ("Golden", "Silver", "Green", "Blue", "Red", "Old", "Little", "Happy", "Quiet", "Rusty", "Lucky",
+              "Sunny", "Wild", "Royal", "Hidden", "Crooked")
+NOUNS = ("Lantern", "Anchor", "Fig", "Lemon", "Fox", "Kettle", "Oak", "Pearl", "Bridge", "Tiger", "Spoon",
+         "Harbor", "Crown", "Feather", "Barrel", "Moon")
+RESERVED = {name.lower() for pool in (FIRST_NAMES, SURNAMES, CITIES)
+            for name in pool} | {place.lower().removeprefix("the ") for place in RESTAURANTS}
+
+
+ONSETS = ("b", "c", "d", "f", "g", "h", "j", "k", "l", "m", "n", "p", "r", "s", "t", "v", "w", "y", "z",
+          "br", "ch", "cl", "dr", "fr", "gr", "kr", "ph", "pr", "sh", "st", "th", "tr")
+VOWELS = ("a", "a", "e", "e", "i", "o", "o", "u", "ai", "ea", "ia", "ie", "io", "ou", "ei")
+CODAS = ("", "", "", "", "n", "r", "l", "s", "m", "k", "nd", "rt", "x", "ck", "ng", "son", "ton", "ez")
+NAME_STYLES = ("letters", "syllables")
+
+
+def invented_name(rng: random.Random, style: str = "letters") -> str:
+    """A capitalised word that is none of the evaluation generator's names, places or cities.
+
+    "letters" (random letters) is what train and pretraining use now: a model fine-tuned on
+    pronounceable "syllables" names learnt their pieces and wrote "Estar" for "Esther"; with nothing
+    to learn it copies (measured on the stand-in: every fact right in 49% of held-out summaries,
+    against 37.5%). The stand-in's first pretraining stages used "syllables" (tiny.STAGES).
+    """
+    if style not in NAME_STYLES:
+        raise ValueError(f"unknown name style {style!r}: use one of {', '.join(NAME_STYLES)}")
+    while True:
+        if style == "letters":
+            word = "".join(rng.choice(string.ascii_lowercase) for _ in range(rng.randint(3, 8))).capitalize()
+        else:
+            syllables = rng.choice((1, 2, 2, 2, 3))
+            word = ("" if rng.random() < 0.2 else rng.choice(ONSETS)) + \
+                "".join(rng.choice(VOWELS) + rng.choice(ONSETS) for _ in range(syllables - 1)) + rng.choice(VOWELS)
+            word = (word + rng.choice(CODAS)).capitalize()
+        if word.lower() not in RESERVED:
+            return word
+
+
+def invented_place(rng: random.Random, style: str = "letters") -> str:
+    """A restaurant's name that is none of RESTAURANTS ("the Blue Harbor" can be drawn)."""
+    place = rng.choice((
+        lambda: f"the {rng.choice(ADJECTIVES)} {rng.choice(NOUNS)}",
+        lambda: f"{rng.choice(PLACE_KINDS)} {invented_name(rng, style)}",
+        lambda: f"{invented_name(rng, style)}'s",
+        lambda: f"the {invented_name(rng, style)} {rng.choice(PLACE_KINDS)}",
+        lambda: f"{invented_name(rng, style)} {invented_name(rng, style)}",
+    ))()
+    return place if place.lower().removeprefix("the ") not in RESERVED else invented_place(rng, style)
+
+
+def _distinct(rng: random.Random, make: Callable[[random.Random], str], count: int) -> list[str]:
+    values: dict[str, None] = {}
+    while len(values) < count:
+        values[make(rng)] = None
+    return list(values)
+
+
 def _amount(rng: random.Random) -> str:
     whole = rng.choice((rng.randint(5, 99), rng.randint(100, 999), rng.randint(1000, 2500)))
     return f"${whole}" if rng.random() < 0.6 else f"${whole}.{rng.choice(('50', '99', '25', '75'))}"
@@ -390,10 +448,13 @@ class Pools:
 class HoldOut:
     """What the train split never sees.
 
-    Names, surnames, restaurants and cities: held-out splits use only the held-out share, so every
-    speaker and place there is new. Times: a held-out share of the 48 clock times, which held-out
-    splits use half the time. Days: some (intent, day) pairs (there are only seven days).
-    Amounts: a held-out split never repeats an amount that train has.
+    Names, surnames, restaurants and cities: train's are invented words (``invented_name``), a few
+    thousand of them, and the held-out splits use the real-looking pools above, so every speaker and
+    place there is new. So many train names that none can be memorised is what makes a fine-tune
+    learn to copy (measured on the stand-in: every fact right in 32% of held-out summaries, against
+    22% with half of train's names from a real pool and 21% with all of them). Times: a held-out
+    share of the 48 clock times, which held-out splits use half the time. Days: some (intent, day)
+    pairs (there are only seven days). Amounts: a held-out split never repeats an amount that train has.
     """
 
     pairs: frozenset[tuple[str, str]]
@@ -401,13 +462,14 @@ class HoldOut:
     held: Pools
 
     @classmethod
-    def draw(cls, rng: random.Random, pair_share: float = 0.2, value_share: float = 0.35) -> "HoldOut":
+    def draw(cls, rng: random.Random, pair_share: float = 0.2, invented: int = 3000) -> "HoldOut":
         pairs = sorted({(sc.intent, day) for sc in SCENARIOS for day in DAYS})
         held_pairs = rng.sample(pairs, max(1, round(len(pairs) * pair_share)))
-        sides = [_split_pool(rng, pool, value_share) for pool in (FIRST_NAMES, SURNAMES, RESTAURANTS, CITIES)]
         train_times, held_times = _split_pool(rng, ALL_TIMES, 0.25)
-        train = Pools(*(side[0] for side in sides), train_times)
-        held = Pools(*(side[1] for side in sides), held_times)
+        names, places = _distinct(rng, invented_name, invented), _distinct(rng, invented_place, invented // 3)
+        train = Pools(names[:invented // 2], names[invented // 2:], places, _distinct(rng, invented_name, invented // 3),
+                      train_times)
+        held = Pools(list(FIRST_NAMES), list(SURNAMES), list(RESTAURANTS), list(CITIES), held_times)
         return cls(frozenset(held_pairs), train, held)
 
 
@@ -425,7 +487,7 @@ def _slots(rng: random.Random, pools: Pools, days: list[str], times: list[str], 
     return slots
 
 
-def _render(scenario: Scenario, slots: Slots, rng: random.Random) -> tuple[str, list[str]]:
+def render(scenario: Scenario, slots: Slots, rng: random.Random) -> tuple[str, list[str]]:
     turns = scenario.turns(slots, rng)
     if rng.random() < 0.5:
         opener, reply = rng.choice(SMALL_TALK)
@@ -445,7 +507,7 @@ def generate_example(rng: random.Random, example_id: str, pools: Pools, days_for
     slots = _slots(rng, pools, days_for(scenario.intent), times, new_amount)
     if scenario.speakers == ("name1",):     # booked under a surname
         slots["name1"] = slots["surname"]
-    dialogue, references = _render(scenario, slots, rng)
+    dialogue, references = render(scenario, slots, rng)
     facts = {"speakers": [slots[speaker] for speaker in scenario.speakers]}
     facts.update({slot: slots[slot] for slot in scenario.fact_slots})
     return {
