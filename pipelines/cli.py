@@ -10,6 +10,7 @@ needs no AWS region.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -37,8 +38,10 @@ def add_config(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flanops", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1].split("\n\nCommands")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+                                     epilog=__doc__.split("\n\n", 1)[1].split("\n\nCommands")[0], allow_abbrev=False)
+    # Subparsers do not inherit allow_abbrev: without it `--out` would pass for `--output-dir`.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
 
     def pipeline_command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
         """A command that works on the configured pipeline, in embedded AWS or AWS."""

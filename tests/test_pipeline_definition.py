@@ -23,7 +23,7 @@ from botocore.validate import ParamValidator
 from conftest import mocked_aws
 from flanops import cli
 from flanops import definition as definition_module
-from flanops.config import Parameters, config_dir, import_step, load_config, shipped_configs
+from flanops.config import STEP_SCRIPTS, ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
 from flanops.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
 from flanops.local import json_path
 
@@ -701,10 +701,22 @@ def empty_home(tmp_path, monkeypatch) -> Path:
 @pytest.mark.parametrize("arguments, expected", [
     (["--param", "Foo=1"], ["--param Foo", "unknown parameter", "LoraRank"]),
     (["--param", "loRA_rank=8"], ["unknown parameter", "did you mean LoraRank"]),
-    (["--param", "LoraRank=abc"], ["LoraRank", "integer", "'abc'"]),
+    (["--param", "LoraRnak=8"], ["unknown parameter", "did you mean LoraRank?"]),
+    # a shipped config is named as such, not by where the package is installed
+    (["--param", "LoraRank=abc"], ["error: configs/quick.yaml with --param LoraRank=abc: parameters.LoraRank",
+                                   "integer", "'abc'"]),
     (["--config", "nope.yaml"], ["--config nope.yaml", "no such file", "quick"]),
     (["--param", "MinRougeL=40"], ["MinRougeL", "less than or equal to 1", "40"]),
     (["--param", "steps.finetune.max_stepz=5"], ["steps.finetune", "finetune_lora.py", "max-stepz"]),
+    # argparse would take a prefix of a flag for the flag (--max-step for --max-steps) and the default would win
+    (["--param", "steps.finetune.max_step=50"], ["--param steps.finetune.max_step: finetune_lora.py has no flag "
+                                                 "--max-step; did you mean max_steps?"]),
+    (["--param", "steps.finetune.learning_rat=0.1"], ["finetune_lora.py has no flag --learning-rat; did you mean "
+                                                      "learning_rate?"]),
+    (["--param", "steps.finetun.max_steps=5"], ["unknown step 'finetun' (did you mean finetune?)"]),
+    (["--param", "steps.finetune.max_steps=abc"], ["configs/quick.yaml with --param steps.finetune.max_steps=abc: "
+                                                   "steps.finetune (finetune_lora.py)", "invalid int value: 'abc'"]),
+    (["--param", "steps.finetune.help=true"], ["steps.finetune.help: settings are flag names"]),
     (["--param", "steps.finetune.lora_r=4"], ["steps.finetune.lora_r", "set by the pipeline itself"]),
 ])
 def test_bad_input_is_refused_before_anything_runs(arguments, expected, empty_home, tmp_path, capsys):
@@ -716,8 +728,43 @@ def test_bad_input_is_refused_before_anything_runs(arguments, expected, empty_ho
     for text in expected:
         assert text in captured.err, captured.err
     assert "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert str(config_dir()) not in captured.err, "a shipped config is named configs/<name>.yaml"
     assert not empty_home.exists(), "no embedded AWS may start for a config error"
     assert not out_dir.exists()
+
+
+def test_a_step_setting_in_a_config_file_must_be_exactly_a_flag(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("pipeline_name: typo\nsteps:\n  distill:\n    max_steps: 5\n    temprature: 2\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config)
+    assert str(raised.value) == (f"{config} line 5: steps.distill.temprature: distill.py has no flag --temprature; "
+                                 "did you mean temperature? settings are its flags without the dashes "
+                                 "(python steps/distill.py --help)")
+
+
+@pytest.mark.parametrize("script", sorted({*STEP_SCRIPTS.values(), "optimize"}))
+def test_no_step_script_takes_an_abbreviated_flag(script, capsys):
+    """argparse's prefix matching would read --max-step as --max-steps (or --out as --output-dir)."""
+    module = import_step(script)
+    required = {"prune": ["--method", "structured", "--amount", "0.5"], "quantize": ["--method", "bf16"]}
+    abbreviated = (["--var", "distill", "--method", "distill"] if script == "optimize"
+                   else [*required.get(script, []), "--out", "x"])
+    with pytest.raises(SystemExit) as exited:
+        module.parse_args(abbreviated)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert ("required: --variant" if script == "optimize" else "unrecognized arguments: --out x") in err, err
+
+
+def test_the_cli_takes_no_abbreviated_flag(empty_home, capsys):
+    for argv in (["run", "--out", "x"], ["run", "--para", "LoraRank=8"], ["definition", "--conf", "quick"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+    assert not empty_home.exists()
 
 
 def test_every_shipped_config_loads():
