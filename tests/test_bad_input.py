@@ -224,6 +224,7 @@ CONFIG_CASES = [   # (case, file in bad_inputs/config, what the line must say)
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("case, name, fragments", CONFIG_CASES, ids=[name for _, name, _ in CONFIG_CASES])
 def test_a_bad_config_is_refused_before_anything_runs(case, name, fragments, tmp_path, reliability):
     home, run_dir = tmp_path / "home", tmp_path / "run"

@@ -195,6 +195,7 @@ def code_uris(definition: dict) -> dict[str, dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- API shapes
+@pytest.mark.smoke
 def test_job_arguments_are_valid_requests_of_their_api(steps, sagemaker_model):
     checked = [name for name, step in steps.items() if step["Type"] in OPERATIONS]
     assert sorted(checked) == sorted([name for name, kind in EXPECTED_STEPS if kind in OPERATIONS]
@@ -290,6 +291,7 @@ def test_the_parameter_type_check_sees_wrapped_and_unwrapped_uses(definition, st
 
 
 # ----------------------------------------------------------------------------- references
+@pytest.mark.smoke
 def test_every_reference_names_something_that_exists(definition, steps, sagemaker_model):
     parameters = {p["Name"] for p in definition["Parameters"]}
     property_files = {name: {f["PropertyFileName"]: f for f in step.get("PropertyFiles", [])}
@@ -350,6 +352,7 @@ NEWER_TOP_LEVEL = {"PipelineExperimentConfig", "MlflowConfig"}
 NEWER_STEP_FIELDS = {"PropertyFiles"}
 
 
+@pytest.mark.smoke
 def test_structure_matches_the_published_schema(definition, steps, schema):
     top = schema["properties"]
     assert set(schema["required"]) <= set(definition)
@@ -405,6 +408,7 @@ def test_structure_matches_the_published_schema(definition, steps, schema):
 
 
 # ----------------------------------------------------------------------------- parameters and graph
+@pytest.mark.smoke
 def test_parameters_match_the_shipped_quick_config(definition):
     quick = yaml.safe_load((config_dir() / "quick.yaml").read_text(encoding="utf-8"))["parameters"]
     kinds = {int: "Integer", float: "Float", str: "String"}
@@ -422,6 +426,7 @@ def test_parameters_match_the_shipped_quick_config(definition):
             "ModelApprovalStatus", "InputDataUri", "BaseModelId"} <= set(in_definition)
 
 
+@pytest.mark.smoke
 def test_step_graph(definition, steps):
     assert [(s["Name"], s["Type"]) for s in definition["Steps"]] == EXPECTED_STEPS
     gate = steps[NAMES.gate]["Arguments"]
@@ -703,6 +708,7 @@ def empty_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("arguments, expected", [
     (["--param", "Foo=1"], ["--param Foo", "unknown parameter", "LoraRank"]),
     (["--param", "loRA_rank=8"], ["unknown parameter", "did you mean LoraRank"]),
@@ -739,6 +745,7 @@ def test_bad_input_is_refused_before_anything_runs(arguments, expected, empty_ho
     assert not out_dir.exists()
 
 
+@pytest.mark.smoke
 def test_a_step_setting_in_a_config_file_must_be_exactly_a_flag(tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text("pipeline_name: typo\nsteps:\n  distill:\n    max_steps: 5\n    temprature: 2\n")
@@ -749,6 +756,7 @@ def test_a_step_setting_in_a_config_file_must_be_exactly_a_flag(tmp_path):
                                  "(python steps/distill.py --help)")
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("script", sorted({*STEP_SCRIPTS.values(), "optimize"}))
 def test_no_step_script_takes_an_abbreviated_flag(script, capsys):
     """argparse's prefix matching would read --max-step as --max-steps (or --out as --output-dir)."""
@@ -763,6 +771,7 @@ def test_no_step_script_takes_an_abbreviated_flag(script, capsys):
     assert ("required: --variant" if script == "optimize" else "unrecognized arguments: --out x") in err, err
 
 
+@pytest.mark.smoke
 def test_the_cli_takes_no_abbreviated_flag(empty_home, capsys):
     for argv in (["run", "--out", "x"], ["run", "--para", "LoraRank=8"], ["definition", "--conf", "quick"]):
         with pytest.raises(SystemExit) as exited:
@@ -772,6 +781,7 @@ def test_the_cli_takes_no_abbreviated_flag(empty_home, capsys):
     assert not empty_home.exists()
 
 
+@pytest.mark.smoke
 def test_every_shipped_config_loads():
     paths = shipped_configs()
     assert {p.stem for p in paths} >= {"quick", "cloud"}

@@ -7,8 +7,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 from reliability import CASES, OUT_ENV, RECORDS_ENV, render
+
+pytestmark = pytest.mark.smoke   # the quick tier: pytest -m smoke
 
 
 def test_every_case_appears_with_its_outcome_and_unrecorded_cases_say_not_run():
@@ -21,6 +25,7 @@ def test_every_case_appears_with_its_outcome_and_unrecorded_cases_say_not_run():
     assert "| truncated file | — | — | **not run** |" in text
     for _, section, _, description in CASES:
         assert f"| {description} |" in text.replace("\\|", "|")
+
 
 
 def test_a_test_that_failed_before_recording_shows_against_the_cases_it_proves():
