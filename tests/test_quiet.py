@@ -79,3 +79,26 @@ def test_flanops_verbose_reaches_the_jobs_through_the_environment(monkeypatch, t
     assert cli.main(["run", "--output-dir", str(tmp_path / "run")]) == 0
     assert cli.main(["run", "--verbose", "--output-dir", str(tmp_path / "run")]) == 0
     assert seen == ["0", "1"]   # the local executor passes this process's environment to every job
+
+
+@pytest.mark.parametrize("missing, hidden", [
+    (["encoder.embed_tokens.weight", "decoder.embed_tokens.weight"], True),   # the shared embedding, stored once
+    (["decoder.embed_tokens.weight"], True),
+    (["encoder.embed_tokens.weight", "lm_head.weight"], False),             # a head of its own: really missing
+    (["encoder.block.0.layer.0.SelfAttention.q.weight"], False),
+])
+def test_the_trainer_may_miss_only_the_tied_embeddings_quietly(missing, hidden, tmp_path):
+    """distill.py's best-checkpoint load; the message as transformers' Trainer words it."""
+    script = tmp_path / "trainer_log.py"
+    script.write_text(textwrap.dedent(f"""
+        import logging, sys
+        from stepkit.quiet import quiet_known_noise
+        logging.basicConfig()
+        quiet_known_noise()
+        logging.getLogger("transformers.trainer").warning("There were missing keys in the checkpoint model loaded: "
+                                                          + repr({missing!r}) + ".")
+    """))
+    env = {**{k: v for k, v in os.environ.items() if k != VERBOSE_ENV}, "PYTHONPATH": str(STEPS)}
+    result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert ("missing keys" not in result.stderr) == hidden, result.stderr

@@ -6,6 +6,7 @@ why it is harmless; everything else a library says still shows.
 """
 from __future__ import annotations
 
+import ast
 import logging
 import os
 import warnings
@@ -22,29 +23,46 @@ GRADIENT_CHECKPOINTING_MESSAGE = "`is_gradient_checkpointing` is deprecated"
 # peft's merge_and_unload sees the forced tie_word_embeddings=True beside our untied head, and writes
 # False into the config: what Flan-T5's own configs say.
 MERGED_HEAD_MESSAGE = "Input and output embeddings are no longer tied after merging"
+# The Trainer loading the best checkpoint (distill.py): T5's encoder and decoder embeddings are the shared
+# embedding itself, so a checkpoint stores it once, as shared.weight, and loading that fills all three. Any
+# other missing key still shows.
+MISSING_KEYS_MESSAGE = "There were missing keys in the checkpoint model loaded: "
+TIED_EMBEDDINGS = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight"}
 
 
 def verbose() -> bool:
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
 
-class _DropMessage(logging.Filter):
-    def __init__(self, fragment: str):
+def _only_tied_embeddings_missing(message: str) -> bool:
+    if not message.startswith(MISSING_KEYS_MESSAGE):
+        return False
+    try:
+        missing = ast.literal_eval(message[len(MISSING_KEYS_MESSAGE):].rstrip("."))
+    except (ValueError, SyntaxError):
+        return False
+    return isinstance(missing, list) and bool(missing) and set(missing) <= TIED_EMBEDDINGS
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, is_noise):
         super().__init__()
-        self.fragment = fragment
+        self.is_noise = is_noise
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return self.fragment not in record.getMessage()
+        return not self.is_noise(record.getMessage())
 
 
-_TIED_HEAD_FILTER = _DropMessage(TIED_HEAD_MESSAGE)   # one instance: addFilter keeps it once however often called
+# One instance each: addFilter keeps a filter once however often quiet_known_noise runs.
+_LOGGER_FILTERS = {"transformers.modeling_utils": _DropMessages(lambda message: TIED_HEAD_MESSAGE in message),
+                   "transformers.trainer": _DropMessages(_only_tied_embeddings_missing)}
 
 
 def quiet_known_noise() -> None:
     """Hide the messages above in this process (nothing when ``FLANOPS_VERBOSE`` is set); safe to call again."""
     if verbose():
         return
-    # The logger transformers' loader writes to; a filter on it sees only that module's records.
-    logging.getLogger("transformers.modeling_utils").addFilter(_TIED_HEAD_FILTER)
+    for name, noise in _LOGGER_FILTERS.items():   # a filter on a logger sees only that module's records
+        logging.getLogger(name).addFilter(noise)
     warnings.filterwarnings("ignore", message=GRADIENT_CHECKPOINTING_MESSAGE, category=FutureWarning)
     warnings.filterwarnings("ignore", message=MERGED_HEAD_MESSAGE, category=UserWarning)
