@@ -10,6 +10,7 @@ needs no AWS region.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 from pathlib import Path
@@ -35,10 +36,18 @@ def add_config(parser: argparse.ArgumentParser) -> None:
                              "(steps.finetune.max_steps=50); repeatable")
 
 
+def add_verbose(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--verbose", action="store_true",
+                        help="also show library messages known to be harmless (transformers' tied-weights notice, "
+                             "deprecations inside peft; see steps/stepkit/quiet.py), here and in the local jobs")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flanops", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n", 1)[1].split("\n\nCommands")[0])
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+                                     epilog=__doc__.split("\n\n", 1)[1].split("\n\nCommands")[0], allow_abbrev=False)
+    # Subparsers do not inherit allow_abbrev: without it `--out` would pass for `--output-dir`.
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND",
+                                     parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
 
     def pipeline_command(name: str, help_text: str, **kwargs) -> argparse.ArgumentParser:
         """A command that works on the configured pipeline, in embedded AWS or AWS."""
@@ -56,11 +65,13 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--no-deploy", action="store_true",
                      help="locally, stop after registering (by default the package is deployed to the local "
                           "staging stack and invoked once)")
+    add_verbose(run)
     pipeline_command("definition", "print the pipeline definition JSON").add_argument(
         "--out", type=Path, help="write it to this file instead of stdout")
     pipeline_command("upsert", "create or update the pipeline")
-    pipeline_command("start", "start an execution of the upserted pipeline").add_argument(
-        "--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
+    start = pipeline_command("start", "start an execution of the upserted pipeline")
+    start.add_argument("--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
+    add_verbose(start)
     report = pipeline_command("report", "write a run's report again: report.html and report.md in its run folder")
     report.add_argument("run", metavar="RUN_OR_EXECUTION", help="a run folder, or an execution id or ARN "
                                                                 "(see flanops executions)")
@@ -112,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="default: 127.0.0.1 (this machine only)")
     serve.add_argument("--endpoint-name", help="the name it answers to on /endpoints/{name}/invocations "
                                                "(default: the stage's endpoint name)")
+    add_verbose(serve)
 
     invoke = pipeline_command("invoke", "summarize a dialogue with an endpoint")
     invoke.add_argument("text", help="the dialogue; - reads it from standard input")
@@ -146,6 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import FlanopsError
+    from .steps.stepkit.quiet import VERBOSE_ENV, quiet_known_noise
+
+    if getattr(args, "verbose", False):
+        os.environ[VERBOSE_ENV] = "1"   # local jobs inherit this process's environment
+    quiet_known_noise()
 
     try:
         if args.command == "local":

@@ -172,6 +172,11 @@ class PipelineConfig:
     overrides: list[str] = field(default_factory=list)
     security: Security = field(default_factory=Security)
 
+    @property
+    def label(self) -> str:
+        """How messages name the config: a shipped one as ``configs/quick.yaml``, never its installed path."""
+        return config_label(Path(self.source))
+
     def step_arguments(self, section: str) -> list[str]:
         """The ``steps.<section>`` settings as the step script's command-line flags."""
         return settings_to_flags(self.steps.get(section, {}))
@@ -218,6 +223,23 @@ def shipped_configs() -> list[Path]:
     return sorted(config_dir().glob("*.yaml"))
 
 
+def config_label(path: Path) -> str:
+    """``configs/<name>.yaml`` for a shipped config (installed under site-packages), else the path as given."""
+    if path.parent.resolve() == config_dir().resolve() and path.suffix == ".yaml":
+        return f"configs/{path.name}"
+    return str(path)
+
+
+def closest(name: str, choices: list[str]) -> str | None:
+    """The choice ``name`` is most likely a typo of, ignoring case and underscores (LoraRnak → LoraRank)."""
+    def key(text: str) -> str:
+        return text.lower().replace("_", "")
+
+    keyed = {key(choice): choice for choice in choices}
+    match = difflib.get_close_matches(key(name), list(keyed), n=1)
+    return keyed[match[0]] if match else None
+
+
 def resolve_config_path(name_or_path: str | Path | None) -> Path:
     """A path, or the name of a shipped config (``quick`` → ``configs/quick.yaml``)."""
     if name_or_path is None:
@@ -235,30 +257,31 @@ def resolve_config_path(name_or_path: str | Path | None) -> Path:
 def load_config(name_or_path: str | Path | None = None, params: list[str] | None = None) -> PipelineConfig:
     """Defaults, then the YAML file, then each ``NAME=VALUE`` override; validated as a whole."""
     path = resolve_config_path(name_or_path)
+    label = config_label(path)
     try:
         text = path.read_text(encoding="utf-8")
         raw = yaml.safe_load(text) or {}
     except UnicodeDecodeError as err:
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save it as UTF-8") from None
+        raise ConfigError(f"{label}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); save it as UTF-8") from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise ConfigError(f"{label}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of settings at the top level, got {type(raw).__name__}")
+        raise ConfigError(f"{label}: expected a mapping of settings at the top level, got {type(raw).__name__}")
     overrides = list(params or [])
     for spec in overrides:
         apply_override(raw, spec)
     try:
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(f"{path}{' with --param ' + ' '.join(overrides) if overrides else ''}: "
+        raise ConfigError(f"{label}{' with --param ' + ' '.join(overrides) if overrides else ''}: "
                           + "; ".join(describe_error(e) + error_context(e, None if overrides else text)
                                       for e in err.errors())) from None
     config = PipelineConfig(parsed.pipeline_name, parsed.parameters, parsed.steps, parsed.images,
                             parsed.cache_expire_after, parsed.max_retries, source=str(path), overrides=overrides,
                             security=parsed.security)
-    check_step_settings(config)
+    check_step_settings(config, text)
     check_network_isolation(config)
     return config
 
@@ -280,13 +303,15 @@ def apply_override(raw: dict, spec: str) -> None:
     elif name.startswith("steps.") and name.count(".") == 2:
         _, section, setting = name.split(".")
         if section not in STEP_SCRIPTS:
-            raise ConfigError(f"--param {name}: unknown step {section!r}; steps are {', '.join(STEP_SCRIPTS)}")
+            close = closest(section, list(STEP_SCRIPTS))
+            raise ConfigError(f"--param {name}: unknown step {section!r}{f' (did you mean {close}?)' if close else ''}; "
+                              f"steps are {', '.join(STEP_SCRIPTS)}")
         raw.setdefault("steps", {}).setdefault(section, {})[setting] = value
     elif name in ("pipeline_name", "cache_expire_after", "max_retries"):
         raw[name] = value
     else:
-        close = [p for p in Parameters.model_fields if p.lower() == name.lower().replace("_", "")]
-        hint = f" (did you mean {close[0]}?)" if close else ""
+        close = closest(name, list(Parameters.model_fields))
+        hint = f" (did you mean {close}?)" if close else ""
         raise ConfigError(f"--param {name}: unknown parameter{hint}; parameters are "
                           f"{', '.join(Parameters.model_fields)}, or steps.<step>.<setting>, pipeline_name")
 
@@ -309,32 +334,62 @@ def check_network_isolation(config: PipelineConfig) -> None:
     if values["BaseModelId"] != "tiny" and not config.steps.get("select", {}).get("random_weights"):
         fetched.append(f"BaseModelId {values['BaseModelId']!r} (select_model.py downloads it)")
     if fetched:
-        raise ConfigError(f"{config.source}: security.network_isolation leaves the jobs without network access, "
+        raise ConfigError(f"{config.label}: security.network_isolation leaves the jobs without network access, "
                           f"but they would fetch {' and '.join(fetched)}; turn network_isolation off, or use "
                           "InputDataUri=synthetic and BaseModelId=tiny")
 
 
-def check_step_settings(config: PipelineConfig) -> None:
-    """Each ``steps.<section>`` setting is a flag its script knows, of the right type.
+def check_step_settings(config: PipelineConfig, text: str | None = None) -> None:
+    """Each ``steps.<section>`` setting is exactly a flag its script has, of the right type.
 
-    The script's own argparse parser decides, so a config cannot drift from the scripts.
+    The script's own argparse parser decides, so a config cannot drift from the scripts. ``text``
+    (the YAML) lets a message give the line of a setting that came from the file.
     """
     unknown = set(config.steps) - set(STEP_SCRIPTS)
     if unknown:
-        raise ConfigError(f"{config.source}: steps.{sorted(unknown)[0]}: unknown step; steps are {', '.join(STEP_SCRIPTS)}")
+        section = sorted(unknown)[0]
+        close = closest(section, list(STEP_SCRIPTS))
+        raise ConfigError(f"{config.label}: steps.{section}: unknown step{f' (did you mean {close}?)' if close else ''}; "
+                          f"steps are {', '.join(STEP_SCRIPTS)}")
+    overridden = {spec.partition("=")[0].strip() for spec in config.overrides}
     for section, settings in config.steps.items():
         if not isinstance(settings, dict):
-            raise ConfigError(f"{config.source}: steps.{section} must be a mapping of flag: value")
-        wired = sorted(set(settings) & WIRED_FLAGS[section])
-        if wired:
-            raise ConfigError(f"{config.source}: steps.{section}.{wired[0]} is set by the pipeline itself "
-                              "(from a parameter or another step's output); remove it")
+            raise ConfigError(f"{config.label}: steps.{section} must be a mapping of flag: value")
+        script = STEP_SCRIPTS[section]
+        flags = step_flags(section)
         for name in settings:
-            if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)):
-                raise ConfigError(f"{config.source}: steps.{section}.{name}: settings are flag names like max_steps")
+            where = setting_origin(config, f"steps.{section}.{name}", overridden, text)
+            if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) or name == "help":
+                raise ConfigError(f"{where}: settings are flag names like max_steps")
+            if name in WIRED_FLAGS[section]:
+                raise ConfigError(f"{where} is set by the pipeline itself (from a parameter or another step's "
+                                  "output); remove it")
+            if name not in flags:
+                close = closest(name, sorted(flags - WIRED_FLAGS[section]))
+                hint = f"did you mean {close}? " if close else ""
+                raise ConfigError(f"{where}: {script}.py has no flag --{name.replace('_', '-')}; {hint}"
+                                  f"settings are its flags without the dashes (python steps/{script}.py --help)")
         problem = settings_problem(section, settings_to_flags(settings))
         if problem:
-            raise ConfigError(f"{config.source}: steps.{section} ({STEP_SCRIPTS[section]}.py): {problem}")
+            given = [spec for spec in config.overrides if spec.startswith(f"steps.{section}.")]
+            raise ConfigError(f"{config.label}{' with --param ' + ' '.join(given) if given else ''}: "
+                              f"steps.{section} ({script}.py): {problem}")
+
+
+def setting_origin(config: PipelineConfig, name: str, overridden: set[str], text: str | None) -> str:
+    """Where a step setting was given: ``--param steps.x.y`` or ``configs/x.yaml line 4: steps.x.y``."""
+    if name in overridden:
+        return f"--param {name}"
+    line = yaml_line(text, name.split(".")) if text else None
+    return f"{config.label}{f' line {line}' if line else ''}: {name}"
+
+
+def step_flags(section: str) -> set[str]:
+    """The long flags of a section's script, as settings (``--max-steps`` → ``max_steps``); ``help`` is none."""
+    parser = import_step(STEP_SCRIPTS[section]).build_parser()
+    # argparse has no public list of a parser's actions; _actions has been the one place since Python 3.2.
+    return {option[2:].replace("-", "_") for action in parser._actions for option in action.option_strings
+            if option.startswith("--") and option != "--help"}
 
 
 def settings_problem(section: str, flags: list[str]) -> str | None:
@@ -374,8 +429,8 @@ def error_context(error: dict, text: str | None) -> str:
         context += f" at line {line}"
     allowed = allowed_keys(loc[:-1]) if error["type"] == "extra_forbidden" else []
     if allowed:
-        close = difflib.get_close_matches(loc[-1].lower(), [key.lower() for key in allowed], n=1)
-        hint = f"did you mean {next(key for key in allowed if key.lower() == close[0])}? " if close else ""
+        close = closest(loc[-1], allowed)
+        hint = f"did you mean {close}? " if close else ""
         context += f"; {hint}allowed here: {', '.join(allowed)}"
     return context
 

@@ -532,9 +532,12 @@ def _shell_quote(value: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flanops.embedded", description="Start, inspect or stop the embedded AWS (moto) server."
+        prog="python -m flanops.embedded", description="Start, inspect or stop the embedded AWS (moto) server.",
+        allow_abbrev=False,
     )
-    commands = parser.add_subparsers(dest="command", required=True)
+    # Subparsers do not inherit allow_abbrev.
+    commands = parser.add_subparsers(dest="command", required=True,
+                                     parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
     commands.add_parser("start", help="start the server unless one is running; print its endpoint")
     commands.add_parser("status", help="print the running server's state; exit 1 if none is running")
     commands.add_parser("stop", help="stop the server (its state is lost)")

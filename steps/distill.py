@@ -55,8 +55,10 @@ CURVE_FILE = "training_curve.json"
 SHRUNK = "layers"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """This script's flags (flanops checks a config's ``steps`` settings against them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
     paths = parser.add_argument_group("paths")
     paths.add_argument("--teacher-dir", default=env_path(*TEACHER_ENV),
                        help=path_help("the fine-tuned (merged) model folder (finetune_lora.py output)", *TEACHER_ENV))
@@ -88,7 +90,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     train.add_argument("--max-validation-examples", type=int,
                        help="measure loss and agreement on only the first N validation examples (quick runs)")
     train.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_flags(args: argparse.Namespace) -> TrainSettings:

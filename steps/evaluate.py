@@ -70,8 +70,10 @@ FACTS_RECORDED = "facts_recorded"   # the metric that says whether the fact figu
 FACT_GATE_METRICS = ("facts_all_right", "facts_all_right_drop")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """This script's flags (flanops checks a config's ``steps`` settings against them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
     parser.add_argument("--model-dir", default=env_path(*MODEL_ENV), help=path_help("candidate model folder", *MODEL_ENV))
     parser.add_argument("--baseline-dir", default=env_path(*BASELINE_ENV),
                         help=path_help("baseline model folder, e.g. the un-tuned foundation model", *BASELINE_ENV))
@@ -118,7 +120,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     cost.add_argument("--throughput-batch", type=int, default=8, help="batch size for throughput (default: 8)")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir (and --package-dir)")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def parse_compare(specs: list[str]) -> list[tuple[str, Path]]:

@@ -46,8 +46,10 @@ ADAPTER_DIR = "adapter"
 CURVE_FILE = "training_curve.json"
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """This script's flags (flanops checks a config's ``steps`` settings against them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
     paths = parser.add_argument_group("paths")
     paths.add_argument("--model-dir", default=env_path(*MODEL_ENV), help=path_help("base model folder (select_model.py output)", *MODEL_ENV))
     paths.add_argument("--data-dir", default=env_path(*DATA_ENV), help=path_help("prepared splits (prepare_data.py output)", *DATA_ENV))
@@ -66,7 +68,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                        help="validation examples per forward pass (default: as many as fit the activation budget, "
                             "at most 64)")
     train.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_flags(args: argparse.Namespace) -> tuple[LoraSettings, TrainSettings]:

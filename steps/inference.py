@@ -71,6 +71,7 @@ from typing import Any
 
 from stepkit.batching import Batcher, Refused
 from stepkit.modeling import load_model_and_tokenizer, summarize
+from stepkit.quiet import quiet_known_noise
 from stepkit.records import json_reason
 from stepkit.threads import inference_threads
 
@@ -147,6 +148,7 @@ class SummarizationRequest:
 def model_fn(model_dir):
     import torch
 
+    quiet_known_noise()   # the toolkit calls model_fn in its own process: no step's run_step ran there
     model, tokenizer = load_model_and_tokenizer(model_dir, "model_dir", serving=True)
     model.eval()
     workers = getattr(model, "workers", 1)   # CTranslate2 runs one batch per core group at once

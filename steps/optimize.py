@@ -41,7 +41,8 @@ def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
 
 def parse_args(own: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     usage="%(prog)s --variant VARIANT --method METHOD -- [step arguments]")
+                                     usage="%(prog)s --variant VARIANT --method METHOD -- [step arguments]",
+                                     allow_abbrev=False)
     parser.add_argument("--variant", required=True, help=f"this branch: {', '.join(VARIANTS)}")
     parser.add_argument("--method", required=True,
                         help=f"the chosen optimization: {', '.join(METHODS)}; the branch runs when it is its variant or auto")
@@ -68,7 +69,8 @@ def skip_reason(variant: str, method: str) -> str | None:
 
 def write_skipped_output(step, variant: str, method: str, reason: str, step_argv: list[str]) -> None:
     """SKIPPED.json and _SUCCESS where ``step`` would have written its model (its --output-dir or env default)."""
-    parser = argparse.ArgumentParser(add_help=False)  # only the two flags that say where; the rest is the step's
+    # Only the two flags that say where; the rest is the step's (which refuses abbreviations too).
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--output-dir", default=env_path(*step.OUTPUT_ENV))
     parser.add_argument("--overwrite", action="store_true")
     known, _ = parser.parse_known_args(step_argv)

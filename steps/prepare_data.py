@@ -77,8 +77,10 @@ def fraction(text: str) -> float:
     return value
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """This script's flags (flanops checks a config's ``steps`` settings against them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
     parser.add_argument(
         "--input", default=env_path(*INPUT_ENV) or SYNTHETIC,
         help="'synthetic', a .jsonl/.json/.csv/.parquet file or folder, s3://bucket/prefix, or a Hugging Face "
@@ -109,7 +111,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--revision", default="main",
                         help="Hub revision for a Hub dataset --input or Hub --tokenizer: a commit sha pins exactly that "
                              "data (default: main)")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_flags_fit_input(args: argparse.Namespace) -> None:

@@ -45,8 +45,10 @@ OUTPUT_ENV = ("SM_MODEL_DIR",)
 METHODS = ("structured", "unstructured")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """This script's flags (flanops checks a config's ``steps`` settings against them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
     paths = parser.add_argument_group("paths")
     paths.add_argument("--model-dir", default=env_path(*MODEL_ENV), help=path_help("model to prune (finetune_lora.py output)", *MODEL_ENV))
     paths.add_argument("--data-dir", default=env_path(*DATA_ENV),
@@ -81,7 +83,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     recovery.add_argument("--max-validation-examples", type=int,
                           help="validation loss (before/after pruning and recovery) on the first N examples only")
     parser.add_argument("--seed", type=int, default=0)
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_flags(args: argparse.Namespace) -> None:

@@ -49,8 +49,10 @@ FP16_WARNING = ("T5 overflows in float16: feed-forward activations pass fp16's m
                 "which helps but is no guarantee. Prefer bf16 (or ct2-int8) and evaluate the result before using it.")
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    """This script's flags (flanops checks a config's ``steps`` settings against them)."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # --max-step must not pass for --max-steps
     parser.add_argument("--model-dir", default=env_path(*MODEL_ENV),
                         help=path_help("model folder to quantize (fine-tune, distill or prune output)", *MODEL_ENV))
     parser.add_argument("--method", required=True, help=f"one of {', '.join(METHODS)}")
@@ -59,7 +61,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=path_help("prepared splits (not needed by any current method; accepted so that the "
                                        "pipeline passes every optimize step the same inputs)", *DATA_ENV))
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def check_flags(args: argparse.Namespace) -> None:

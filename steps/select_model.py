@@ -51,8 +51,10 @@ class Source:
     entry: CatalogEntry | None = None
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """This script's flags (flanops checks a config's ``steps`` settings against them)."""
     parser = argparse.ArgumentParser(
+        allow_abbrev=False,  # --max-param must not pass for --max-params
         description="Select the Flan-T5 foundation model and write it as a model folder with a model card.",
         epilog="Sources for --model: a catalog name or hub id (see --list), 'tiny', a local folder or "
         "model.tar.gz, or an s3:// folder, prefix with model.tar.gz, or tarball (JumpStart artifacts too).",
@@ -83,7 +85,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print what would be selected and why; write nothing")
     parser.add_argument("--list", action="store_true", help="print the catalog and the instance table, then exit")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output-dir")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def _count(text: str) -> int:

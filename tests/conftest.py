@@ -213,6 +213,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         module = item.module.__name__
         group = "chain" if "chain" in item.fixturenames else EMBEDDED_GROUP if module in EMBEDDED_MODULES else module
+        if group in ("chain", EMBEDDED_GROUP) and item.get_closest_marker("smoke"):
+            # the smoke tier must stay under a minute: the chain trains for minutes, embedded AWS runs pipelines
+            raise pytest.UsageError(f"{item.nodeid} is marked smoke but needs {group}, which takes minutes")
         item.add_marker(pytest.mark.xdist_group(group))
     items.sort(key=lambda item: item.module.__name__ == EMBEDDED_MODULES[1])   # stable: notebooks last
     return (yield)

@@ -4,10 +4,12 @@ A test takes the ``reliability`` fixture and records what it observed for a case
 :data:`CASES`: ``reliability.record("data.empty", "exit 2: … is empty; nothing written")``.
 A test that may fail before it gets to record (a long one) also says up front which cases it
 proves, ``@pytest.mark.proves("load.over_limits")``, so its failure shows against them.
-Workers append their records to files in a folder the controller made; when the whole suite
-ran, the controller writes ``RELIABILITY.md`` beside ``pyproject.toml``: every case, in the
-issue's order, with what the test saw and whether the test passed. A case no test recorded
-shows as "not run", so a missing proof cannot hide.
+Workers append their records to files in a folder the controller made. Only when asked,
+``pytest --write-reliability`` (what ``.ci/run`` runs), and only when the whole suite ran, the
+controller writes ``RELIABILITY.md`` beside ``pyproject.toml``: every case, in the issue's order,
+with what the test saw and whether the test passed. A case no test recorded shows as "not run",
+so a missing proof cannot hide. ``FLANOPS_RELIABILITY_MD=PATH`` writes the same page to PATH after
+any run. A plain ``pytest`` never rewrites the tracked file.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from pathlib import Path
 import pytest
 
 RECORDS_ENV = "FLANOPS_RELIABILITY_RECORDS"
+OUT_ENV = "FLANOPS_RELIABILITY_MD"
+WRITE_OPTION = "--write-reliability"
 SECTIONS = ("Bad input", "Faults", "Load", "Security")
 
 # (id, section, group, case as the issue states it); the writer keeps this order.
@@ -105,9 +109,20 @@ def _is_controller(config) -> bool:
     return not hasattr(config, "workerinput")
 
 
+def pytest_addoption(parser):
+    parser.addoption(WRITE_OPTION, action="store_true",
+                     help="after a run of the whole suite, write RELIABILITY.md from what the tests observed "
+                          "(tests/reliability.py)")
+
+
+def _asked(config) -> bool:
+    return bool(config.getoption(WRITE_OPTION) or os.environ.get(OUT_ENV))
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "proves(*cases): the RELIABILITY.md cases this test proves (tests/reliability.py)")
-    if _is_controller(config) and RECORDS_ENV not in os.environ:
+    # Records are gathered only for a page that will be written; Recorder still checks every case id.
+    if _is_controller(config) and _asked(config) and RECORDS_ENV not in os.environ:
         # Workers start after this and inherit the environment.
         os.environ[RECORDS_ENV] = tempfile.mkdtemp(prefix="flanops-reliability-")
         config._reliability_owner = True
@@ -138,13 +153,15 @@ def pytest_runtest_logreport(report):
 
 
 def _whole_suite(config) -> bool:
+    """No test was chosen: the run's paths are the configured testpaths (the rootdir without them)."""
     option = config.option
-    if option.keyword or option.markexpr or getattr(option, "lf", False) or getattr(option, "failedfirst", False):
+    if (option.keyword or option.markexpr or option.collectonly or getattr(option, "deselect", None)
+            or getattr(option, "lf", False) or getattr(option, "failedfirst", False)):
         return False
-    testpaths = [str(Path(config.rootpath) / path) for path in config.getini("testpaths")]
-    given = [str(Path(config.invocation_params.dir) / arg) for arg in config.invocation_params.args
-             if not arg.startswith("-")]
-    return all(Path(arg).resolve() in {Path(path).resolve() for path in testpaths} for arg in given)
+    root = Path(config.rootpath)
+    suite = {(root / path).resolve() for path in config.getini("testpaths")} or {root.resolve()}
+    # config.args: the paths pytest collected from (a node id such as a.py::t is no folder of the suite)
+    return {Path(config.invocation_params.dir, arg).resolve() for arg in config.args} == suite
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -155,14 +172,23 @@ def pytest_sessionfinish(session, exitstatus):
     records = [json.loads(line) for path in sorted(folder.glob("*.jsonl"))
                for line in path.read_text(encoding="utf-8").splitlines() if line]
     shutil.rmtree(folder, ignore_errors=True)
-    out = os.environ.get("FLANOPS_RELIABILITY_MD")
+    out = os.environ.get(OUT_ENV)
     if not out and not _whole_suite(config):
+        config._reliability_note = (f"RELIABILITY.md not written: {WRITE_OPTION} writes it only after a run of the "
+                                    "whole suite (this run chose tests)")
         return
     target = Path(out) if out else Path(config.rootpath) / "RELIABILITY.md"
     text = render(records, dict(_OUTCOMES))
     temporary = target.with_name(f".{target.name}.tmp")
     temporary.write_text(text, encoding="utf-8")
     temporary.replace(target)
+    config._reliability_note = f"wrote {target}"
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    note = getattr(config, "_reliability_note", None)
+    if note:
+        terminalreporter.write_line(note)
 
 
 def _commit(root: Path) -> str:
@@ -188,8 +214,8 @@ def render(records: list[dict], outcomes: dict[str, str]) -> str:
     lines = [
         "# Reliability and security",
         "",
-        "Written by the test suite (`pytest`, see tests/reliability.py): each row is what a test",
-        "observed, and the test's outcome. Rewritten on every full run; do not edit by hand.",
+        "Written by the test suite (`pytest --write-reliability`, as `.ci/run` runs it; see tests/reliability.py):",
+        "each row is what a test observed, and the test's outcome. Do not edit by hand.",
         "",
         f"Last full run: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {_commit(root)}, "
         f"{platform.system()} {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}.",

@@ -207,6 +207,8 @@ CONFIG_CASES = [   # (case, file in bad_inputs/config, what the line must say)
                                                 "did you mean LoraRank?", "allowed here: InputDataUri"]),
     ("config.unknown_key", "unknown_top_key.yaml", ["unknown_top_key.yaml: pipline_name", "at line 2",
                                                     "did you mean pipeline_name?"]),
+    ("config.unknown_key", "unknown_setting.yaml", ["unknown_setting.yaml line 5: steps.finetune.max_step: "
+                                                    "finetune_lora.py has no flag --max-step; did you mean max_steps?"]),
     ("config.wrong_type", "wrong_type.yaml", ["parameters.LoraRank: Input should be a valid integer",
                                               "(given 'sixteen') at line 4", "parameters.MinRougeL", "at line 5"]),
     ("config.rank_zero", "rank_zero.yaml", ["parameters.LoraRank: Input should be greater than or equal to 1",
@@ -222,6 +224,7 @@ CONFIG_CASES = [   # (case, file in bad_inputs/config, what the line must say)
 ]
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("case, name, fragments", CONFIG_CASES, ids=[name for _, name, _ in CONFIG_CASES])
 def test_a_bad_config_is_refused_before_anything_runs(case, name, fragments, tmp_path, reliability):
     home, run_dir = tmp_path / "home", tmp_path / "run"

@@ -7,6 +7,8 @@ from peft import LoraConfig, get_peft_model
 
 from stepkit import catalog
 
+pytestmark = pytest.mark.smoke   # the quick tier: pytest -m smoke
+
 BASE = catalog.CATALOG["flan-t5-base"]
 
 

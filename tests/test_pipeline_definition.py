@@ -23,12 +23,13 @@ from botocore.validate import ParamValidator
 from conftest import mocked_aws
 from flanops import cli
 from flanops import definition as definition_module
-from flanops.config import Parameters, config_dir, import_step, load_config, shipped_configs
+from flanops.config import STEP_SCRIPTS, ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
 from flanops.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
 from flanops.local import json_path
 
 REPO = Path(__file__).resolve().parent.parent
-SCHEMA = REPO.parent / "shared" / "data" / "sagemaker" / "pipeline-definition.schema.json"
+SCHEMA = REPO / "tests" / "schemas" / "pipeline-definition.schema.json"       # vendored: see tests/schemas/README.md
+PUBLISHED_SCHEMA = REPO.parent / "shared" / "data" / "sagemaker" / "pipeline-definition.schema.json"
 REGION = "us-east-1"
 BUCKET = "flanops-definition-test"
 ROLE_ARN = "arn:aws:iam::123456789012:role/flanops-test"
@@ -194,6 +195,7 @@ def code_uris(definition: dict) -> dict[str, dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- API shapes
+@pytest.mark.smoke
 def test_job_arguments_are_valid_requests_of_their_api(steps, sagemaker_model):
     checked = [name for name, step in steps.items() if step["Type"] in OPERATIONS]
     assert sorted(checked) == sorted([name for name, kind in EXPECTED_STEPS if kind in OPERATIONS]
@@ -289,6 +291,7 @@ def test_the_parameter_type_check_sees_wrapped_and_unwrapped_uses(definition, st
 
 
 # ----------------------------------------------------------------------------- references
+@pytest.mark.smoke
 def test_every_reference_names_something_that_exists(definition, steps, sagemaker_model):
     parameters = {p["Name"] for p in definition["Parameters"]}
     property_files = {name: {f["PropertyFileName"]: f for f in step.get("PropertyFiles", [])}
@@ -335,9 +338,13 @@ def test_the_reference_check_would_catch_a_dangling_reference(steps, sagemaker_m
 # ----------------------------------------------------------------------------- published schema
 @pytest.fixture(scope="module")
 def schema() -> dict:
-    if not SCHEMA.is_file():
-        pytest.skip(f"{SCHEMA} is not present (only beside the project's own clone)")
     return json.loads(SCHEMA.read_text(encoding="utf-8"))
+
+
+def test_the_vendored_schema_is_the_published_one():
+    if not PUBLISHED_SCHEMA.is_file():
+        pytest.skip(f"{PUBLISHED_SCHEMA} is not present (only beside the project's own clone)")
+    assert SCHEMA.read_bytes() == PUBLISHED_SCHEMA.read_bytes()
 
 
 # Fields the SDK writes that the (older) published schema does not know yet.
@@ -345,6 +352,7 @@ NEWER_TOP_LEVEL = {"PipelineExperimentConfig", "MlflowConfig"}
 NEWER_STEP_FIELDS = {"PropertyFiles"}
 
 
+@pytest.mark.smoke
 def test_structure_matches_the_published_schema(definition, steps, schema):
     top = schema["properties"]
     assert set(schema["required"]) <= set(definition)
@@ -400,6 +408,7 @@ def test_structure_matches_the_published_schema(definition, steps, schema):
 
 
 # ----------------------------------------------------------------------------- parameters and graph
+@pytest.mark.smoke
 def test_parameters_match_the_shipped_quick_config(definition):
     quick = yaml.safe_load((config_dir() / "quick.yaml").read_text(encoding="utf-8"))["parameters"]
     kinds = {int: "Integer", float: "Float", str: "String"}
@@ -417,6 +426,7 @@ def test_parameters_match_the_shipped_quick_config(definition):
             "ModelApprovalStatus", "InputDataUri", "BaseModelId"} <= set(in_definition)
 
 
+@pytest.mark.smoke
 def test_step_graph(definition, steps):
     assert [(s["Name"], s["Type"]) for s in definition["Steps"]] == EXPECTED_STEPS
     gate = steps[NAMES.gate]["Arguments"]
@@ -698,13 +708,26 @@ def empty_home(tmp_path, monkeypatch) -> Path:
     return home
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("arguments, expected", [
     (["--param", "Foo=1"], ["--param Foo", "unknown parameter", "LoraRank"]),
     (["--param", "loRA_rank=8"], ["unknown parameter", "did you mean LoraRank"]),
-    (["--param", "LoraRank=abc"], ["LoraRank", "integer", "'abc'"]),
+    (["--param", "LoraRnak=8"], ["unknown parameter", "did you mean LoraRank?"]),
+    # a shipped config is named as such, not by where the package is installed
+    (["--param", "LoraRank=abc"], ["error: configs/quick.yaml with --param LoraRank=abc: parameters.LoraRank",
+                                   "integer", "'abc'"]),
     (["--config", "nope.yaml"], ["--config nope.yaml", "no such file", "quick"]),
     (["--param", "MinRougeL=40"], ["MinRougeL", "less than or equal to 1", "40"]),
     (["--param", "steps.finetune.max_stepz=5"], ["steps.finetune", "finetune_lora.py", "max-stepz"]),
+    # argparse would take a prefix of a flag for the flag (--max-step for --max-steps) and the default would win
+    (["--param", "steps.finetune.max_step=50"], ["--param steps.finetune.max_step: finetune_lora.py has no flag "
+                                                 "--max-step; did you mean max_steps?"]),
+    (["--param", "steps.finetune.learning_rat=0.1"], ["finetune_lora.py has no flag --learning-rat; did you mean "
+                                                      "learning_rate?"]),
+    (["--param", "steps.finetun.max_steps=5"], ["unknown step 'finetun' (did you mean finetune?)"]),
+    (["--param", "steps.finetune.max_steps=abc"], ["configs/quick.yaml with --param steps.finetune.max_steps=abc: "
+                                                   "steps.finetune (finetune_lora.py)", "invalid int value: 'abc'"]),
+    (["--param", "steps.finetune.help=true"], ["steps.finetune.help: settings are flag names"]),
     (["--param", "steps.finetune.lora_r=4"], ["steps.finetune.lora_r", "set by the pipeline itself"]),
 ])
 def test_bad_input_is_refused_before_anything_runs(arguments, expected, empty_home, tmp_path, capsys):
@@ -716,10 +739,49 @@ def test_bad_input_is_refused_before_anything_runs(arguments, expected, empty_ho
     for text in expected:
         assert text in captured.err, captured.err
     assert "Traceback" not in captured.err
+    assert len(captured.err.strip().splitlines()) == 1, captured.err
+    assert str(config_dir()) not in captured.err, "a shipped config is named configs/<name>.yaml"
     assert not empty_home.exists(), "no embedded AWS may start for a config error"
     assert not out_dir.exists()
 
 
+@pytest.mark.smoke
+def test_a_step_setting_in_a_config_file_must_be_exactly_a_flag(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("pipeline_name: typo\nsteps:\n  distill:\n    max_steps: 5\n    temprature: 2\n")
+    with pytest.raises(ConfigError) as raised:
+        load_config(config)
+    assert str(raised.value) == (f"{config} line 5: steps.distill.temprature: distill.py has no flag --temprature; "
+                                 "did you mean temperature? settings are its flags without the dashes "
+                                 "(python steps/distill.py --help)")
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("script", sorted({*STEP_SCRIPTS.values(), "optimize"}))
+def test_no_step_script_takes_an_abbreviated_flag(script, capsys):
+    """argparse's prefix matching would read --max-step as --max-steps (or --out as --output-dir)."""
+    module = import_step(script)
+    required = {"prune": ["--method", "structured", "--amount", "0.5"], "quantize": ["--method", "bf16"]}
+    abbreviated = (["--var", "distill", "--method", "distill"] if script == "optimize"
+                   else [*required.get(script, []), "--out", "x"])
+    with pytest.raises(SystemExit) as exited:
+        module.parse_args(abbreviated)
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert ("required: --variant" if script == "optimize" else "unrecognized arguments: --out x") in err, err
+
+
+@pytest.mark.smoke
+def test_the_cli_takes_no_abbreviated_flag(empty_home, capsys):
+    for argv in (["run", "--out", "x"], ["run", "--para", "LoraRank=8"], ["definition", "--conf", "quick"]):
+        with pytest.raises(SystemExit) as exited:
+            cli.main(argv)
+        assert exited.value.code == 2
+        assert "unrecognized arguments" in capsys.readouterr().err
+    assert not empty_home.exists()
+
+
+@pytest.mark.smoke
 def test_every_shipped_config_loads():
     paths = shipped_configs()
     assert {p.stem for p in paths} >= {"quick", "cloud"}

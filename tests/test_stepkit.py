@@ -21,6 +21,9 @@ from stepkit.catalog import CATALOG, GIB, T5Dims
 from stepkit.training import (MAX_EVAL_BATCH_SIZE, Encoded, TrainSettings, activation_bytes, encode_pairs,
                               evaluation_batch_size, plan_memory)
 
+pytestmark = pytest.mark.smoke   # the quick tier: pytest -m smoke
+
+
 # ---------------------------------------------------------------- metrics
 
 

@@ -12,6 +12,8 @@ from stepkit.errors import StepError
 from stepkit.threads import (MULTI_THREAD_PARAMETERS, ThreadsThatFit, free_cores, idle_cores, idle_cpus,
                              inference_threads, training_threads, usable_cpus)
 
+pytestmark = pytest.mark.smoke   # the quick tier: pytest -m smoke
+
 
 def test_small_models_generate_on_one_thread_and_big_ones_on_every_core(monkeypatch):
     monkeypatch.delenv("FLANOPS_THREADS", raising=False)

@@ -5,6 +5,8 @@ import errno
 import sys
 from typing import Callable
 
+from .quiet import quiet_known_noise
+
 # What a full or read-only disk looks like from Python, and from libraries that format the OS error.
 _STORAGE_ERRNOS = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
                    errno.EROFS: "the file system is read-only", errno.EFBIG: "the file is too large for the file system"}
@@ -36,8 +38,10 @@ def storage_problem(err: BaseException) -> str | None:
 def run_step(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
     """Run a step's ``main`` and turn a StepError into a one-line message and exit code 2.
 
-    Anything else is a bug in the step and keeps its traceback.
+    Anything else is a bug in the step and keeps its traceback. Library messages known to be harmless
+    are hidden first (``stepkit.quiet``; ``FLANOPS_VERBOSE=1`` shows them).
     """
+    quiet_known_noise()
     try:
         return main(argv) or 0
     except StepError as err:
