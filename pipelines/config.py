@@ -179,18 +179,22 @@ class PipelineConfig:
 
     def step_arguments(self, section: str) -> list[str]:
         """The ``steps.<section>`` settings as the step script's command-line flags."""
-        return settings_to_flags(self.steps.get(section, {}))
+        return settings_to_flags(self.steps.get(section, {}), step_flags(section) if section in STEP_SCRIPTS else set())
 
     def parameter_values(self) -> dict[str, Any]:
         return self.parameters.model_dump()
 
 
-def settings_to_flags(settings: dict[str, Any]) -> list[str]:
+def settings_to_flags(settings: dict[str, Any], known: set[str] = frozenset()) -> list[str]:
+    """Settings as flags: ``true`` gives the bare flag; ``false`` gives ``--no-<name>`` where the script has
+    one (``gradient_checkpointing: false``), else nothing (the flag's default is off)."""
     flags: list[str] = []
     for name, value in settings.items():
         flag = "--" + name.replace("_", "-")
         if value is True:
             flags.append(flag)
+        elif value is False and f"no_{name}" in known:
+            flags.append("--no-" + name.replace("_", "-"))
         elif value is False or value is None:
             continue
         else:
@@ -369,7 +373,7 @@ def check_step_settings(config: PipelineConfig, text: str | None = None) -> None
                 hint = f"did you mean {close}? " if close else ""
                 raise ConfigError(f"{where}: {script}.py has no flag --{name.replace('_', '-')}; {hint}"
                                   f"settings are its flags without the dashes (python steps/{script}.py --help)")
-        problem = settings_problem(section, settings_to_flags(settings))
+        problem = settings_problem(section, settings_to_flags(settings, flags))
         if problem:
             given = [spec for spec in config.overrides if spec.startswith(f"steps.{section}.")]
             raise ConfigError(f"{config.label}{' with --param ' + ' '.join(given) if given else ''}: "

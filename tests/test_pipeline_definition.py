@@ -833,3 +833,17 @@ def test_a_ct2_artifact_without_its_wheel_installs_the_runtime_from_the_index(tm
         requirements = tar.extractfile("code/requirements.txt").read().decode()
         assert not [name for name in tar.getnames() if name.startswith("code/wheels")]
     assert f"ctranslate2=={runtime_version()}" in requirements and "--no-index" not in requirements
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("value, flags", [("false", ["--no-gradient-checkpointing"]),
+                                          ("true", ["--gradient-checkpointing"])])
+def test_a_false_step_setting_reaches_a_script_flag_that_can_be_turned_off(value, flags):
+    """``gradient_checkpointing: false`` used to be dropped, so the script's own choice won."""
+    from flanops.config import load_config
+
+    arguments = load_config("quick", [f"steps.finetune.gradient_checkpointing={value}"]).step_arguments("finetune")
+    assert [flag for flag in arguments if "gradient-checkpointing" in flag] == flags
+    # a flag that has no --no- form is off by being left out
+    select = load_config("quick", ["steps.select.random_weights=false"]).step_arguments("select")
+    assert not [flag for flag in select if "random-weights" in flag]
