@@ -132,7 +132,6 @@ def questions(slots: dict[str, str], scenario: synthetic.Scenario | None) -> lis
 TASK_SHARES = {"question": 0.6, "infill": 0.3, "corrupt": 0.1}   # questions only where a text has answers
 
 
-
 def corpus_pairs(count: int, seed: int, shares: dict[str, float] | None = None, names: str = "letters") -> list[Pair]:
     """``count`` (source, target) pairs of the tasks above, as text, seeded; ``names`` as in invented_name."""
     shares = shares or TASK_SHARES
