@@ -3,10 +3,11 @@
 No model hub is reachable offline and no package ships Flan-T5 weights, so the project ships
 its own (``standin/``, rebuilt by ``STANDIN_RECIPE``): a tokenizer trained on the pretraining
 corpus, a T5 with Flan-T5's architecture choices (gated-GELU feed-forward, untied LM head,
-relative attention buckets) at a size that trains on 2 CPU cores, pretrained in two stages:
+relative attention buckets) at a size that trains on 2 CPU cores, pretrained in ``STAGES`` of
+two kinds of examples, alone or mixed:
 
-1. a copy warm-start (``copy_examples``): T5 has no absolute positions, so it copies only
-   through an induction circuit, which from scratch forms after a long plateau;
+1. copies (``copy_examples``): T5 has no absolute positions, so it copies only through an
+   induction circuit, which from scratch forms after a long plateau (the first stage is copies alone);
 2. the corpus tasks of ``stepkit.pretraining`` (infilling, span corruption, extractive
    questions) over invented names and places, never a conversation with its summary.
 
