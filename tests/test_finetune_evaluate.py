@@ -85,16 +85,11 @@ def test_the_quick_fine_tune_states_facts_it_had_to_copy(chain):
     floor = load_config("quick").parameters.MinFactAccuracy
     assert chain["result"]["metrics"]["facts_all_right"]["value"] >= floor
     assert chain["result"]["metrics"]["rougeL_gain_over_constant"]["value"] >= 0.15
-    # a dialogue written by hand, not by the generator: its count, time and day
+    # a dialogue written by hand, not by the generator: the surname (train's are random letters),
+    # the count, the time and the day
     summary, facts = _sample_facts(chain)
-    missing = [value for slot, values in facts.items() if slot != "speakers" for value, said in values if not said]
+    missing = [value for values in facts.values() for value, said in values if not said]
     assert not missing, (summary, missing)
-
-
-@pytest.mark.xfail(strict=True, reason="issue 18, open: the stand-in writes 'Johnsons' for the surname Johnson")
-def test_the_quick_fine_tune_copies_the_hand_written_samples_surname(chain):
-    summary, facts = _sample_facts(chain)
-    assert all(said for _, said in facts["speakers"]), summary
 
 
 def test_predictions_file_has_one_readable_line_per_example(chain):

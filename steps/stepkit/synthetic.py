@@ -2,8 +2,8 @@
 
 Each example is one scenario (topic + intent) filled with slots: two speaker names, a day, a
 time, an amount, an item or place. Dialogues vary in length (small talk, clarifications,
-a rejected first offer as a distractor value) and summaries come in several phrasings, all
-of which are kept as references. ``facts`` lists the slot values the summary states, so an
+a rejected first offer as a distractor value). Summaries come in several phrasings, all kept as
+references; the first, the scenario's house style, is the ``summary`` a fine-tune learns. ``facts`` lists the slot values the summary states, so an
 evaluation can check whether a model got the speakers and values right, not just the template.
 
 Held out, so that stating a fact means copying it from the dialogue (see HoldOut): train's
@@ -497,8 +497,13 @@ def render(scenario: Scenario, slots: Slots, rng: random.Random) -> tuple[str, l
         turns = turns + [(1, thanks), (2, bye)]
     dialogue = "\n".join(f"#Person{speaker}#: {text}" for speaker, text in turns)
     summaries = [template.format(**slots) for template in scenario.summaries]
-    first = rng.randrange(len(summaries))  # which phrasing is "the" summary varies
-    return dialogue, summaries[first:] + summaries[:first]
+    # The first phrasing is "the" summary, the one a fine-tune learns: with the phrasing drawn at random,
+    # a dialogue had two targets that start with different speakers, and the stand-in blended them
+    # ("Olulia tells Olivia" for Julia): 58% of held-out summaries had every fact right, against 92.5%
+    # with one house style (same dialogues and stand-in). The draw stays, so that a seed gives the
+    # dialogues it always gave (and the stand-in's pretraining corpus its recipe names).
+    rng.randrange(len(summaries))
+    return dialogue, summaries
 
 
 def generate_example(rng: random.Random, example_id: str, pools: Pools, days_for: Callable[[str], list[str]],
