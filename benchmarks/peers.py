@@ -135,7 +135,7 @@ def onnx_instruction_set() -> str:
 
 def portable_copy(source: Path, into: Path) -> Path:
     """``source`` as transformers 4.x reads it: configs through stepkit.modeling.portable_config, the rest linked."""
-    from ..steps.stepkit.modeling import portable_config
+    from stepkit.modeling import portable_config
 
     into.mkdir(parents=True)
     for path in source.iterdir():
@@ -272,7 +272,7 @@ class Peers:
     def weights_bytes(self, peer: str) -> int:
         if peer == ONNX:
             return sum(self.details[ONNX]["files"].values())
-        from ..steps.stepkit.cost import size_on_disk
+        from stepkit.cost import size_on_disk
 
         return size_on_disk(self.folders[peer])["weights_bytes"]
 

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flanops.errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
 
 from .stages import StageConfig, Vpc
 
@@ -186,7 +186,7 @@ def write_template(template: dict[str, Any], path: str | Path) -> Path:
 
 def parse_s3_uri(uri: str) -> tuple[str, str]:
     """``s3://bucket/a/b/`` → ``("bucket", "a/b")``; a user's URI, so a bad one is a FlanopsError."""
-    from flanops.definition import split_s3_uri
+    from flanops.pipelines.definition import split_s3_uri
 
     try:
         bucket, key = split_s3_uri(uri)

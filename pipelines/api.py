@@ -161,7 +161,7 @@ def model_packages(config: str | None = None, aws: bool = False):
 
 def sample_dialogues(count: int, seed: int = 11) -> list[str]:
     """``count`` synthetic dialogues (not in any run's data: another seed) to send to an endpoint."""
-    from .steps.stepkit.synthetic import generate_splits
+    from stepkit.synthetic import generate_splits
 
     return [row["dialogue"] for row in generate_splits({"test": count}, seed)["test"]]
 
@@ -225,7 +225,7 @@ def captured_records(stage: str = "staging", config: str | None = None, aws: boo
     """The data-capture records of a stage's endpoint (oldest first), as SageMaker writes them to S3."""
     from .config import load_config
     from .commands import package_group
-    from .infra.deploy import deployed
+    from flanops.infra.deploy import deployed
     from .serving import read_capture
 
     chosen = session(aws)
@@ -242,7 +242,7 @@ def compare_packages(arns: list[str], aws: bool = False):
     """Registered model package versions side by side: status, variant, and their ModelQuality metrics."""
     import pandas as pd
 
-    from .infra.deploy import describe_package
+    from flanops.infra.deploy import describe_package
     from .report import read_s3_file
 
     chosen = session(aws)

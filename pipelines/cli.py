@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import FlanopsError
-    from .steps.stepkit.quiet import VERBOSE_ENV, quiet_known_noise
+    from stepkit.quiet import VERBOSE_ENV, quiet_known_noise
 
     if getattr(args, "verbose", False):
         os.environ[VERBOSE_ENV] = "1"   # local jobs inherit this process's environment

@@ -36,7 +36,7 @@ def open_target(args, config: PipelineConfig | None = None) -> Target:
     if args.aws:
         return aws_target(args, kms_key_id)
     from .embedded import ensure_server
-    from .infra.pipeline_role import SAGEMAKER_TRUST, put_pipeline_policy
+    from flanops.infra.pipeline_role import SAGEMAKER_TRUST, put_pipeline_policy
 
     aws = ensure_server()
     aws.activate()   # the SDK makes its own clients from the environment: point them at the server too
@@ -84,7 +84,7 @@ def embedded_bucket(session, kms_key_id: str | None = None) -> str:
 
     The SDK's own default_bucket() calls STS at its public regional endpoint, bypassing ours.
     """
-    from .infra.buckets import ensure_bucket
+    from flanops.infra.buckets import ensure_bucket
 
     bucket, _ = sdk_default_bucket(session)
     ensure_bucket(session.client("s3"), bucket, session.region_name, kms_key_id=kms_key_id)
@@ -105,7 +105,7 @@ def default_bucket(session, kms_key_id: str | None = None) -> str:
     """
     from sagemaker.core.workflow.pipeline_context import PipelineSession
 
-    from .infra.buckets import ensure_bucket
+    from flanops.infra.buckets import ensure_bucket
 
     bucket, account = sdk_default_bucket(session)
     ensure_bucket(session.client("s3"), bucket, session.region_name, kms_key_id=kms_key_id, expected_owner=account)
@@ -302,11 +302,11 @@ SAMPLE = {"dialogue": "#Person1#: Hi, I'd like to book a table for four at 7 pm 
 
 def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -> int:
     """After a local run: deploy the registered package to the local stage's stack and invoke it once."""
-    from .infra.deploy import deploy as deploy_stack
-    from .infra.deploy import resolve_package
-    from .infra.stages import load_stage
+    from flanops.infra.deploy import deploy as deploy_stack
+    from flanops.infra.deploy import resolve_package
+    from flanops.infra.stages import load_stage
     from .local import write_json_atomic
-    from .steps.stepkit.metrics import stated_facts
+    from stepkit.metrics import stated_facts
 
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
@@ -568,7 +568,7 @@ def package_group(config: PipelineConfig) -> str:
 
 
 def approve(args) -> int:
-    from .infra.deploy import approve as approve_package
+    from flanops.infra.deploy import approve as approve_package
 
     package = approve_package(target_session(args), args.model_package, args.description)
     print(f"approved {package['ModelPackageArn']} (group {package['ModelPackageGroupName']}, "
@@ -577,9 +577,9 @@ def approve(args) -> int:
 
 
 def deploy(args) -> int:
-    from .infra.deploy import deploy as deploy_stack
-    from .infra.deploy import dry_run, resolve_package
-    from .infra.stages import load_stage
+    from flanops.infra.deploy import deploy as deploy_stack
+    from flanops.infra.deploy import dry_run, resolve_package
+    from flanops.infra.stages import load_stage
 
     config = load_config(args.config, args.param)
     stage = load_stage(args.stage)
@@ -603,8 +603,8 @@ def role(args) -> int:
     """Write the pipeline execution role (least privilege) as a CloudFormation template, cfn-lint checked."""
     import boto3
 
-    from .infra.pipeline_role import pipeline_role_template
-    from .infra.template import lint_template, write_template
+    from flanops.infra.pipeline_role import pipeline_role_template
+    from flanops.infra.template import lint_template, write_template
 
     config = load_config(args.config, args.param)
     region = args.region or boto3.Session().region_name
@@ -624,7 +624,7 @@ def role(args) -> int:
 
 
 def destroy(args) -> int:
-    from .infra.deploy import destroy as destroy_stack
+    from flanops.infra.deploy import destroy as destroy_stack
 
     config = load_config(args.config, args.param)
     destroy_stack(target_session(args), args.stage, package_group(config))
@@ -666,7 +666,7 @@ def serve(args) -> int:
 
 def model_to_serve(args, session, group: str) -> tuple[str, str, str | None]:
     """(model data, endpoint name, model package ARN) for ``flanops serve``'s choice of model."""
-    from .infra.deploy import deployed, describe_package
+    from flanops.infra.deploy import deployed, describe_package
 
     if args.model_data:
         return args.model_data, args.endpoint_name or "flanops-local", None
@@ -721,7 +721,7 @@ def invoke(args) -> int:
 
 
 def deployed_endpoint(session, args) -> str:
-    from .infra.deploy import deployed
+    from flanops.infra.deploy import deployed
 
     config = load_config(args.config, args.param)
     result = deployed(session, args.stage, package_group(config))
@@ -735,7 +735,7 @@ def bench(args) -> int:
     """``flanops bench``: the benchmarks in benchmarks/ (imported only here: they load torch)."""
     import sys
 
-    from . import benchmarks
+    from flanops import benchmarks
 
     models = benchmarks.resolve_models([name for name in args.models.split(",") if name.strip()])
     sections = benchmarks.resolve_sections(args.sections)

@@ -138,8 +138,8 @@ def upload_serving_wheel(s3, bucket: str, pipeline_name: str, serving_python: st
     network access of its own (a job in a VPC or with network isolation has none). None, with a
     warning, where it cannot be fetched (no package index reachable and none cached).
     """
-    from .steps.stepkit.errors import StepError
-    from .steps.stepkit.wheels import runtime_wheel
+    from stepkit.errors import StepError
+    from stepkit.wheels import runtime_wheel
 
     try:
         wheel = runtime_wheel(serving_python)
@@ -452,7 +452,7 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
 
     report = PropertyFile(name=EVALUATION_REPORT, output_name="evaluation", path="evaluation.json")
     serving_python = image_python(inference_image)
-    from .steps.stepkit.wheels import NO_WHEEL_FLAG
+    from stepkit.wheels import NO_WHEEL_FLAG
 
     wheels_uri = upload_serving_wheel(session.client("s3"), default_bucket, name, serving_python)
     wheels = (["--wheelhouse", f"{PROCESSING}/input/wheels"], [processing_input("wheels", wheels_uri)]) if wheels_uri \
@@ -544,7 +544,7 @@ def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: s
     """What a definition is made of: the config, the target, the step code, this module and the SDK's version."""
     from importlib.metadata import version
 
-    from .steps.stepkit.wheels import cache_dir, runtime_version
+    from stepkit.wheels import cache_dir, runtime_version
 
     digest = hashlib.sha256()
     settings = {"pipeline_name": config.pipeline_name, "parameters": config.parameter_values(), "steps": config.steps,

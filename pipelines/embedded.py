@@ -10,8 +10,8 @@ callers find it there and reuse it. A file lock keeps concurrent callers from st
     with aws.activated():            # boto3, the AWS CLI and the SageMaker SDK now talk to moto
         boto3.client("s3").list_buckets()
 
-From a shell: ``eval "$(python -m flanops.embedded env)"`` then ``aws s3 ls``;
-``python -m flanops.embedded status|stop`` to inspect or stop the server.
+From a shell: ``eval "$(python -m flanops.pipelines.embedded env)"`` then ``aws s3 ls``;
+``python -m flanops.pipelines.embedded status|stop`` to inspect or stop the server.
 
 State lives only as long as the server process. ``stop_server()``, a reboot or a crash
 loses every bucket, pipeline and model package. moto 5.2.5 has no snapshot or restore.
@@ -64,7 +64,7 @@ moto serves every region; this default only names one for clients."""
 _FAKE_ACCESS_KEY_ID = "testing"
 _FAKE_SECRET_ACCESS_KEY = "testing"  # nosec B105 # moto's dummy key; embedded AWS takes any
 _HOST = "127.0.0.1"
-_LAUNCHER_MODULE = "flanops.embedded"  # also how stop_server recognises its process in /proc
+_LAUNCHER_MODULE = "flanops.pipelines.embedded"  # also how stop_server recognises its process in /proc
 _START_TIMEOUT_S = 30.0  # moto imports in 1-3 s; a loaded 2-core CI machine can be much slower
 _HEALTH_TIMEOUT_S = 2.0
 _STOP_TIMEOUT_S = 10.0
@@ -532,7 +532,7 @@ def _shell_quote(value: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flanops.embedded", description="Start, inspect or stop the embedded AWS (moto) server.",
+        prog="python -m flanops.pipelines.embedded", description="Start, inspect or stop the embedded AWS (moto) server.",
         allow_abbrev=False,
     )
     # Subparsers do not inherit allow_abbrev.

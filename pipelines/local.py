@@ -37,8 +37,8 @@ from typing import Any, Callable
 
 from .embedded import process_alive
 from .errors import FlanopsError
-from .steps.stepkit.errors import first_line, storage_problem
-from .steps.stepkit.threads import usable_cpus
+from stepkit.errors import first_line, storage_problem
+from stepkit.threads import usable_cpus
 
 CONTAINER_ROOT = "/opt/ml"
 PLACEHOLDER_EXECUTION = "<execution-id>"   # stands in for the execution id in cache keys
@@ -692,7 +692,7 @@ class LocalExecutor:
         self.run_process(name, command, code_dir, env, sandbox, entry, record)
         output_path = arguments["OutputDataConfig"]["S3OutputPath"].rstrip("/")
         artifact = sandbox / "model.tar.gz"
-        from .steps.stepkit.modeling import pack_folder   # /opt/ml/model as is, as SageMaker tars it: reproducible bytes
+        from stepkit.modeling import pack_folder   # /opt/ml/model as is, as SageMaker tars it: reproducible bytes
 
         pack_folder(model_dir, artifact)
         from .definition import split_s3_uri

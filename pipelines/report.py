@@ -20,7 +20,7 @@ from typing import Any
 from .definition import EVALUATION_REPORT, NAMES, split_s3_uri
 from .errors import FlanopsError
 from .local import StepGraph, load_execution
-from .steps.stepkit.metrics import mention_spans, stated_facts, unexplained_runs
+from stepkit.metrics import mention_spans, stated_facts, unexplained_runs
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -51,12 +52,12 @@ def fetch_model_data(source: str | Path, session, workdir: Path) -> Path:
 
     An S3 URI may name the tarball or a prefix that holds ``model.tar.gz``.
     """
-    from .steps.stepkit.errors import StepError
-    from .steps.stepkit.modeling import MODEL_ARCHIVE, extract_safely
+    from stepkit.errors import StepError
+    from stepkit.modeling import MODEL_ARCHIVE, extract_safely
 
     text = str(source)
     if text.startswith("s3://"):
-        from .infra.template import parse_s3_uri
+        from flanops.infra.template import parse_s3_uri
 
         bucket, key = parse_s3_uri(text)
         if not key:
@@ -95,12 +96,17 @@ def check_artifact(folder: Path, label: str) -> Path:
 
 
 def import_handler(model_dir: Path):
-    """Import ``code/inference.py`` as the toolkit does: ``code/`` first on ``sys.path``, module ``inference``."""
-    code_dir = str(model_dir / "code")
-    sys.path.insert(0, code_dir)
-    for name in [n for n in sys.modules if n == "inference" or n == "stepkit" or n.startswith("stepkit.")]:
-        del sys.modules[name]   # another artifact's handler, imported earlier in this process
-    module = importlib.import_module("inference")
+    """Import ``code/inference.py`` as the toolkit does: ``code/`` first on ``sys.path``, module ``inference``.
+
+    Its ``import stepkit`` finds the kit this process has already loaded (installed with flanops, the
+    files the artifact's ``code/stepkit`` was packed from), so each stepkit module has one identity here.
+    """
+    code_dir = model_dir / "code"
+    sys.path.insert(0, str(code_dir))
+    spec = importlib.util.spec_from_file_location("inference", code_dir / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["inference"] = module   # this artifact's handler; another one imported earlier is another file
+    spec.loader.exec_module(module)
     missing = [name for name in HANDLER_FUNCTIONS if not callable(getattr(module, name, None))]
     if missing:
         raise FlanopsError(f"{model_dir / 'code' / 'inference.py'}: no {', '.join(missing)}; a handler needs "
@@ -452,7 +458,7 @@ def serve_in_subprocess(*serve_arguments: str, env: dict[str, str] | None = None
     """
     import subprocess
 
-    command = [sys.executable, "-m", "flanops.cli", "serve", *serve_arguments, "--port", "0"]
+    command = [sys.executable, "-m", "flanops.pipelines.cli", "serve", *serve_arguments, "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     try:

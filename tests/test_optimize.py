@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import run_step
 
-import optimize
-import select_model
+from flanops.steps import optimize
+from flanops.steps import select_model
 from stepkit import catalog
 from stepkit.contract import SKIPPED_MARKER, skipped_reason
 from stepkit.errors import run_step as run_main

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import evaluate
-import optimize
-import select_model
+from flanops.steps import evaluate
+from flanops.steps import optimize
+from flanops.steps import select_model
 from stepkit import catalog
 from stepkit.errors import run_step as run_main
 from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
