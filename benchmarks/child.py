@@ -62,7 +62,7 @@ def generate(task: dict) -> dict:
 def translate(task: dict) -> dict:
     import ctranslate2
 
-    from .peers import translate_fixed
+    from .peer_runtimes import translate_fixed
 
     before = current_rss_bytes()
     translator = ctranslate2.Translator(task["model_dir"], device="cpu", intra_threads=task["threads"])

@@ -29,8 +29,9 @@ def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> Se
     from flanops.pipelines.commands import definition_for, open_target
     from flanops.pipelines.config import load_config, steps_dir
     from flanops.pipelines.definition import NAMES
-    from flanops.pipelines.embedded import flanops_home
-    from flanops.pipelines.local import Context, LocalExecutor, format_value
+    from flanops.pipelines.home import flanops_home
+    from flanops.pipelines.expressions import Context, format_value
+    from flanops.pipelines.local import LocalExecutor
 
     label = "executor PrepareData"
     config = load_config(None, [f"pipeline_name={PIPELINE}", f"steps.prepare.train_size={settings.executor_train_size}",

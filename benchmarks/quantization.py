@@ -20,7 +20,7 @@ from stepkit.cost import generate_fixed, size_on_disk
 from stepkit.modeling import load_model_and_tokenizer
 from .harness import (BenchSettings, ModelSpec, Progress, SectionResult, Side, interleaved, quantity, ratio, run_child,
                       size_ratio, spread, target)
-from .peers import Peers, peer_models, tokens_of, translate_fixed
+from .peer_runtimes import Peers, peer_models, tokens_of, translate_fixed
 from .subjects import Workspace, fixed_inputs
 
 TITLE = "Quantization"

@@ -86,8 +86,8 @@ def session(aws: bool = False):
 def run_facts(run_or_execution: str | Path, config: str | None = None):
     """The report's facts of a local run folder, or of an execution id or ARN of the configured pipeline."""
     from .config import load_config
-    from .embedded import flanops_home
-    from .report import collect, find_record, run_definition
+    from .home import flanops_home
+    from .runfacts import collect, find_record, run_definition
 
     record = find_record(flanops_home(), load_config(config, []).pipeline_name, str(run_or_execution))
     return collect(session(), record, run_definition(record))
@@ -243,7 +243,7 @@ def compare_packages(arns: list[str], aws: bool = False):
     import pandas as pd
 
     from flanops.infra.deploy import describe_package
-    from .report import read_s3_file
+    from .runfacts import read_s3_file
 
     chosen = session(aws)
     sagemaker, s3 = chosen.client("sagemaker"), chosen.client("s3")

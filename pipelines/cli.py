@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         # Lost AWS and full or read-only disks can strike anywhere; anything else is a bug and keeps its traceback.
-        from .local import known_failure
+        from .failures import known_failure
 
         failure = known_failure(f"flanops {args.command}", err, os.environ.get("AWS_ENDPOINT_URL"))
         if failure is None:

@@ -205,8 +205,9 @@ def warn_about_gate(config: PipelineConfig) -> None:
 
 def write_run_report(target: Target, run_dir: Path) -> None:
     """A local run's report.html and report.md."""
-    from .embedded import flanops_home
-    from .report import find_record, report_run
+    from .home import flanops_home
+    from .report import report_run
+    from .runfacts import find_record
 
     announce_report(lambda: report_run(target.session, find_record(flanops_home(), "", str(run_dir))),
                     f"flanops report {run_dir}")
@@ -214,7 +215,7 @@ def write_run_report(target: Target, run_dir: Path) -> None:
 
 def announce_report(write: Callable[[], Path], retry: str) -> None:
     """Write a run's report and say where; a run's outcome stands even when its report cannot be written."""
-    from .local import known_failure
+    from .failures import known_failure
 
     try:
         path = write()
@@ -229,12 +230,13 @@ def announce_report(write: Callable[[], Path], retry: str) -> None:
 
 def report(args) -> int:
     """Write (again) a local run's report into its run folder."""
-    from .embedded import flanops_home
-    from .report import find_record, report_run
+    from .home import flanops_home
+    from .report import report_run
+    from .runfacts import find_record
 
     config = load_config(args.config, args.param)
     if args.aws:   # a SageMaker execution: its record comes from the API, the report goes to a local folder
-        from .report import sagemaker_record
+        from .runfacts import sagemaker_record
 
         session = aws_session()
         arn = execution_arn(session.client("sagemaker"), config.pipeline_name, args.run)
@@ -255,12 +257,13 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
                                                  PipelineParameters=execution_parameters(config))["PipelineExecutionArn"]
         print(f"started {arn}")
         code = follow_on_sagemaker(target, arn)
-        from .report import report_run, sagemaker_record
+        from .report import report_run
+        from .runfacts import sagemaker_record
 
         announce_report(lambda: report_run(target.session, *sagemaker_record(
             target.session, arn, sagemaker_run_dir(output_dir, arn))), f"flanops report --aws {arn}")
         return code, None
-    from .embedded import flanops_home
+    from .home import flanops_home
     from .local import LocalExecutor
 
     run_dir = prepare_run_dir(output_dir)
@@ -274,8 +277,9 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
 
 
 def resume_local(config: PipelineConfig, target: Target, execution: str) -> tuple[int, Path]:
-    from .embedded import flanops_home
-    from .local import LocalExecutor, load_execution, mark_orphaned
+    from .home import flanops_home
+    from .local import LocalExecutor
+    from .records import load_execution, mark_orphaned
 
     record = load_execution(flanops_home(), config.pipeline_name, execution)
     mark_orphaned(record)
@@ -305,7 +309,7 @@ def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -
     from flanops.infra.deploy import deploy as deploy_stack
     from flanops.infra.deploy import resolve_package
     from flanops.infra.stages import load_stage
-    from .local import write_json_atomic
+    from .files import write_json_atomic
     from stepkit.metrics import stated_facts
 
     summary_file = run_dir / "summary.json"
@@ -373,44 +377,6 @@ def prepare_run_dir(output_dir: Path | None) -> Path:
 
 
 # ----------------------------------------------------------------------------- reporting
-def gate_facts(record: dict) -> dict | None:
-    """The gate's inputs and outcome, from the evaluation report and the condition step."""
-    from .definition import EVALUATION_REPORT, GATE, GATE_PATHS, NAMES
-    from .local import json_path
-
-    report_file = record["PropertyFiles"].get(f"{NAMES.evaluate}.{EVALUATION_REPORT}")
-    if report_file is None:
-        return None
-    measured = {}
-    for name, path in GATE_PATHS.items():
-        try:
-            measured[name] = json_path(report_file, path, "evaluation.json")
-        except FlanopsError:
-            measured[name] = None
-    gate_step = next((s for s in record["Steps"] if s["StepName"] == NAMES.gate), None)
-    outcome = gate_step["Metadata"].get("Condition", {}).get("Outcome") if gate_step else None
-    parameters = record["Parameters"]
-    selection = report_file.get("selection", {})
-    conditions = []
-    for condition in GATE:
-        value, threshold = measured[condition.metric], parameters.get(condition.parameter)
-        # skipped where evaluation.json says it does not apply (e.g. no facts recorded): the definition's Or holds
-        skipped = measured[f"{condition.applies_when}_note"] if condition.applies_when and \
-            measured[condition.applies_when] == 0 else None
-        if skipped:
-            passed = True
-        else:
-            passed = None if value is None or threshold is None else condition.passed(float(value), float(threshold))
-        conditions.append({"label": condition.label, "metric": condition.metric, "parameter": condition.parameter,
-                           "bound": condition.bound(), "unit": condition.unit,
-                           "measured": None if skipped else value, "skipped": skipped,
-                           "threshold": threshold, "passed": passed})
-    return {"passed": outcome == "True" if outcome else None, "variant": measured["variant"],
-            "measured": {k: v for k, v in measured.items() if k != "variant" and not k.endswith("_note")},
-            "thresholds": {condition.parameter: parameters.get(condition.parameter) for condition in GATE},
-            "conditions": conditions, "why": selection.get("rule"), "candidates": selection.get("candidates")}
-
-
 def gate_sentence(gate: dict) -> str:
     """``ROUGE-L 0.64 (min 0.4), p95 latency 12.3 ms (max 1000), …``: every condition, measured and its threshold
     (or why it was skipped)."""
@@ -421,6 +387,7 @@ def gate_sentence(gate: dict) -> str:
 
 def summarize_execution(record: dict, run_dir: Path) -> int:
     from .definition import NAMES
+    from .runfacts import gate_facts
 
     print()
     print(f"{'step':<18}{'status':<11}{'seconds':>9}  cached")
@@ -465,7 +432,7 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
                    "failure_reason": s.get("FailureReason")} for s in record["Steps"]],
         "gate": gate, "model_package_arn": registered,
     }
-    from .local import write_json_atomic
+    from .files import write_json_atomic
 
     write_json_atomic(run_dir / "summary.json", summary)
     print(f"summary: {run_dir / 'summary.json'}")
@@ -479,8 +446,8 @@ def fmt(value: Any) -> str:
 def executions(args) -> int:
     config = load_config(args.config, args.param)
     if not args.aws:   # the local records are files: no need to start embedded AWS to read them
-        from .embedded import flanops_home
-        from .local import list_executions
+        from .home import flanops_home
+        from .records import list_executions
 
         rows = [(r["ExecutionId"], r["PipelineExecutionStatus"], r["CreationTime"], r.get("FailureReason") or "")
                 for r in list_executions(flanops_home(), config.pipeline_name)]
@@ -500,8 +467,8 @@ def executions(args) -> int:
 def steps(args) -> int:
     config = load_config(args.config, args.param)
     if not args.aws:
-        from .embedded import flanops_home
-        from .local import load_execution
+        from .home import flanops_home
+        from .records import load_execution
 
         entries = load_execution(flanops_home(), config.pipeline_name, args.execution)["Steps"]
     else:

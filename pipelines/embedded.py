@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import FlanopsError
+from .files import write_text_atomic
+from .home import flanops_home, process_alive
 
 if TYPE_CHECKING:
     import boto3
@@ -83,13 +85,6 @@ _SERVICE_ENDPOINT_PREFIX = "AWS_ENDPOINT_URL_"  # AWS_ENDPOINT_URL_S3 etc. would
 
 class EmbeddedAwsError(FlanopsError):
     """The embedded moto server could not be started, reached or stopped."""
-
-
-def flanops_home() -> Path:
-    """``$FLANOPS_HOME`` if set, else ``~/.flanops``; absolute, so that it holds in the server's own cwd."""
-    configured = os.environ.get("FLANOPS_HOME")
-    home = Path(configured) if configured else Path("~/.flanops")
-    return home.expanduser().absolute()
 
 
 def embedded_dir() -> Path:
@@ -327,10 +322,7 @@ def _read_state() -> dict[str, Any] | None:
 
 
 def _write_state(state: dict[str, Any]) -> None:
-    path = state_file()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(temporary, path)  # atomic: readers see the old file or the new one, never half of one
+    write_text_atomic(state_file(), json.dumps(state, indent=2) + "\n")
 
 
 def _from_state(state: Mapping[str, Any]) -> EmbeddedAws:
@@ -353,29 +345,6 @@ def _answers(endpoint_url: str, attempts: int = 1) -> bool:
             if attempt + 1 < attempts:
                 time.sleep(0.5)
     return False
-
-
-def process_alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child that exited: reap it, it is gone
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process, so not ours; _is_server_process says so
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    """An exited process that its parent has not reaped yet. A server started by another, already
-    finished flanops process goes to init, which in a container may reap it late or never."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False  # no /proc (macOS), or it has just been reaped
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]  # state follows the command name, which may hold spaces
 
 
 def _is_server_process(pid: int) -> bool:
@@ -514,9 +483,7 @@ def _serve(host: str, ready_file: Path) -> int:
     port = server.get_host_and_port()[1]
     os.environ["MOTO_PORT"] = str(port)  # moto builds some callback URLs (Lambda) from it
 
-    temporary = ready_file.with_name(ready_file.name + ".tmp")
-    temporary.write_text(f"{port}\n")
-    os.replace(temporary, ready_file)
+    write_text_atomic(ready_file, f"{port}\n")
     print(f"moto listening on http://{host}:{port} (pid {os.getpid()})", flush=True)
 
     while not stop.wait(1.0):  # a timeout so that the main thread runs the signal handler promptly

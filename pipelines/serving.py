@@ -57,7 +57,7 @@ def fetch_model_data(source: str | Path, session, workdir: Path) -> Path:
 
     text = str(source)
     if text.startswith("s3://"):
-        from flanops.infra.template import parse_s3_uri
+        from flanops.pipelines.s3 import parse_s3_uri
 
         bucket, key = parse_s3_uri(text)
         if not key:
@@ -220,7 +220,7 @@ class DataCapture:
         import uuid
         from datetime import datetime, timezone
 
-        from .definition import split_s3_uri
+        from .s3 import split_s3_uri
 
         if not self.sampled():
             return None
@@ -239,7 +239,7 @@ class DataCapture:
 
 def read_capture(s3, destination: str, endpoint_name: str) -> list[dict]:
     """Every capture record of ``endpoint_name`` under ``destination``, oldest first (keys sort by time)."""
-    from .definition import split_s3_uri
+    from .s3 import split_s3_uri
 
     bucket, prefix = split_s3_uri(destination.rstrip("/"))
     prefix = f"{prefix}/{endpoint_name}/".lstrip("/")
@@ -387,7 +387,7 @@ def model_error(reply: Reply) -> RuntimeReply:
 
 # ----------------------------------------------------------------------------- running it
 def endpoints_dir() -> Path:
-    from .embedded import flanops_home
+    from .home import flanops_home
 
     return flanops_home() / "endpoints"
 
@@ -398,7 +398,7 @@ def endpoint_record(name: str) -> Path:
 
 def running_endpoints() -> dict[str, dict]:
     """Local endpoints being served on this machine, by name (records of dead servers are dropped)."""
-    from .embedded import process_alive
+    from .home import process_alive
 
     found = {}
     for path in sorted(endpoints_dir().glob("*.json")) if endpoints_dir().is_dir() else []:
@@ -436,7 +436,7 @@ def serving(model_data: str | Path, session, endpoint_name: str, host: str = "12
         record_path = None
         try:
             if record is not None:
-                from .local import write_json_atomic
+                from .files import write_json_atomic
 
                 record_path = endpoint_record(endpoint_name)
                 write_json_atomic(record_path, {**record, "endpoint_name": endpoint_name, "url": server.url,

@@ -25,7 +25,7 @@ from flanops.pipelines import cli
 from flanops.pipelines import definition as definition_module
 from flanops.pipelines.config import STEP_SCRIPTS, ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
 from flanops.pipelines.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
-from flanops.pipelines.local import json_path
+from flanops.pipelines.expressions import json_path
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO.parent / "shared" / "data" / "sagemaker" / "pipeline-definition.schema.json"
@@ -560,8 +560,8 @@ def test_gate_paths_exist_in_the_evaluation_json_that_evaluate_writes(tmp_path, 
 def gate_outcome(steps: dict, report: dict) -> tuple[bool, dict, str]:
     """The QualityGate of the built definition, run by the local executor's own condition code on ``report``
     with the quick config's thresholds: (outcome, gate_facts as the summary and report show it, FailStep message)."""
-    from flanops.pipelines.commands import gate_facts
-    from flanops.pipelines.local import Context, evaluate_condition
+    from flanops.pipelines.runfacts import gate_facts
+    from flanops.pipelines.expressions import Context, evaluate_condition
 
     parameters = load_config().parameter_values()
     context = Context("e1", "arn:e1", "p", parameters, property_files={f"{NAMES.evaluate}.{EVALUATION_REPORT}": report})
@@ -622,7 +622,7 @@ def test_a_variant_that_repeats_itself_is_not_chosen_and_fails_the_gate(steps, t
 
 def test_the_fact_conditions_are_skipped_where_the_data_records_no_facts(steps, tmp_path, monkeypatch):
     """DialogSum records no facts: the fact figures are placeholders that would fail, and the Or skips them."""
-    from flanops.pipelines.local import Context, evaluate_condition
+    from flanops.pipelines.expressions import Context, evaluate_condition
 
     rows = [{key: value for key, value in row.items() if key != "facts"} for row in meeting_rows()]
     fake = {"finetuned": (lambda r: r["summary"], 100.0), "baseline": (lambda r: "hello", 120.0),

@@ -26,7 +26,9 @@ import pytest
 from conftest import AWS_VARIABLES, REPO, processes_under
 from flanops.pipelines.definition import NAMES
 from flanops.pipelines.embedded import server_status
-from flanops.pipelines.local import Context, LocalExecutor, StepFailed
+from flanops.pipelines.expressions import Context
+from flanops.pipelines.failures import StepFailed
+from flanops.pipelines.local import LocalExecutor
 
 PIPELINE = "flanops-quick"          # configs/quick.yaml
 GROUP = "flanops-quick"             # its ModelPackageGroupName
