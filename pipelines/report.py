@@ -359,7 +359,7 @@ def page_context(facts: RunFacts, images: dict[str, str]) -> dict:
 def templates():
     from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-    return Environment(loader=PackageLoader("flanops", "templates"), undefined=StrictUndefined,
+    return Environment(loader=PackageLoader("flanops.pipelines", "templates"), undefined=StrictUndefined,
                        autoescape=select_autoescape(["html", "html.j2"]), trim_blocks=True, lstrip_blocks=True)
 
 
