@@ -2,7 +2,7 @@
 
 The first model's ct2-int8 (steps/quantize.py, the pipeline's default quantize method) is
 packaged as the pipeline packages it (stepkit.modeling.package_model: a model.tar.gz with
-code/inference.py) and served on a loopback port by ``flanops.pipelines.serving.serving``, the code
+code/inference.py) and served on a loopback port by ``flanops.infra.serving.serving``, the code
 ``flanops serve`` runs. Every request generates exactly ``new_tokens`` tokens
 (min_new_tokens = max_new_tokens) from a dialogue of a pool of distinct ones.
 
@@ -106,7 +106,7 @@ def load_level(url: str, parameters: dict, texts: list[str], clients: int, secon
 def forget_handler() -> None:
     """Drop the served artifact's ``inference`` module and code/ path (its folder is gone now).
 
-    flanops.pipelines.serving imports code/inference.py as the toolkit does (``code/`` on sys.path); left
+    flanops.infra.serving imports code/inference.py as the toolkit does (``code/`` on sys.path); left
     behind, a later import in this process could look in the removed folder.
     """
     import sys
@@ -122,7 +122,7 @@ def percentiles(latencies: list[float]) -> dict:
 
 
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
-    from flanops.pipelines.serving import serving
+    from flanops.infra.serving import serving
 
     spec = settings.models[0]
     label = f"serving {spec.name} {VARIANT}"

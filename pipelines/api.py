@@ -193,12 +193,12 @@ class LocalEndpoint:
     @property
     def client(self):
         """A boto3 sagemaker-runtime client for this endpoint (invoke_endpoint as on SageMaker)."""
-        from .serving import runtime_client
+        from flanops.infra.serving import runtime_client
 
         return runtime_client(self.url, self.region)
 
     def summarize(self, dialogues: list[str] | str, **parameters) -> list[str]:
-        from .serving import summarize_remotely
+        from flanops.infra.serving import summarize_remotely
 
         return summarize_remotely(self.client, self.name, [dialogues] if isinstance(dialogues, str) else dialogues,
                                   parameters or None)
@@ -208,12 +208,12 @@ class LocalEndpoint:
 def serve(stage: str | None = "staging", model_package_arn: str | None = None,
           endpoint_name: str | None = None, config: str | None = None) -> Iterator[LocalEndpoint]:
     """``flanops serve`` (a stage's endpoint, or one model package) in its own process while the block runs."""
-    from .serving import serve_in_subprocess
+    from flanops.infra.serving import serve_in_subprocess
 
     chosen = ["--model-package", model_package_arn] if model_package_arn else ["--stage", stage or "staging"]
     name_flags = ["--endpoint-name", endpoint_name] if endpoint_name else []
     with serve_in_subprocess(*(["--config", config] if config else []), *chosen, *name_flags) as url:
-        from .serving import running_endpoints
+        from flanops.infra.serving import running_endpoints
 
         record = next((r for r in running_endpoints().values() if r["url"] == url), None)
         if record is None:
@@ -226,7 +226,7 @@ def captured_records(stage: str = "staging", config: str | None = None, aws: boo
     from .config import load_config
     from .commands import package_group
     from flanops.infra.deploy import deployed
-    from .serving import read_capture
+    from flanops.infra.serving import read_capture
 
     chosen = session(aws)
     result = deployed(chosen, stage, package_group(load_config(config, [])))

@@ -346,7 +346,7 @@ def sample_invocation(package_arn: str, endpoint_name: str, region: str, dialogu
     A process of its own also keeps torch out of the run's process, whose mix of native libraries
     (pyarrow, scipy, torch) sometimes aborted at exit after serving from a thread.
     """
-    from .serving import runtime_client, serve_in_subprocess, summarize_remotely
+    from flanops.infra.serving import runtime_client, serve_in_subprocess, summarize_remotely
 
     with serve_in_subprocess("--model-package", package_arn, "--endpoint-name", endpoint_name) as url:
         return summarize_remotely(runtime_client(url, region), endpoint_name, [dialogue])[0]
@@ -602,7 +602,7 @@ def serve(args) -> int:
     import signal
     import threading
 
-    from .serving import DataCapture, serving
+    from flanops.infra.serving import DataCapture, serving
 
     config = load_config(args.config, args.param)
     session = target_session(args)
@@ -660,7 +660,7 @@ def model_data_url(package: dict) -> str:
 def invoke(args) -> int:
     import sys
 
-    from .serving import running_endpoints, runtime_client, summarize_remotely
+    from flanops.infra.serving import running_endpoints, runtime_client, summarize_remotely
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():

@@ -419,7 +419,7 @@ def test_a_model_tar_gz_whose_member_escapes_is_refused_before_anything_is_extra
 @pytest.fixture(scope="module")
 def endpoint(tiny_model, tmp_path_factory):
     """The URL of ``flanops serve --model-data model.tar.gz`` (the tiny model packaged as the pipeline packages it)."""
-    from flanops.pipelines.serving import serve_in_subprocess
+    from flanops.infra.serving import serve_in_subprocess
 
     root = tmp_path_factory.mktemp("endpoint")
     archive = package_model(tiny_model, root / MODEL_ARCHIVE)
@@ -460,7 +460,7 @@ DIALOGUE = "#Person1#: Can we meet at ten tomorrow?\n#Person2#: Yes, at the stat
 
 def endpoint_cases() -> list[tuple[str, str, dict, bytes | None, int, list[str]]]:
     """(case, what, headers, body, status, what the error must say), with the limits the endpoint runs with."""
-    from flanops.pipelines.serving import MAX_PAYLOAD_BYTES
+    from flanops.infra.serving import MAX_PAYLOAD_BYTES
     from flanops.steps.inference import MAX_BATCH_SIZE, MAX_NEW_TOKENS
 
     json_type = {"Content-Type": JSON_TYPE}

@@ -138,7 +138,7 @@ def test_the_local_endpoint_answers_429_when_its_queue_is_full_and_goes_on_servi
     while one generates, the one that fits waits and the rest get 429 saying why; afterwards all is served."""
     import sys
 
-    from flanops.pipelines.serving import LoadedModel
+    from flanops.infra.serving import LoadedModel
     from test_inference_handler import packaged
 
     monkeypatch.setenv("FLANOPS_MAX_QUEUE", "1")

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from .errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
 
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024        # SageMaker real-time endpoints refuse larger request bodies
 UTF8_CONTENT_TYPES = ("application/json", "text/csv")   # the toolkit decodes these before input_fn
@@ -220,7 +220,7 @@ class DataCapture:
         import uuid
         from datetime import datetime, timezone
 
-        from .s3 import split_s3_uri
+        from flanops.pipelines.s3 import split_s3_uri
 
         if not self.sampled():
             return None
@@ -239,7 +239,7 @@ class DataCapture:
 
 def read_capture(s3, destination: str, endpoint_name: str) -> list[dict]:
     """Every capture record of ``endpoint_name`` under ``destination``, oldest first (keys sort by time)."""
-    from .s3 import split_s3_uri
+    from flanops.pipelines.s3 import split_s3_uri
 
     bucket, prefix = split_s3_uri(destination.rstrip("/"))
     prefix = f"{prefix}/{endpoint_name}/".lstrip("/")
@@ -387,7 +387,7 @@ def model_error(reply: Reply) -> RuntimeReply:
 
 # ----------------------------------------------------------------------------- running it
 def endpoints_dir() -> Path:
-    from .home import flanops_home
+    from flanops.pipelines.home import flanops_home
 
     return flanops_home() / "endpoints"
 
@@ -398,7 +398,7 @@ def endpoint_record(name: str) -> Path:
 
 def running_endpoints() -> dict[str, dict]:
     """Local endpoints being served on this machine, by name (records of dead servers are dropped)."""
-    from .home import process_alive
+    from flanops.pipelines.home import process_alive
 
     found = {}
     for path in sorted(endpoints_dir().glob("*.json")) if endpoints_dir().is_dir() else []:
@@ -436,7 +436,7 @@ def serving(model_data: str | Path, session, endpoint_name: str, host: str = "12
         record_path = None
         try:
             if record is not None:
-                from .files import write_json_atomic
+                from flanops.pipelines.files import write_json_atomic
 
                 record_path = endpoint_record(endpoint_name)
                 write_json_atomic(record_path, {**record, "endpoint_name": endpoint_name, "url": server.url,
