@@ -51,7 +51,7 @@ from typing import TYPE_CHECKING, Any
 
 from .errors import FlanopsError
 from .files import write_text_atomic
-from .home import flanops_home, process_alive
+from .home import embedded_dir, log_file, process_alive
 
 if TYPE_CHECKING:
     import boto3
@@ -87,16 +87,8 @@ class EmbeddedAwsError(FlanopsError):
     """The embedded moto server could not be started, reached or stopped."""
 
 
-def embedded_dir() -> Path:
-    return flanops_home() / "embedded"
-
-
 def state_file() -> Path:
     return embedded_dir() / "server.json"
-
-
-def log_file() -> Path:
-    return embedded_dir() / "server.log"
 
 
 def _lock_file() -> Path:

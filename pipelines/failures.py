@@ -25,7 +25,7 @@ def connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def aws_unreachable(step: str, err: BaseException, endpoint_url: str | None) -> AwsUnreachable:
-    from .embedded import log_file
+    from .home import log_file
 
     if endpoint_url:   # embedded AWS
         return AwsUnreachable(

@@ -13,6 +13,14 @@ def flanops_home() -> Path:
     return home.expanduser().absolute()
 
 
+def embedded_dir() -> Path:
+    return flanops_home() / "embedded"
+
+
+def log_file() -> Path:
+    return embedded_dir() / "server.log"
+
+
 def process_alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child that exited: reap it, it is gone

@@ -100,6 +100,27 @@ def test_no_module_imports_one_that_imports_it_back():
     assert cycle is None, "import cycle: " + " -> ".join(cycle or [])
 
 
+LEAVES = {f"flanops.pipelines.{name}" for name in ("errors", "failures", "s3", "files", "home")}
+
+
+def test_the_leaf_modules_import_only_leaves_and_stepkit():
+    """The shared helpers sit at the bottom: importing one never pulls in the executor, the config or the CLI."""
+    graph = import_graph()
+    assert LEAVES <= set(graph)
+    above = {leaf: sorted(other for other in graph[leaf] if other not in LEAVES and not other.startswith("stepkit"))
+             for leaf in LEAVES}
+    assert not any(above.values()), f"leaf modules importing modules above them: {above}"
+
+
+def test_step_scripts_import_only_stepkit_of_ours():
+    """steps/ ships alone as the jobs' source_dir: a script importing flanops would fail in its container."""
+    graph = import_graph()
+    scripts = [name for name in graph if name.startswith("flanops.steps.")]
+    assert "flanops.steps.evaluate" in scripts
+    outside = {name: sorted(other for other in graph[name] if not other.startswith("stepkit")) for name in scripts}
+    assert not any(outside.values()), outside
+
+
 ONE_NAME_PROBE = """
 import json, sys
 import flanops.pipelines.cli, flanops.pipelines.commands, flanops.pipelines.api, flanops.pipelines.report
