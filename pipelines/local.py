@@ -17,6 +17,7 @@ isolation settings do not apply: jobs run as subprocesses of this machine.
 Steps with caching enabled reuse an earlier run's outputs when their resolved arguments
 (code locations are content-addressed) are unchanged. Jobs run one at a time: branches that
 SageMaker runs in parallel run in definition order here (each job uses every core anyway).
+The expressions are evaluated by expressions.py; each execution's record is kept by records.py.
 """
 from __future__ import annotations
 
