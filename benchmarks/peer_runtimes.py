@@ -34,7 +34,6 @@ from typing import Any, Callable
 from .harness import BenchSettings, ModelSpec, Progress, Side, Timed, cpu_flags, run_child
 from .subjects import Workspace
 
-TITLE = "Peers: CTranslate2 and ONNX Runtime int8"
 CT2 = "ctranslate2-cli-int8"
 ONNX = "onnxruntime-int8"
 FLANOPS_INT8 = "ct2-int8"

@@ -12,6 +12,8 @@ from .peer_runtimes import CT2, FLANOPS_INT8, ONNX, ONNX_OVERLAY, WITHIN, peer_m
 from .quantization import BASELINE, compare
 from .subjects import Workspace
 
+TITLE = "Peers: CTranslate2 and ONNX Runtime int8"
+
 
 # ----------------------------------------------------------------------------- the section
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
