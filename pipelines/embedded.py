@@ -67,6 +67,8 @@ _FAKE_ACCESS_KEY_ID = "testing"
 _FAKE_SECRET_ACCESS_KEY = "testing"  # nosec B105 # moto's dummy key; embedded AWS takes any
 _HOST = "127.0.0.1"
 _LAUNCHER_MODULE = "flanops.pipelines.embedded"  # also how stop_server recognises its process in /proc
+# a server started by flanops before the flanops.pipelines layout: still ours to reuse or stop, not to orphan
+_EARLIER_LAUNCHER_MODULES = ("flanops.embedded",)
 _START_TIMEOUT_S = 30.0  # moto imports in 1-3 s; a loaded 2-core CI machine can be much slower
 _HEALTH_TIMEOUT_S = 2.0
 _STOP_TIMEOUT_S = 10.0
@@ -344,7 +346,8 @@ def _is_server_process(pid: int) -> bool:
     its pid be reused; an unrelated program must never be signalled."""
     if not process_alive(pid):
         return False
-    return f"-m {_LAUNCHER_MODULE} serve " in _command_line(pid)
+    command_line = _command_line(pid)
+    return any(f"-m {module} serve " in command_line for module in (_LAUNCHER_MODULE, *_EARLIER_LAUNCHER_MODULES))
 
 
 def _command_line(pid: int) -> str:

@@ -202,6 +202,22 @@ def test_stale_state_file_is_replaced(home: Path) -> None:
     _client(aws, "s3").list_buckets()
 
 
+def test_a_server_an_earlier_flanops_started_is_still_recognised() -> None:
+    """Before the flanops.pipelines layout the server ran as ``-m flanops.embedded``: after an upgrade,
+    stop_server must still stop it (and ensure_server reuse it) instead of orphaning it."""
+    def pretending(module: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", module, "serve", "--host"])
+
+    earlier, unrelated = pretending("flanops.embedded"), pretending("flanops.somethingelse")
+    try:
+        assert embedded._is_server_process(earlier.pid)
+        assert not embedded._is_server_process(unrelated.pid)
+    finally:
+        for process in (earlier, unrelated):
+            process.kill()
+            process.wait()
+
+
 def test_stop_server(home: Path) -> None:
     aws = ensure_server()
     _client(aws, "s3").create_bucket(Bucket="flanops-lost-on-stop")
