@@ -18,7 +18,7 @@ import traceback
 from datetime import datetime, timezone
 from pathlib import Path
 
-from ..errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
 from .harness import (BenchSettings, ModelSpec, Progress, check_out_dir, machine, start_children, stop_children, target,
                       versions)
 
@@ -30,7 +30,7 @@ RUN_TIME_LIMITS = {"quick": 300.0, "full": 1800.0}   # seconds: the issue's targ
 
 def resolve_models(names: list[str]) -> tuple[ModelSpec, ...]:
     """Catalog names or hub ids (flan-t5-small, google/flan-t5-base) → specs; a FlanopsError for anything else."""
-    from ..steps.stepkit.catalog import FAMILY, lookup
+    from stepkit.catalog import FAMILY, lookup
 
     specs = []
     for name in names:
@@ -58,7 +58,7 @@ def resolve_sections(text: str | None) -> tuple[str, ...]:
 def preset(mode: str, models: tuple[ModelSpec, ...], sections: tuple[str, ...]) -> BenchSettings:
     """The ``--quick`` or full settings (--quick runs the peers on the first model only). The LoRA comparison always
     uses Flan-T5-base's shape."""
-    from ..steps.stepkit.catalog import lookup
+    from stepkit.catalog import lookup
 
     base = lookup("flan-t5-base")
     lora_model = ModelSpec(base.name, base.dims)
@@ -73,7 +73,7 @@ def preset(mode: str, models: tuple[ModelSpec, ...], sections: tuple[str, ...]) 
 
 def run(settings: BenchSettings, out: Path, progress: Progress = print, command: str | None = None) -> dict:
     """Run the chosen sections and write results.json, BENCHMARKS.md and charts into ``out``."""
-    from ..steps.stepkit.modeling import configure_runtime
+    from stepkit.modeling import configure_runtime
     from . import report
     from .subjects import Workspace
 

@@ -48,8 +48,8 @@ def peak_rss_bytes() -> int:
 
 
 def generate(task: dict) -> dict:
-    from ..steps.stepkit.cost import generate_fixed
-    from ..steps.stepkit.modeling import load_model_and_tokenizer
+    from stepkit.cost import generate_fixed
+    from stepkit.modeling import load_model_and_tokenizer
 
     before = current_rss_bytes()
     model, _ = load_model_and_tokenizer(task["model_dir"])
@@ -62,7 +62,7 @@ def generate(task: dict) -> dict:
 def translate(task: dict) -> dict:
     import ctranslate2
 
-    from .peers import translate_fixed
+    from .peer_runtimes import translate_fixed
 
     before = current_rss_bytes()
     translator = ctranslate2.Translator(task["model_dir"], device="cpu", intra_threads=task["threads"])
@@ -71,7 +71,7 @@ def translate(task: dict) -> dict:
 
 
 def train(task: dict) -> dict:
-    from ..steps.stepkit.catalog import T5Dims
+    from stepkit.catalog import T5Dims
     from .lora import TrainingSide
 
     before = current_rss_bytes()
@@ -93,7 +93,7 @@ def run_task(task: dict) -> dict:
 
 
 def serve() -> int:
-    from ..steps.stepkit.modeling import configure_runtime
+    from stepkit.modeling import configure_runtime
 
     configure_runtime()   # threads only: no parallel region runs before the forks
     protocol = os.fdopen(os.dup(1), "w", buffering=1)

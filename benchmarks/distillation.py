@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import gc
 
-from ..steps.stepkit.cost import generate_fixed, size_on_disk
-from ..steps.stepkit.distillation import (DEFAULT_DECODER_FRACTION, DEFAULT_ENCODER_FRACTION, layers_to_keep,
+from stepkit.cost import generate_fixed, size_on_disk
+from stepkit.distillation import (DEFAULT_DECODER_FRACTION, DEFAULT_ENCODER_FRACTION, layers_to_keep,
                                           shrink_teacher, student_layer_count)
-from ..steps.stepkit.modeling import count_parameters, load_model_and_tokenizer
+from stepkit.modeling import count_parameters, load_model_and_tokenizer
 from .harness import BenchSettings, Progress, SectionResult, interleaved, quantity, ratio, size_ratio, spread, target
 from .subjects import Workspace, fixed_inputs
 
@@ -38,7 +38,7 @@ def student_blocks(teacher_config, shares: tuple[float, float]) -> tuple[list[in
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
     import torch
 
-    from ..steps.stepkit.threads import inference_threads
+    from stepkit.threads import inference_threads
 
     runs, targets = [], []
     for spec in settings.models:

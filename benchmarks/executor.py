@@ -26,11 +26,12 @@ CONTAINER_OUTPUT = "/opt/ml/processing/output/data"
 
 
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
-    from ..commands import definition_for, open_target
-    from ..config import load_config, steps_dir
-    from ..definition import NAMES
-    from ..embedded import flanops_home
-    from ..local import Context, LocalExecutor, format_value
+    from flanops.pipelines.commands import definition_for, open_target
+    from flanops.pipelines.config import load_config, steps_dir
+    from flanops.pipelines.definition import NAMES
+    from flanops.pipelines.home import flanops_home
+    from flanops.pipelines.expressions import Context, format_value
+    from flanops.pipelines.local import LocalExecutor
 
     label = "executor PrepareData"
     config = load_config(None, [f"pipeline_name={PIPELINE}", f"steps.prepare.train_size={settings.executor_train_size}",

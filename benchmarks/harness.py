@@ -22,9 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from ..errors import FlanopsError
-from ..steps.stepkit.catalog import T5Dims
-from ..steps.stepkit.cost import percentile
+from flanops.pipelines.errors import FlanopsError
+from stepkit.catalog import T5Dims
+from stepkit.cost import percentile
 
 Progress = Callable[[str], None]
 
@@ -280,7 +280,7 @@ def cpu_flags() -> list[str]:
 def machine() -> dict:
     import torch
 
-    from ..steps.stepkit.threads import usable_cpus
+    from stepkit.threads import usable_cpus
 
     cpu = cpuinfo("model name") or platform.processor() or platform.machine()
     flags = cpu_flags()

@@ -41,8 +41,8 @@ class TrainingSide:
     def build(cls, kind: str, dims, task: dict, batch: dict) -> "TrainingSide":
         import torch
 
-        from ..steps.stepkit.catalog import build_random_model
-        from ..steps.stepkit.lora import LoraSettings, attach_lora
+        from stepkit.catalog import build_random_model
+        from stepkit.lora import LoraSettings, attach_lora
 
         model = build_random_model(dims, "float32", task["seed"])
         if kind == "lora":
@@ -89,7 +89,7 @@ def task(settings: BenchSettings, kind: str, batch: dict) -> dict:
 
 def longest_examples(workspace, train: int, validation: int) -> Path:
     """Prepared splits whose every example reaches finetune_lora.py's default length limits (cut there)."""
-    from ..steps.stepkit.records import split_path, write_jsonl
+    from stepkit.records import split_path, write_jsonl
 
     folder = workspace.folder("finetune", "data")
     texts = long_texts(train + validation + 1, min_chars=FINETUNE_SOURCE_TOKENS * 8)   # <= 8 characters a token
@@ -104,9 +104,9 @@ def longest_examples(workspace, train: int, validation: int) -> Path:
 
 def finetune_peak(settings: BenchSettings, workspace, progress: Progress) -> tuple[dict, dict]:
     """Peak RSS of ``python steps/finetune_lora.py`` with its defaults on the LoRA model (a figure and its target)."""
-    from ..config import steps_dir
-    from ..steps.stepkit.catalog import GIB
-    from ..steps.stepkit.modeling import read_model_card
+    from flanops.pipelines.config import steps_dir
+    from stepkit.catalog import GIB
+    from stepkit.modeling import read_model_card
 
     spec = settings.lora_model
     model_dir = workspace.fp32(spec, settings.seed)

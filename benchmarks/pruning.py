@@ -11,9 +11,9 @@ from __future__ import annotations
 import copy
 import gc
 
-from ..steps.stepkit.cost import generate_fixed
-from ..steps.stepkit.modeling import count_parameters, load_model_and_tokenizer
-from ..steps.stepkit.pruning import (HONESTY_NOTE, check_structured_amount, choose_units, prune_structured,
+from stepkit.cost import generate_fixed
+from stepkit.modeling import count_parameters, load_model_and_tokenizer
+from stepkit.pruning import (HONESTY_NOTE, check_structured_amount, choose_units, prune_structured,
                                      prune_unstructured, sparsity, weight_scores, weights_size)
 from .harness import BenchSettings, Progress, SectionResult, interleaved, quantity, ratio, size_ratio, spread
 from .subjects import Workspace, fixed_inputs

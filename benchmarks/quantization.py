@@ -16,11 +16,11 @@ from __future__ import annotations
 import gc
 import statistics
 
-from ..steps.stepkit.cost import generate_fixed, size_on_disk
-from ..steps.stepkit.modeling import load_model_and_tokenizer
+from stepkit.cost import generate_fixed, size_on_disk
+from stepkit.modeling import load_model_and_tokenizer
 from .harness import (BenchSettings, ModelSpec, Progress, SectionResult, Side, interleaved, quantity, ratio, run_child,
                       size_ratio, spread, target)
-from .peers import Peers, peer_models, tokens_of, translate_fixed
+from .peer_runtimes import Peers, peer_models, tokens_of, translate_fixed
 from .subjects import Workspace, fixed_inputs
 
 TITLE = "Quantization"
@@ -41,7 +41,7 @@ def measure(spec: ModelSpec, settings: BenchSettings, workspace: Workspace, prog
     """Make every side, measure each one's peak RSS in a fresh process, then load them all and time them interleaved."""
     import torch
 
-    from ..steps.stepkit.threads import inference_threads
+    from stepkit.threads import inference_threads
 
     label = f"quantization {spec.name}"
     source = workspace.fp32(spec, settings.seed)
@@ -109,8 +109,8 @@ def thread_choice(spec: ModelSpec, settings: BenchSettings, workspace: Workspace
     import ctranslate2
     import torch
 
-    from ..steps.stepkit.ctranslate import RUNTIME_DIR
-    from ..steps.stepkit.threads import MULTI_THREAD_PARAMETERS, inference_threads, usable_cpus
+    from stepkit.ctranslate import RUNTIME_DIR
+    from stepkit.threads import MULTI_THREAD_PARAMETERS, inference_threads, usable_cpus
 
     counts, n = settings.thread_counts, settings.new_tokens
     previous = torch.get_num_threads()   # before the Translators: making one sets this thread's OpenMP count

@@ -1,6 +1,6 @@
 """results.json, BENCHMARKS.md and its charts (PNG files beside it) from a run's results.
 
-The charts are drawn with the run report's matplotlib helpers (flanops.report.pyplot/png).
+The charts are drawn with the run report's matplotlib helpers (flanops.pipelines.report.pyplot/png).
 Files are written to temporary names and renamed, results.json last: an interrupted run
 leaves no results.json, and never one that looks complete.
 """
@@ -65,7 +65,7 @@ def get(figure: dict | None, key: str = "value") -> Any:
 # ----------------------------------------------------------------------------- charts
 def chart(out: Path, name: str, title: str, draw: Callable[[Any], Any]) -> list[str]:
     """Draw a chart into ``out/name`` (``draw(plt)`` returns the figure); the Markdown that shows it."""
-    from ..report import png, pyplot
+    from flanops.pipelines.report import png, pyplot
 
     write_atomic(out / name, png(draw(pyplot())))
     return [f"![{title}]({name})", ""]

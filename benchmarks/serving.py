@@ -2,7 +2,7 @@
 
 The first model's ct2-int8 (steps/quantize.py, the pipeline's default quantize method) is
 packaged as the pipeline packages it (stepkit.modeling.package_model: a model.tar.gz with
-code/inference.py) and served on a loopback port by ``flanops.serving.serving``, the code
+code/inference.py) and served on a loopback port by ``flanops.infra.serving.serving``, the code
 ``flanops serve`` runs. Every request generates exactly ``new_tokens`` tokens
 (min_new_tokens = max_new_tokens) from a dialogue of a pool of distinct ones.
 
@@ -26,8 +26,8 @@ import threading
 import time
 from urllib.parse import urlsplit
 
-from ..steps.stepkit.cost import percentile
-from ..steps.stepkit.modeling import package_model, summarize
+from stepkit.cost import percentile
+from stepkit.modeling import package_model, summarize
 from .harness import BenchSettings, Progress, SectionResult, interleaved, quantity, ratio, spread, target
 from .subjects import Workspace, dialogues
 
@@ -104,16 +104,14 @@ def load_level(url: str, parameters: dict, texts: list[str], clients: int, secon
 
 
 def forget_handler() -> None:
-    """Drop the served artifact's ``inference``/``stepkit`` modules and code/ path (its folder is gone now).
+    """Drop the served artifact's ``inference`` module and code/ path (its folder is gone now).
 
-    flanops.serving imports code/inference.py as the toolkit does (``code/`` on sys.path); left
-    behind, a later ``import stepkit.…`` in this process (a step script imported by the pipeline
-    config check) would look in the removed folder.
+    flanops.infra.serving imports code/inference.py as the toolkit does (``code/`` on sys.path); left
+    behind, a later import in this process could look in the removed folder.
     """
     import sys
 
-    for name in [n for n in sys.modules if n == "inference" or n == "stepkit" or n.startswith("stepkit.")]:
-        del sys.modules[name]
+    sys.modules.pop("inference", None)
     sys.path[:] = [p for p in sys.path if not (p.endswith("/code") and "flanops-endpoint-" in p)]
 
 
@@ -124,7 +122,7 @@ def percentiles(latencies: list[float]) -> dict:
 
 
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
-    from ..serving import serving
+    from flanops.infra.serving import serving
 
     spec = settings.models[0]
     label = f"serving {spec.name} {VARIANT}"

@@ -11,9 +11,9 @@ import shutil
 from pathlib import Path
 from typing import Any, Callable
 
-from ..steps.stepkit.catalog import build_random_model
-from ..steps.stepkit.cost import encode_prompts
-from ..steps.stepkit.modeling import save_model
+from stepkit.catalog import build_random_model
+from stepkit.cost import encode_prompts
+from stepkit.modeling import save_model
 from .harness import ModelSpec
 
 TOKENIZER_DIALOGUES = 300
@@ -21,13 +21,13 @@ DATA_SEED = 11   # any seed: the texts only give the tokenizer and the prompts t
 
 
 def dialogues(count: int, seed: int = DATA_SEED) -> list[dict]:
-    from ..steps.stepkit.synthetic import generate_splits
+    from stepkit.synthetic import generate_splits
 
     return generate_splits({"test": count}, seed)["test"]
 
 
 def build_tokenizer():
-    from ..steps.stepkit.tiny import train_tokenizer
+    from stepkit.tiny import train_tokenizer
 
     rows = dialogues(TOKENIZER_DIALOGUES)
     return train_tokenizer([r["dialogue"] for r in rows] + [r["summary"] for r in rows])
@@ -94,7 +94,7 @@ class Workspace:
             return self.fp32(spec, seed)
 
         def make() -> Path:
-            from ..config import import_step
+            from flanops.pipelines.config import import_step
 
             folder = self.root / spec.name / method
             shutil.rmtree(folder, ignore_errors=True)

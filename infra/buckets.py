@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from urllib.parse import urlparse
 
-from flanops.errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
 
 PUBLIC_ACCESS_BLOCK = {"BlockPublicAcls": True, "IgnorePublicAcls": True,
                        "BlockPublicPolicy": True, "RestrictPublicBuckets": True}

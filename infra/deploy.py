@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from flanops.errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
 
 from .stages import StageConfig
 from .template import build_template, lint_template, stack_name, write_template

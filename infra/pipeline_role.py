@@ -1,7 +1,7 @@
 """The pipeline execution role: what SageMaker Pipelines and the pipeline's jobs may do, and no more.
 
 The role is the one the pipeline is upserted with and every job runs as (``--role``). Its
-policy follows from the config and the definition that ``flanops.definition`` builds from it:
+policy follows from the config and the definition that ``flanops.pipelines.definition`` builds from it:
 
 - S3: read and write ``s3://<bucket>/<pipeline>/*``, the one prefix the pipeline uses (code
   under ``<pipeline>/code/<sha256>/``, each step's outputs under ``<pipeline>/<execution id>/``,
@@ -23,13 +23,13 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from flanops.errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
 
 from .template import (ACCOUNT, PARTITION, REGION, TEMPLATE_FORMAT_VERSION, _ecr_pull_statements, _join,
                        _kms_statement, _s3_bucket_arn, _s3_object_arn, _vpc_statements, parse_s3_uri)
 
 if TYPE_CHECKING:
-    from flanops.config import PipelineConfig
+    from flanops.pipelines.config import PipelineConfig
 
 SAGEMAKER_TRUST = {"Version": "2012-10-17", "Statement": [
     {"Effect": "Allow", "Principal": {"Service": "sagemaker.amazonaws.com"}, "Action": "sts:AssumeRole"}]}
@@ -57,7 +57,7 @@ def pipeline_policy(config: PipelineConfig, *, region: str, bucket: str | dict, 
     ``bucket``: the default bucket's name or an expression for it; ``role_arn``: the role's own
     ARN or an expression for it (iam:PassRole names it).
     """
-    from flanops.definition import job_images
+    from flanops.pipelines.definition import job_images
 
     name = config.pipeline_name
     values = config.parameter_values()

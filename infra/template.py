@@ -25,7 +25,8 @@ import re
 from pathlib import Path
 from typing import Any
 
-from flanops.errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
+from flanops.pipelines.s3 import parse_s3_uri
 
 from .stages import StageConfig, Vpc
 
@@ -182,19 +183,6 @@ def write_template(template: dict[str, Any], path: str | Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(template, indent=2) + "\n", encoding="utf-8")
     return path
-
-
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    """``s3://bucket/a/b/`` → ``("bucket", "a/b")``; a user's URI, so a bad one is a FlanopsError."""
-    from flanops.definition import split_s3_uri
-
-    try:
-        bucket, key = split_s3_uri(uri)
-    except ValueError:
-        bucket = key = ""
-    if not bucket:
-        raise FlanopsError(f"{uri!r} is not an s3://bucket/key URI")
-    return bucket, key.rstrip("/")
 
 
 def _package_parts(package: dict[str, Any]) -> tuple[str, str, list[dict[str, Any]]]:

@@ -86,8 +86,8 @@ def session(aws: bool = False):
 def run_facts(run_or_execution: str | Path, config: str | None = None):
     """The report's facts of a local run folder, or of an execution id or ARN of the configured pipeline."""
     from .config import load_config
-    from .embedded import flanops_home
-    from .report import collect, find_record, run_definition
+    from .home import flanops_home
+    from .runfacts import collect, find_record, run_definition
 
     record = find_record(flanops_home(), load_config(config, []).pipeline_name, str(run_or_execution))
     return collect(session(), record, run_definition(record))
@@ -161,7 +161,7 @@ def model_packages(config: str | None = None, aws: bool = False):
 
 def sample_dialogues(count: int, seed: int = 11) -> list[str]:
     """``count`` synthetic dialogues (not in any run's data: another seed) to send to an endpoint."""
-    from .steps.stepkit.synthetic import generate_splits
+    from stepkit.synthetic import generate_splits
 
     return [row["dialogue"] for row in generate_splits({"test": count}, seed)["test"]]
 
@@ -193,12 +193,12 @@ class LocalEndpoint:
     @property
     def client(self):
         """A boto3 sagemaker-runtime client for this endpoint (invoke_endpoint as on SageMaker)."""
-        from .serving import runtime_client
+        from flanops.infra.serving import runtime_client
 
         return runtime_client(self.url, self.region)
 
     def summarize(self, dialogues: list[str] | str, **parameters) -> list[str]:
-        from .serving import summarize_remotely
+        from flanops.infra.serving import summarize_remotely
 
         return summarize_remotely(self.client, self.name, [dialogues] if isinstance(dialogues, str) else dialogues,
                                   parameters or None)
@@ -208,12 +208,12 @@ class LocalEndpoint:
 def serve(stage: str | None = "staging", model_package_arn: str | None = None,
           endpoint_name: str | None = None, config: str | None = None) -> Iterator[LocalEndpoint]:
     """``flanops serve`` (a stage's endpoint, or one model package) in its own process while the block runs."""
-    from .serving import serve_in_subprocess
+    from flanops.infra.serving import serve_in_subprocess
 
     chosen = ["--model-package", model_package_arn] if model_package_arn else ["--stage", stage or "staging"]
     name_flags = ["--endpoint-name", endpoint_name] if endpoint_name else []
     with serve_in_subprocess(*(["--config", config] if config else []), *chosen, *name_flags) as url:
-        from .serving import running_endpoints
+        from flanops.infra.serving import running_endpoints
 
         record = next((r for r in running_endpoints().values() if r["url"] == url), None)
         if record is None:
@@ -225,8 +225,8 @@ def captured_records(stage: str = "staging", config: str | None = None, aws: boo
     """The data-capture records of a stage's endpoint (oldest first), as SageMaker writes them to S3."""
     from .config import load_config
     from .commands import package_group
-    from .infra.deploy import deployed
-    from .serving import read_capture
+    from flanops.infra.deploy import deployed
+    from flanops.infra.serving import read_capture
 
     chosen = session(aws)
     result = deployed(chosen, stage, package_group(load_config(config, [])))
@@ -242,8 +242,8 @@ def compare_packages(arns: list[str], aws: bool = False):
     """Registered model package versions side by side: status, variant, and their ModelQuality metrics."""
     import pandas as pd
 
-    from .infra.deploy import describe_package
-    from .report import read_s3_file
+    from flanops.infra.deploy import describe_package
+    from .runfacts import read_s3_file
 
     chosen = session(aws)
     sagemaker, s3 = chosen.client("sagemaker"), chosen.client("s3")

@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     from .errors import FlanopsError
-    from .steps.stepkit.quiet import VERBOSE_ENV, quiet_known_noise
+    from stepkit.quiet import VERBOSE_ENV, quiet_known_noise
 
     if getattr(args, "verbose", False):
         os.environ[VERBOSE_ENV] = "1"   # local jobs inherit this process's environment
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as err:
         # Lost AWS and full or read-only disks can strike anywhere; anything else is a bug and keeps its traceback.
-        from .local import known_failure
+        from .failures import known_failure
 
         failure = known_failure(f"flanops {args.command}", err, os.environ.get("AWS_ENDPOINT_URL"))
         if failure is None:

@@ -36,7 +36,7 @@ def open_target(args, config: PipelineConfig | None = None) -> Target:
     if args.aws:
         return aws_target(args, kms_key_id)
     from .embedded import ensure_server
-    from .infra.pipeline_role import SAGEMAKER_TRUST, put_pipeline_policy
+    from flanops.infra.pipeline_role import SAGEMAKER_TRUST, put_pipeline_policy
 
     aws = ensure_server()
     aws.activate()   # the SDK makes its own clients from the environment: point them at the server too
@@ -84,7 +84,7 @@ def embedded_bucket(session, kms_key_id: str | None = None) -> str:
 
     The SDK's own default_bucket() calls STS at its public regional endpoint, bypassing ours.
     """
-    from .infra.buckets import ensure_bucket
+    from flanops.infra.buckets import ensure_bucket
 
     bucket, _ = sdk_default_bucket(session)
     ensure_bucket(session.client("s3"), bucket, session.region_name, kms_key_id=kms_key_id)
@@ -105,7 +105,7 @@ def default_bucket(session, kms_key_id: str | None = None) -> str:
     """
     from sagemaker.core.workflow.pipeline_context import PipelineSession
 
-    from .infra.buckets import ensure_bucket
+    from flanops.infra.buckets import ensure_bucket
 
     bucket, account = sdk_default_bucket(session)
     ensure_bucket(session.client("s3"), bucket, session.region_name, kms_key_id=kms_key_id, expected_owner=account)
@@ -205,8 +205,9 @@ def warn_about_gate(config: PipelineConfig) -> None:
 
 def write_run_report(target: Target, run_dir: Path) -> None:
     """A local run's report.html and report.md."""
-    from .embedded import flanops_home
-    from .report import find_record, report_run
+    from .home import flanops_home
+    from .report import report_run
+    from .runfacts import find_record
 
     announce_report(lambda: report_run(target.session, find_record(flanops_home(), "", str(run_dir))),
                     f"flanops report {run_dir}")
@@ -214,7 +215,7 @@ def write_run_report(target: Target, run_dir: Path) -> None:
 
 def announce_report(write: Callable[[], Path], retry: str) -> None:
     """Write a run's report and say where; a run's outcome stands even when its report cannot be written."""
-    from .local import known_failure
+    from .failures import known_failure
 
     try:
         path = write()
@@ -229,12 +230,13 @@ def announce_report(write: Callable[[], Path], retry: str) -> None:
 
 def report(args) -> int:
     """Write (again) a local run's report into its run folder."""
-    from .embedded import flanops_home
-    from .report import find_record, report_run
+    from .home import flanops_home
+    from .report import report_run
+    from .runfacts import find_record
 
     config = load_config(args.config, args.param)
     if args.aws:   # a SageMaker execution: its record comes from the API, the report goes to a local folder
-        from .report import sagemaker_record
+        from .runfacts import sagemaker_record
 
         session = aws_session()
         arn = execution_arn(session.client("sagemaker"), config.pipeline_name, args.run)
@@ -255,12 +257,13 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
                                                  PipelineParameters=execution_parameters(config))["PipelineExecutionArn"]
         print(f"started {arn}")
         code = follow_on_sagemaker(target, arn)
-        from .report import report_run, sagemaker_record
+        from .report import report_run
+        from .runfacts import sagemaker_record
 
         announce_report(lambda: report_run(target.session, *sagemaker_record(
             target.session, arn, sagemaker_run_dir(output_dir, arn))), f"flanops report --aws {arn}")
         return code, None
-    from .embedded import flanops_home
+    from .home import flanops_home
     from .local import LocalExecutor
 
     run_dir = prepare_run_dir(output_dir)
@@ -274,8 +277,9 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
 
 
 def resume_local(config: PipelineConfig, target: Target, execution: str) -> tuple[int, Path]:
-    from .embedded import flanops_home
-    from .local import LocalExecutor, load_execution, mark_orphaned
+    from .home import flanops_home
+    from .local import LocalExecutor
+    from .records import load_execution, mark_orphaned
 
     record = load_execution(flanops_home(), config.pipeline_name, execution)
     mark_orphaned(record)
@@ -302,11 +306,11 @@ SAMPLE = {"dialogue": "#Person1#: Hi, I'd like to book a table for four at 7 pm 
 
 def deploy_and_try(target: Target, run_dir: Path, stage_name: str = "staging") -> int:
     """After a local run: deploy the registered package to the local stage's stack and invoke it once."""
-    from .infra.deploy import deploy as deploy_stack
-    from .infra.deploy import resolve_package
-    from .infra.stages import load_stage
-    from .local import write_json_atomic
-    from .steps.stepkit.metrics import stated_facts
+    from flanops.infra.deploy import deploy as deploy_stack
+    from flanops.infra.deploy import resolve_package
+    from flanops.infra.stages import load_stage
+    from .files import write_json_atomic
+    from stepkit.metrics import stated_facts
 
     summary_file = run_dir / "summary.json"
     summary = json.loads(summary_file.read_text(encoding="utf-8"))
@@ -342,7 +346,7 @@ def sample_invocation(package_arn: str, endpoint_name: str, region: str, dialogu
     A process of its own also keeps torch out of the run's process, whose mix of native libraries
     (pyarrow, scipy, torch) sometimes aborted at exit after serving from a thread.
     """
-    from .serving import runtime_client, serve_in_subprocess, summarize_remotely
+    from flanops.infra.serving import runtime_client, serve_in_subprocess, summarize_remotely
 
     with serve_in_subprocess("--model-package", package_arn, "--endpoint-name", endpoint_name) as url:
         return summarize_remotely(runtime_client(url, region), endpoint_name, [dialogue])[0]
@@ -373,44 +377,6 @@ def prepare_run_dir(output_dir: Path | None) -> Path:
 
 
 # ----------------------------------------------------------------------------- reporting
-def gate_facts(record: dict) -> dict | None:
-    """The gate's inputs and outcome, from the evaluation report and the condition step."""
-    from .definition import EVALUATION_REPORT, GATE, GATE_PATHS, NAMES
-    from .local import json_path
-
-    report_file = record["PropertyFiles"].get(f"{NAMES.evaluate}.{EVALUATION_REPORT}")
-    if report_file is None:
-        return None
-    measured = {}
-    for name, path in GATE_PATHS.items():
-        try:
-            measured[name] = json_path(report_file, path, "evaluation.json")
-        except FlanopsError:
-            measured[name] = None
-    gate_step = next((s for s in record["Steps"] if s["StepName"] == NAMES.gate), None)
-    outcome = gate_step["Metadata"].get("Condition", {}).get("Outcome") if gate_step else None
-    parameters = record["Parameters"]
-    selection = report_file.get("selection", {})
-    conditions = []
-    for condition in GATE:
-        value, threshold = measured[condition.metric], parameters.get(condition.parameter)
-        # skipped where evaluation.json says it does not apply (e.g. no facts recorded): the definition's Or holds
-        skipped = measured[f"{condition.applies_when}_note"] if condition.applies_when and \
-            measured[condition.applies_when] == 0 else None
-        if skipped:
-            passed = True
-        else:
-            passed = None if value is None or threshold is None else condition.passed(float(value), float(threshold))
-        conditions.append({"label": condition.label, "metric": condition.metric, "parameter": condition.parameter,
-                           "bound": condition.bound(), "unit": condition.unit,
-                           "measured": None if skipped else value, "skipped": skipped,
-                           "threshold": threshold, "passed": passed})
-    return {"passed": outcome == "True" if outcome else None, "variant": measured["variant"],
-            "measured": {k: v for k, v in measured.items() if k != "variant" and not k.endswith("_note")},
-            "thresholds": {condition.parameter: parameters.get(condition.parameter) for condition in GATE},
-            "conditions": conditions, "why": selection.get("rule"), "candidates": selection.get("candidates")}
-
-
 def gate_sentence(gate: dict) -> str:
     """``ROUGE-L 0.64 (min 0.4), p95 latency 12.3 ms (max 1000), …``: every condition, measured and its threshold
     (or why it was skipped)."""
@@ -421,6 +387,7 @@ def gate_sentence(gate: dict) -> str:
 
 def summarize_execution(record: dict, run_dir: Path) -> int:
     from .definition import NAMES
+    from .runfacts import gate_facts
 
     print()
     print(f"{'step':<18}{'status':<11}{'seconds':>9}  cached")
@@ -465,7 +432,7 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
                    "failure_reason": s.get("FailureReason")} for s in record["Steps"]],
         "gate": gate, "model_package_arn": registered,
     }
-    from .local import write_json_atomic
+    from .files import write_json_atomic
 
     write_json_atomic(run_dir / "summary.json", summary)
     print(f"summary: {run_dir / 'summary.json'}")
@@ -479,8 +446,8 @@ def fmt(value: Any) -> str:
 def executions(args) -> int:
     config = load_config(args.config, args.param)
     if not args.aws:   # the local records are files: no need to start embedded AWS to read them
-        from .embedded import flanops_home
-        from .local import list_executions
+        from .home import flanops_home
+        from .records import list_executions
 
         rows = [(r["ExecutionId"], r["PipelineExecutionStatus"], r["CreationTime"], r.get("FailureReason") or "")
                 for r in list_executions(flanops_home(), config.pipeline_name)]
@@ -500,8 +467,8 @@ def executions(args) -> int:
 def steps(args) -> int:
     config = load_config(args.config, args.param)
     if not args.aws:
-        from .embedded import flanops_home
-        from .local import load_execution
+        from .home import flanops_home
+        from .records import load_execution
 
         entries = load_execution(flanops_home(), config.pipeline_name, args.execution)["Steps"]
     else:
@@ -568,7 +535,7 @@ def package_group(config: PipelineConfig) -> str:
 
 
 def approve(args) -> int:
-    from .infra.deploy import approve as approve_package
+    from flanops.infra.deploy import approve as approve_package
 
     package = approve_package(target_session(args), args.model_package, args.description)
     print(f"approved {package['ModelPackageArn']} (group {package['ModelPackageGroupName']}, "
@@ -577,9 +544,9 @@ def approve(args) -> int:
 
 
 def deploy(args) -> int:
-    from .infra.deploy import deploy as deploy_stack
-    from .infra.deploy import dry_run, resolve_package
-    from .infra.stages import load_stage
+    from flanops.infra.deploy import deploy as deploy_stack
+    from flanops.infra.deploy import dry_run, resolve_package
+    from flanops.infra.stages import load_stage
 
     config = load_config(args.config, args.param)
     stage = load_stage(args.stage)
@@ -603,8 +570,8 @@ def role(args) -> int:
     """Write the pipeline execution role (least privilege) as a CloudFormation template, cfn-lint checked."""
     import boto3
 
-    from .infra.pipeline_role import pipeline_role_template
-    from .infra.template import lint_template, write_template
+    from flanops.infra.pipeline_role import pipeline_role_template
+    from flanops.infra.template import lint_template, write_template
 
     config = load_config(args.config, args.param)
     region = args.region or boto3.Session().region_name
@@ -624,7 +591,7 @@ def role(args) -> int:
 
 
 def destroy(args) -> int:
-    from .infra.deploy import destroy as destroy_stack
+    from flanops.infra.deploy import destroy as destroy_stack
 
     config = load_config(args.config, args.param)
     destroy_stack(target_session(args), args.stage, package_group(config))
@@ -635,7 +602,7 @@ def serve(args) -> int:
     import signal
     import threading
 
-    from .serving import DataCapture, serving
+    from flanops.infra.serving import DataCapture, serving
 
     config = load_config(args.config, args.param)
     session = target_session(args)
@@ -666,7 +633,7 @@ def serve(args) -> int:
 
 def model_to_serve(args, session, group: str) -> tuple[str, str, str | None]:
     """(model data, endpoint name, model package ARN) for ``flanops serve``'s choice of model."""
-    from .infra.deploy import deployed, describe_package
+    from flanops.infra.deploy import deployed, describe_package
 
     if args.model_data:
         return args.model_data, args.endpoint_name or "flanops-local", None
@@ -693,7 +660,7 @@ def model_data_url(package: dict) -> str:
 def invoke(args) -> int:
     import sys
 
-    from .serving import running_endpoints, runtime_client, summarize_remotely
+    from flanops.infra.serving import running_endpoints, runtime_client, summarize_remotely
 
     text = sys.stdin.read() if args.text == "-" else args.text
     if not text.strip():
@@ -721,7 +688,7 @@ def invoke(args) -> int:
 
 
 def deployed_endpoint(session, args) -> str:
-    from .infra.deploy import deployed
+    from flanops.infra.deploy import deployed
 
     config = load_config(args.config, args.param)
     result = deployed(session, args.stage, package_group(config))
@@ -735,7 +702,7 @@ def bench(args) -> int:
     """``flanops bench``: the benchmarks in benchmarks/ (imported only here: they load torch)."""
     import sys
 
-    from . import benchmarks
+    from flanops import benchmarks
 
     models = benchmarks.resolve_models([name for name in args.models.split(",") if name.strip()])
     sections = benchmarks.resolve_sections(args.sections)

@@ -29,9 +29,11 @@ from typing import Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_core import PydanticCustomError
+from stepkit.errors import StepError
+
+from flanops.infra.stages import KMS_KEY_PATTERN, Vpc, pattern_hint
 
 from .errors import FlanopsError
-from .infra.stages import KMS_KEY_PATTERN, Vpc, pattern_hint
 
 OPTIMIZATION_METHODS = ("none", "distill", "quantize", "prune", "auto")
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
@@ -113,7 +115,7 @@ class Parameters(BaseModel):
         select_model = import_step("select_model")
         try:
             select_model.resolve_source(value, random_weights=False, flag="")
-        except select_model.StepError as err:  # the message names the value; the error's location names BaseModelId
+        except StepError as err:  # the message names the value; the error's location names BaseModelId
             raise PydanticCustomError("unknown_model", str(err).strip().replace("{", "{{").replace("}", "}}")) from None
         return value
 
@@ -208,14 +210,10 @@ def steps_dir() -> Path:
 
 
 def import_step(script: str):
-    """A step script as a module, imported the way its job runs it (its folder on sys.path)."""
+    """A step script as a module: ``flanops.steps.<script>``; its ``stepkit`` is the installed top-level one."""
     import importlib
-    import sys
 
-    folder = str(steps_dir())
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    return importlib.import_module(script)
+    return importlib.import_module(f"flanops.steps.{script}")
 
 
 def config_dir() -> Path:
@@ -419,7 +417,7 @@ def settings_problem(section: str, flags: list[str]) -> str | None:
     try:
         if hasattr(module, "check_flags"):
             module.check_flags(args)
-    except module.StepError as err:
+    except StepError as err:
         return str(err)
     return None
 

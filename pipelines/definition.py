@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .config import PipelineConfig, steps_dir
+from .s3 import split_s3_uri
 
 PROCESSING = "/opt/ml/processing"       # SageMaker's processing container contract
 CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location
@@ -138,8 +139,8 @@ def upload_serving_wheel(s3, bucket: str, pipeline_name: str, serving_python: st
     network access of its own (a job in a VPC or with network isolation has none). None, with a
     warning, where it cannot be fetched (no package index reachable and none cached).
     """
-    from .steps.stepkit.errors import StepError
-    from .steps.stepkit.wheels import runtime_wheel
+    from stepkit.errors import StepError
+    from stepkit.wheels import runtime_wheel
 
     try:
         wheel = runtime_wheel(serving_python)
@@ -172,13 +173,6 @@ def put_if_absent(s3, bucket: str, key: str, body: bytes | Callable[[], bytes]) 
         if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
             raise
         s3.put_object(Bucket=bucket, Key=key, Body=body() if callable(body) else body)
-
-
-def split_s3_uri(uri: str) -> tuple[str, str]:
-    if not uri.startswith("s3://"):
-        raise ValueError(f"not an S3 URI: {uri!r}")
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    return bucket, key
 
 
 def content_address(definition: dict, s3, pipeline_name: str) -> dict:
@@ -311,7 +305,7 @@ def job_images(config: PipelineConfig, region: str) -> dict[str, str]:
             base_framework_version=f"pytorch{images.inference_pytorch}",
             instance_type=images.inference_instance_types[0], image_scope="inference"),
     }
-    from .local import write_json_atomic
+    from .files import write_json_atomic
 
     write_json_atomic(remembered_file, {**(remembered if isinstance(remembered, dict) else {}), key: found})
     return found
@@ -452,7 +446,7 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
 
     report = PropertyFile(name=EVALUATION_REPORT, output_name="evaluation", path="evaluation.json")
     serving_python = image_python(inference_image)
-    from .steps.stepkit.wheels import NO_WHEEL_FLAG
+    from stepkit.wheels import NO_WHEEL_FLAG
 
     wheels_uri = upload_serving_wheel(session.client("s3"), default_bucket, name, serving_python)
     wheels = (["--wheelhouse", f"{PROCESSING}/input/wheels"], [processing_input("wheels", wheels_uri)]) if wheels_uri \
@@ -544,7 +538,7 @@ def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: s
     """What a definition is made of: the config, the target, the step code, this module and the SDK's version."""
     from importlib.metadata import version
 
-    from .steps.stepkit.wheels import cache_dir, runtime_version
+    from stepkit.wheels import cache_dir, runtime_version
 
     digest = hashlib.sha256()
     settings = {"pipeline_name": config.pipeline_name, "parameters": config.parameter_values(), "steps": config.steps,
@@ -562,14 +556,14 @@ def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: s
 
 
 def definitions_dir() -> Path:
-    from .embedded import flanops_home
+    from .home import flanops_home
 
     return flanops_home() / "definitions"
 
 
 def remember_definition(key: str, text: str, s3, bucket: str, pipeline_name: str) -> None:
     """Keep ``text`` and a copy of every code object it points to (content-addressed, so each is kept once)."""
-    from .local import write_json_atomic
+    from .files import write_bytes_atomic, write_json_atomic
 
     objects_dir = definitions_dir() / "objects"
     objects_dir.mkdir(parents=True, exist_ok=True)
@@ -581,9 +575,7 @@ def remember_definition(key: str, text: str, s3, bucket: str, pipeline_name: str
                 body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
                 digest = hashlib.sha256(body).hexdigest()
                 if not (objects_dir / digest).is_file():
-                    partial = objects_dir / f".{digest}.partial"
-                    partial.write_bytes(body)
-                    partial.replace(objects_dir / digest)
+                    write_bytes_atomic(objects_dir / digest, body)
                 objects[item["Key"]] = digest
     write_json_atomic(definitions_dir() / f"{key}.json", {"definition": text, "bucket": bucket, "objects": objects})
 

@@ -10,8 +10,8 @@ callers find it there and reuse it. A file lock keeps concurrent callers from st
     with aws.activated():            # boto3, the AWS CLI and the SageMaker SDK now talk to moto
         boto3.client("s3").list_buckets()
 
-From a shell: ``eval "$(python -m flanops.embedded env)"`` then ``aws s3 ls``;
-``python -m flanops.embedded status|stop`` to inspect or stop the server.
+From a shell: ``eval "$(python -m flanops.pipelines.embedded env)"`` then ``aws s3 ls``;
+``python -m flanops.pipelines.embedded status|stop`` to inspect or stop the server.
 
 State lives only as long as the server process. ``stop_server()``, a reboot or a crash
 loses every bucket, pipeline and model package. moto 5.2.5 has no snapshot or restore.
@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .errors import FlanopsError
+from .files import write_text_atomic
+from .home import embedded_dir, log_file, process_alive
 
 if TYPE_CHECKING:
     import boto3
@@ -64,7 +66,9 @@ moto serves every region; this default only names one for clients."""
 _FAKE_ACCESS_KEY_ID = "testing"
 _FAKE_SECRET_ACCESS_KEY = "testing"  # nosec B105 # moto's dummy key; embedded AWS takes any
 _HOST = "127.0.0.1"
-_LAUNCHER_MODULE = "flanops.embedded"  # also how stop_server recognises its process in /proc
+_LAUNCHER_MODULE = "flanops.pipelines.embedded"  # also how stop_server recognises its process in /proc
+# a server started by flanops before the flanops.pipelines layout: still ours to reuse or stop, not to orphan
+_EARLIER_LAUNCHER_MODULES = ("flanops.embedded",)
 _START_TIMEOUT_S = 30.0  # moto imports in 1-3 s; a loaded 2-core CI machine can be much slower
 _HEALTH_TIMEOUT_S = 2.0
 _STOP_TIMEOUT_S = 10.0
@@ -85,23 +89,8 @@ class EmbeddedAwsError(FlanopsError):
     """The embedded moto server could not be started, reached or stopped."""
 
 
-def flanops_home() -> Path:
-    """``$FLANOPS_HOME`` if set, else ``~/.flanops``; absolute, so that it holds in the server's own cwd."""
-    configured = os.environ.get("FLANOPS_HOME")
-    home = Path(configured) if configured else Path("~/.flanops")
-    return home.expanduser().absolute()
-
-
-def embedded_dir() -> Path:
-    return flanops_home() / "embedded"
-
-
 def state_file() -> Path:
     return embedded_dir() / "server.json"
-
-
-def log_file() -> Path:
-    return embedded_dir() / "server.log"
 
 
 def _lock_file() -> Path:
@@ -327,10 +316,7 @@ def _read_state() -> dict[str, Any] | None:
 
 
 def _write_state(state: dict[str, Any]) -> None:
-    path = state_file()
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_text(json.dumps(state, indent=2) + "\n")
-    os.replace(temporary, path)  # atomic: readers see the old file or the new one, never half of one
+    write_text_atomic(state_file(), json.dumps(state, indent=2) + "\n")
 
 
 def _from_state(state: Mapping[str, Any]) -> EmbeddedAws:
@@ -355,35 +341,13 @@ def _answers(endpoint_url: str, attempts: int = 1) -> bool:
     return False
 
 
-def process_alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:  # our own child that exited: reap it, it is gone
-            return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # someone else's process, so not ours; _is_server_process says so
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
-    """An exited process that its parent has not reaped yet. A server started by another, already
-    finished flanops process goes to init, which in a container may reap it late or never."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False  # no /proc (macOS), or it has just been reaped
-    return stat.rpartition(")")[2].split()[:1] == ["Z"]  # state follows the command name, which may hold spaces
-
-
 def _is_server_process(pid: int) -> bool:
     """Whether ``pid`` is alive and runs our launcher. The state file may outlive the server and
     its pid be reused; an unrelated program must never be signalled."""
     if not process_alive(pid):
         return False
-    return f"-m {_LAUNCHER_MODULE} serve " in _command_line(pid)
+    command_line = _command_line(pid)
+    return any(f"-m {module} serve " in command_line for module in (_LAUNCHER_MODULE, *_EARLIER_LAUNCHER_MODULES))
 
 
 def _command_line(pid: int) -> str:
@@ -514,9 +478,7 @@ def _serve(host: str, ready_file: Path) -> int:
     port = server.get_host_and_port()[1]
     os.environ["MOTO_PORT"] = str(port)  # moto builds some callback URLs (Lambda) from it
 
-    temporary = ready_file.with_name(ready_file.name + ".tmp")
-    temporary.write_text(f"{port}\n")
-    os.replace(temporary, ready_file)
+    write_text_atomic(ready_file, f"{port}\n")
     print(f"moto listening on http://{host}:{port} (pid {os.getpid()})", flush=True)
 
     while not stop.wait(1.0):  # a timeout so that the main thread runs the signal handler promptly
@@ -532,7 +494,7 @@ def _shell_quote(value: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m flanops.embedded", description="Start, inspect or stop the embedded AWS (moto) server.",
+        prog="python -m flanops.pipelines.embedded", description="Start, inspect or stop the embedded AWS (moto) server.",
         allow_abbrev=False,
     )
     # Subparsers do not inherit allow_abbrev.

@@ -17,6 +17,7 @@ isolation settings do not apply: jobs run as subprocesses of this machine.
 Steps with caching enabled reuse an earlier run's outputs when their resolved arguments
 (code locations are content-addressed) are unchanged. Jobs run one at a time: branches that
 SageMaker runs in parallel run in definition order here (each job uses every core anyway).
+The expressions are evaluated by expressions.py; each execution's record is kept by records.py.
 """
 from __future__ import annotations
 
@@ -35,287 +36,25 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .embedded import process_alive
-from .errors import FlanopsError
-from .steps.stepkit.errors import first_line, storage_problem
-from .steps.stepkit.threads import usable_cpus
+from stepkit.threads import usable_cpus
+
+from .expressions import Context, evaluate_condition, format_value, references, walk_path
+from .failures import AwsUnreachable, StepFailed, known_failure
+from .files import write_json_atomic
+from .records import records_dir, utcnow
+from .s3 import download_prefix, prefix_exists, split_s3_uri, upload_folder
 
 CONTAINER_ROOT = "/opt/ml"
 PLACEHOLDER_EXECUTION = "<execution-id>"   # stands in for the execution id in cache keys
 JOB_TYPES = ("Processing", "Training")
 
 
-class StepFailed(FlanopsError):
-    """A step ended in failure; the message is its FailureReason."""
-
-
-class AwsUnreachable(StepFailed):
-    """AWS stopped answering mid-step. With embedded AWS its state died with the server, so the
-    execution cannot be resumed; a new run restores the finished steps from their local copies."""
-
-
-def connection_errors() -> tuple[type[BaseException], ...]:
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-    from botocore.exceptions import HTTPClientError
-
-    return BotoConnectionError, HTTPClientError
-
-
-def aws_unreachable(step: str, err: BaseException, endpoint_url: str | None) -> AwsUnreachable:
-    from .embedded import log_file
-
-    if endpoint_url:   # embedded AWS
-        return AwsUnreachable(
-            f"{step}: embedded AWS at {endpoint_url} stopped answering ({err}); its buckets, pipelines, model "
-            f"packages and stacks went with it (server log: {log_file()}). Run the command again: a new server "
-            "starts, and `flanops run` restores the steps that finished from their local copies")
-    return AwsUnreachable(f"{step}: lost the connection to AWS ({err}); check the network and credentials, "
-                          "then run again (finished steps come from SageMaker's cache)")
-
-
-def known_failure(where: str, error: BaseException, endpoint_url: str | None,
-                  folder: Path | None = None) -> StepFailed | None:
-    """A failure the user can act on, in one line: AWS stopped answering, or a disk is full or
-    read-only (``folder``: where was being written). None for anything else: a bug keeps its traceback."""
-    if isinstance(error, connection_errors()):
-        return aws_unreachable(where, error, endpoint_url)
-    problem = storage_problem(error)
-    if problem:
-        place = f" while writing under {folder}" if folder else ""
-        return StepFailed(f"{where}: {problem}{place} ({first_line(error)}); free space there or choose another "
-                          "folder (--output-dir), then run again")
-    return None
-
-
-def utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-# ----------------------------------------------------------------------------- records
-def records_dir(home: Path, pipeline_name: str) -> Path:
-    return home / "executions" / pipeline_name
-
-
-def write_json_atomic(path: Path, value: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_name(f".{path.name}.tmp")
-    try:
-        staging.write_text(json.dumps(value, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(staging, path)
-    except BaseException:
-        staging.unlink(missing_ok=True)   # a half-written file must not outlive the failure
-        raise
-
-
-def load_execution(home: Path, pipeline_name: str, execution: str) -> dict:
-    """An execution record by id or ARN."""
-    execution_id = execution.rsplit("/", 1)[-1]
-    path = records_dir(home, pipeline_name) / f"{execution_id}.json"
-    if not path.is_file():
-        known = ", ".join(p.stem for p in sorted(records_dir(home, pipeline_name).glob("*.json"))) or "none"
-        raise StepFailed(f"no execution {execution_id!r} of pipeline {pipeline_name!r} (known: {known}); "
-                         "list them with `flanops executions`")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def list_executions(home: Path, pipeline_name: str) -> list[dict]:
-    records = [json.loads(p.read_text(encoding="utf-8")) for p in records_dir(home, pipeline_name).glob("*.json")]
-    for record in records:
-        mark_orphaned(record)
-    return sorted(records, key=lambda r: r["CreationTime"], reverse=True)
-
-
-def mark_orphaned(record: dict) -> None:
-    """An execution whose executor process died shows as Failed, as it can no longer finish."""
-    if record["PipelineExecutionStatus"] == "Executing" and not (record.get("ExecutorPid") and process_alive(record["ExecutorPid"])):
-        record["PipelineExecutionStatus"] = "Failed"
-        record["FailureReason"] = record.get("FailureReason") or "the local executor stopped before the end"
-
-
-# ----------------------------------------------------------------------------- expressions
-PATH_TOKEN = re.compile(r"\.?([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\['([^']*)'\]|\[\"([^\"]*)\"\]")
-
-
-def walk_path(value: Any, path: str, what: str) -> Any:
-    """Follow a SageMaker property path (``Outputs['data'].S3Output.S3Uri``) through a response."""
-    position = 0
-    while position < len(path):
-        match = PATH_TOKEN.match(path, position)
-        if not match:
-            raise StepFailed(f"{what}: cannot read property path {path!r} at {path[position:]!r}")
-        position = match.end()
-        name, index, key1, key2 = match.groups()
-        key = key1 if key1 is not None else key2
-        if name is not None:
-            if not isinstance(value, dict) or name not in value:
-                raise StepFailed(f"{what}: no property {name!r} in {path!r}")
-            value = value[name]
-        elif index is not None:
-            value = value[int(index)]
-        elif isinstance(value, list):   # Outputs['data']: the element whose *Name is 'data'
-            found = [item for item in value if isinstance(item, dict)
-                     and any(k.endswith("Name") and v == key for k, v in item.items())]
-            if not found:
-                raise StepFailed(f"{what}: no element named {key!r} in {path!r}")
-            value = found[0]
-        else:
-            value = value[key]
-    return value
-
-
-def json_path(document: Any, path: str, what: str) -> Any:
-    """``Std:JsonGet`` paths: dotted names with ``[index]`` (JsonPath without the ``$``)."""
-    value = document
-    for part in re.findall(r"[^.\[\]]+|\[\d+\]", path):
-        try:
-            value = value[int(part[1:-1])] if part.startswith("[") else value[part]
-        except (KeyError, IndexError, TypeError):
-            raise StepFailed(f"{what}: {path!r} is not in the property file") from None
-    return value
-
-
-@dataclass
-class Context:
-    execution_id: str
-    execution_arn: str
-    pipeline_name: str
-    parameters: dict[str, Any]
-    properties: dict[str, dict] = field(default_factory=dict)       # step → its Describe*-like response
-    property_files: dict[str, dict] = field(default_factory=dict)   # "Step.File" → parsed JSON
-
-    def resolve(self, value: Any, what: str = "definition") -> Any:
-        if isinstance(value, list):
-            return [self.resolve(item, what) for item in value]
-        if not isinstance(value, dict):
-            return value
-        if set(value) == {"Get"}:
-            return self.get(value["Get"], what)
-        if set(value) == {"Std:Join"}:
-            join = value["Std:Join"]
-            return str(join.get("On", "")).join(format_value(self.resolve(v, what)) for v in join["Values"])
-        if set(value) == {"Std:JsonGet"}:
-            spec = value["Std:JsonGet"]
-            reference = spec["PropertyFile"]["Get"] if isinstance(spec["PropertyFile"], dict) else spec["PropertyFile"]
-            step, _, file_name = reference.removeprefix("Steps.").partition(".PropertyFiles.")
-            document = self.property_files.get(f"{step}.{file_name}")
-            if document is None:
-                raise StepFailed(f"{what}: property file {file_name} of step {step} is not available")
-            return json_path(document, spec["Path"], f"{what}: {reference}")
-        return {key: self.resolve(item, what) for key, item in value.items()}
-
-    def get(self, reference: str, what: str) -> Any:
-        scope, _, rest = reference.partition(".")
-        if scope == "Parameters":
-            if rest not in self.parameters:
-                raise StepFailed(f"{what}: unknown parameter {rest!r}")
-            return self.parameters[rest]
-        if scope == "Execution":
-            values = {"PipelineExecutionId": self.execution_id, "PipelineExecutionArn": self.execution_arn,
-                      "PipelineName": self.pipeline_name, "StartDateTime": utcnow(), "CurrentDateTime": utcnow()}
-            return values[rest]
-        if scope == "Steps":
-            step, _, path = rest.partition(".")
-            if step not in self.properties:
-                raise StepFailed(f"{what}: step {step!r} has not run, so its properties are unknown")
-            return walk_path(self.properties[step], path, f"{what}: Steps.{step}")
-        raise StepFailed(f"{what}: cannot resolve {reference!r}")
-
-
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(value).lower()
-    return str(value)
-
-
-def evaluate_condition(condition: dict, ctx: Context, what: str) -> bool:
-    kind = condition["Type"]
-    if kind == "Not":
-        return not evaluate_condition(condition["Expression"], ctx, what)
-    if kind == "Or":
-        return any(evaluate_condition(c, ctx, what) for c in condition["Conditions"])
-    if kind == "In":
-        return ctx.resolve(condition["QueryValue"], what) in ctx.resolve(condition["Values"], what)
-    left, right = ctx.resolve(condition["LeftValue"], what), ctx.resolve(condition["RightValue"], what)
-    compare: dict[str, Callable[[Any, Any], bool]] = {
-        "Equals": lambda a, b: a == b, "GreaterThan": lambda a, b: a > b,
-        "GreaterThanOrEqualTo": lambda a, b: a >= b, "LessThan": lambda a, b: a < b,
-        "LessThanOrEqualTo": lambda a, b: a <= b}
-    if kind not in compare:
-        raise StepFailed(f"{what}: condition type {kind!r} is not supported by the local executor")
-    try:
-        return compare[kind](left, right)
-    except TypeError:
-        raise StepFailed(f"{what}: cannot compare {left!r} with {right!r} ({kind})") from None
-
-
-def references(value: Any) -> set[str]:
-    """Names of the steps an expression reads."""
-    found: set[str] = set()
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if key == "Get" and isinstance(item, str) and item.startswith("Steps."):
-                found.add(item.split(".")[1])
-            else:
-                found |= references(item)
-    elif isinstance(value, list):
-        for item in value:
-            found |= references(item)
-    return found
-
-
 # ----------------------------------------------------------------------------- S3 staging
-def download_prefix(s3, uri: str, target: Path) -> int:
-    """S3Prefix semantics: the object itself (kept by its name) or every object below the prefix."""
-    from .definition import split_s3_uri
-
-    bucket, key = split_s3_uri(uri)
-    prefix = key.rstrip("/")
-    target.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"] == prefix:
-                relative = prefix.rsplit("/", 1)[-1]
-            elif obj["Key"].startswith(prefix + "/") or not prefix:
-                relative = obj["Key"][len(prefix):].lstrip("/")
-            else:
-                continue   # a sibling that merely shares the prefix text (data vs data2)
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(destination))
-            count += 1
-    if count == 0:
-        raise StepFailed(f"nothing in S3 at {uri}")
-    return count
-
-
-def upload_folder(s3, folder: Path, uri: str, extra_args: dict | None = None) -> int:
-    from .definition import split_s3_uri
-
-    bucket, key = split_s3_uri(uri)
-    count = 0
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        s3.upload_file(str(path), bucket, f"{key.rstrip('/')}/{path.relative_to(folder).as_posix()}",
-                       ExtraArgs=extra_args)
-        count += 1
-    return count
-
-
 def output_encryption(arguments: dict) -> dict | None:
     """The upload arguments that encrypt a job's outputs with its KMS key, as SageMaker does; None without one."""
     key = (arguments.get("ProcessingOutputConfig", {}).get("KmsKeyId")
            or arguments.get("OutputDataConfig", {}).get("KmsKeyId"))
     return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key} if key else None
-
-
-def prefix_exists(s3, uri: str) -> bool:
-    from .definition import split_s3_uri
-
-    bucket, key = split_s3_uri(uri)
-    try:
-        return bool(s3.list_objects_v2(Bucket=bucket, Prefix=key.rstrip("/"), MaxKeys=1).get("Contents"))
-    except Exception:   # a bucket that is gone (embedded AWS restarted) is simply a cache miss
-        return False
 
 
 def extract_archives(folder: Path) -> None:
@@ -692,11 +431,9 @@ class LocalExecutor:
         self.run_process(name, command, code_dir, env, sandbox, entry, record)
         output_path = arguments["OutputDataConfig"]["S3OutputPath"].rstrip("/")
         artifact = sandbox / "model.tar.gz"
-        from .steps.stepkit.modeling import pack_folder   # /opt/ml/model as is, as SageMaker tars it: reproducible bytes
+        from stepkit.modeling import pack_folder   # /opt/ml/model as is, as SageMaker tars it: reproducible bytes
 
         pack_folder(model_dir, artifact)
-        from .definition import split_s3_uri
-
         bucket, key = split_s3_uri(f"{output_path}/{job_name}/output/model.tar.gz")
         self.s3.upload_file(str(artifact), bucket, key, ExtraArgs=output_encryption(arguments))
         arn = self.job_arn("training-job", job_name)
@@ -843,7 +580,7 @@ def copy_is_intact(copy: dict | None) -> bool:
 
 
 def restore_copy(s3, copy: dict, uri: str, extra_args: dict | None = None) -> None:
-    from .definition import split_s3_uri
+    from .s3 import split_s3_uri
 
     path = Path(copy["path"])
     if path.is_file():

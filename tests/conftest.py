@@ -1,4 +1,4 @@
-"""Shared fixtures. Step scripts import ``stepkit`` as SageMaker would (their folder on sys.path)."""
+"""Shared fixtures. Step scripts import as ``flanops.steps.<script>``, their kit as the installed ``stepkit``."""
 from __future__ import annotations
 
 import contextlib
@@ -15,7 +15,6 @@ from moto import mock_aws  # imported before sagemaker (conftest loads first), s
 REPO = Path(__file__).resolve().parent.parent
 STEPS = REPO / "steps"
 SHARED_DATA = REPO.parent / "shared" / "data"
-sys.path.insert(0, str(STEPS))
 pytest_plugins = ("reliability",)   # RELIABILITY.md, from the tests that prove each case
 
 
@@ -44,6 +43,13 @@ pin_xdist_worker()
 AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT_PROFILE", "AWS_ENDPOINT_URL",
                  "AWS_SESSION_TOKEN", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_CONFIG_FILE",
                  "AWS_SHARED_CREDENTIALS_FILE", "SAGEMAKER_USER_CONFIG_OVERRIDE")
+
+
+@pytest.fixture
+def steps_on_sys_path(monkeypatch):
+    """The step scripts' folder on sys.path, as in their container, for a script run in-process that imports a
+    sibling script by its bare name (optimize.py imports distill.py, quantize.py or prune.py)."""
+    monkeypatch.syspath_prepend(str(STEPS))
 
 
 def run_step(script: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -87,7 +93,7 @@ def chain(tmp_path_factory):
     run_step("prepare_data.py", "--input", "synthetic", "--output-dir", str(data), "--seed", "0",
              "--test-size", "100")
     run_step("select_model.py", "--model", "tiny", "--output-dir", str(model))
-    from flanops.config import load_config
+    from flanops.pipelines.config import load_config
 
     quick = load_config("quick")   # the quick run's fine-tune, flag for flag
     finetune = run_step("finetune_lora.py", "--model-dir", str(model), "--data-dir", str(data), "--output-dir", str(tuned),
@@ -153,7 +159,7 @@ def own_flanops_home(home: Path):
     try:
         yield env
     finally:
-        subprocess.run([sys.executable, "-m", "flanops.cli", "local", "stop"], env=env, capture_output=True,
+        subprocess.run([sys.executable, "-m", "flanops.pipelines.cli", "local", "stop"], env=env, capture_output=True,
                        timeout=60)
         kill_processes_under(home)
 
@@ -195,7 +201,7 @@ def mocked_aws(region: str, bucket: str):
 def embedded_root(tmp_path_factory):
     """The folder of the shared FLANOPS_HOME (``<root>/home``); at the end its server is stopped and
     whatever still runs in it (a server, executor or job a failed test left behind) is killed."""
-    from flanops.embedded import stop_server
+    from flanops.pipelines.embedded import stop_server
 
     root = tmp_path_factory.mktemp("embedded")
     yield root

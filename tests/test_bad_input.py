@@ -29,7 +29,7 @@ import pytest
 from conftest import kill_processes_under, run_step
 from test_model_archive import TINY_DIMS
 
-import select_model
+from flanops.steps import select_model
 from stepkit import catalog
 from stepkit.contract import COMPLETE_MARKER
 from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
@@ -48,7 +48,7 @@ def without_aws() -> dict[str, str]:
 
 def flanops(*arguments: str, home: Path) -> subprocess.CompletedProcess:
     """The ``flanops`` command, with a FLANOPS_HOME of its own (an embedded AWS it starts would live there)."""
-    return subprocess.run([sys.executable, "-m", "flanops.cli", *arguments], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "flanops.pipelines.cli", *arguments], capture_output=True, text=True,
                           env={**without_aws(), "FLANOPS_HOME": str(home)}, timeout=120)
 
 
@@ -268,7 +268,7 @@ class Started(Exception):
 @pytest.mark.parametrize("command", ["run", "start"])
 def test_a_gate_no_model_can_pass_is_warned_about_and_the_run_goes_ahead(command, tmp_path, monkeypatch, capsys,
                                                                          reliability):
-    from flanops import cli, commands
+    from flanops.pipelines import cli, commands
 
     def started(*args, **kwargs):
         raise Started
@@ -352,7 +352,7 @@ IN_PROCESS = {"config-of-another-size", "weights-of-another-model"}
 
 @pytest.mark.parametrize("name", list(MODEL_CASES))
 def test_a_broken_model_folder_is_one_clear_line(name, tiny_model, tmp_path, capsys, reliability):
-    import quantize
+    from flanops.steps import quantize
     from stepkit.errors import run_step as run_main
 
     case, breaks, fragments = MODEL_CASES[name]
@@ -419,7 +419,7 @@ def test_a_model_tar_gz_whose_member_escapes_is_refused_before_anything_is_extra
 @pytest.fixture(scope="module")
 def endpoint(tiny_model, tmp_path_factory):
     """The URL of ``flanops serve --model-data model.tar.gz`` (the tiny model packaged as the pipeline packages it)."""
-    from flanops.serving import serve_in_subprocess
+    from flanops.infra.serving import serve_in_subprocess
 
     root = tmp_path_factory.mktemp("endpoint")
     archive = package_model(tiny_model, root / MODEL_ARCHIVE)
@@ -428,7 +428,7 @@ def endpoint(tiny_model, tmp_path_factory):
         with serve_in_subprocess("--model-data", str(archive), "--endpoint-name", "bad-input", env=env) as url:
             yield url
     finally:
-        subprocess.run([sys.executable, "-m", "flanops.cli", "local", "stop"], env=env, capture_output=True, timeout=60)
+        subprocess.run([sys.executable, "-m", "flanops.pipelines.cli", "local", "stop"], env=env, capture_output=True, timeout=60)
         kill_processes_under(root)
 
 
@@ -460,8 +460,8 @@ DIALOGUE = "#Person1#: Can we meet at ten tomorrow?\n#Person2#: Yes, at the stat
 
 def endpoint_cases() -> list[tuple[str, str, dict, bytes | None, int, list[str]]]:
     """(case, what, headers, body, status, what the error must say), with the limits the endpoint runs with."""
-    from flanops.serving import MAX_PAYLOAD_BYTES
-    from inference import MAX_BATCH_SIZE, MAX_NEW_TOKENS
+    from flanops.infra.serving import MAX_PAYLOAD_BYTES
+    from flanops.steps.inference import MAX_BATCH_SIZE, MAX_NEW_TOKENS
 
     json_type = {"Content-Type": JSON_TYPE}
     return [

@@ -108,7 +108,7 @@ def variants(chain, tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["fp32", "ct2-int8"])
 def test_the_handler_answers_concurrent_requests_as_it_answers_each_alone(chain, variants, variant):
-    import inference
+    from flanops.steps import inference
 
     summarizer = inference.model_fn(str(variants[variant]))
     dialogues = [row["dialogue"] for row in read_split(chain["data"], "test")[:24]]
@@ -138,7 +138,7 @@ def test_the_local_endpoint_answers_429_when_its_queue_is_full_and_goes_on_servi
     while one generates, the one that fits waits and the rest get 429 saying why; afterwards all is served."""
     import sys
 
-    from flanops.serving import LoadedModel
+    from flanops.infra.serving import LoadedModel
     from test_inference_handler import packaged
 
     monkeypatch.setenv("FLANOPS_MAX_QUEUE", "1")

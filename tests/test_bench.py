@@ -17,15 +17,15 @@ import pytest
 
 from conftest import AWS_VARIABLES
 
-from flanops.cli import main
+from flanops.pipelines.cli import main
 
 SMOKE = """
 import json, sys
 from pathlib import Path
 from flanops import benchmarks
 from flanops.benchmarks.harness import BenchSettings, ModelSpec
-from flanops.embedded import stop_server
-from flanops.steps.stepkit.catalog import T5Dims
+from flanops.pipelines.embedded import stop_server
+from stepkit.catalog import T5Dims
 
 tiny = ModelSpec("tiny-test", T5Dims(d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=2, num_decoder_layers=2))
 settings = BenchSettings(mode="smoke", models=(tiny,), lora_model=tiny, sections=benchmarks.SECTIONS, warmup=0,

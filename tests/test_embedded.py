@@ -16,8 +16,8 @@ from pathlib import Path
 import boto3
 import pytest
 
-from flanops import embedded
-from flanops.embedded import EmbeddedAws, ensure_server, server_status, state_file, stop_server
+from flanops.pipelines import embedded
+from flanops.pipelines.embedded import EmbeddedAws, ensure_server, server_status, state_file, stop_server
 
 # Variables from the developer's shell that would change what the code under test sees.
 _AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_ENDPOINT_URL", "AWS_SESSION_TOKEN")
@@ -33,7 +33,7 @@ def _server_pids_under(home: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "flanops.embedded serve" in cmdline and str(home) in cmdline:
+        if "flanops.pipelines.embedded serve" in cmdline and str(home) in cmdline:
             pids.append(int(entry.name))
     return pids
 
@@ -132,7 +132,7 @@ def test_second_process_reuses_the_server(aws: EmbeddedAws) -> None:
     _client(aws, "s3").create_bucket(Bucket="flanops-seen-by-child")
     code = (
         "import json, boto3\n"
-        "from flanops.embedded import ensure_server\n"
+        "from flanops.pipelines.embedded import ensure_server\n"
         "aws = ensure_server()\n"
         "with aws.activated():\n"
         "    names = [b['Name'] for b in boto3.client('s3').list_buckets()['Buckets']]\n"
@@ -202,6 +202,22 @@ def test_stale_state_file_is_replaced(home: Path) -> None:
     _client(aws, "s3").list_buckets()
 
 
+def test_a_server_an_earlier_flanops_started_is_still_recognised() -> None:
+    """Before the flanops.pipelines layout the server ran as ``-m flanops.embedded``: after an upgrade,
+    stop_server must still stop it (and ensure_server reuse it) instead of orphaning it."""
+    def pretending(module: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "-m", module, "serve", "--host"])
+
+    earlier, unrelated = pretending("flanops.embedded"), pretending("flanops.somethingelse")
+    try:
+        assert embedded._is_server_process(earlier.pid)
+        assert not embedded._is_server_process(unrelated.pid)
+    finally:
+        for process in (earlier, unrelated):
+            process.kill()
+            process.wait()
+
+
 def test_stop_server(home: Path) -> None:
     aws = ensure_server()
     _client(aws, "s3").create_bucket(Bucket="flanops-lost-on-stop")
@@ -219,7 +235,7 @@ def test_stop_server(home: Path) -> None:
 
 
 def test_concurrent_callers_start_one_server(home: Path) -> None:
-    code = "from flanops.embedded import ensure_server; print(ensure_server().pid)"
+    code = "from flanops.pipelines.embedded import ensure_server; print(ensure_server().pid)"
     children = [
         subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         for _ in range(3)
@@ -232,11 +248,11 @@ def test_concurrent_callers_start_one_server(home: Path) -> None:
 
 
 def test_server_survives_the_process_that_started_it(home: Path) -> None:
-    started = int(_run_python("from flanops.embedded import ensure_server; print(ensure_server().pid)").strip())
+    started = int(_run_python("from flanops.pipelines.embedded import ensure_server; print(ensure_server().pid)").strip())
     status = server_status()
     assert status is not None and status.pid == started
 
 
 def test_import_starts_nothing(home: Path) -> None:
-    _run_python("import flanops.embedded")
+    _run_python("import flanops.pipelines.embedded")
     assert not state_file().exists() and _server_pids_under(home) == []

@@ -19,7 +19,7 @@ def test_finetune_prints_peft_trainable_line_and_progress(chain):
     trainable, total = (int(match.group(i).replace(",", "")) for i in (1, 2))
     assert 0 < trainable < total
     progress = re.findall(r"\[lora\] epoch [\d.]+ \| step (\d+)/(\d+) \| loss ([\d.]+) \| lr \S+ \| ([\d,]+) tokens/s", out)
-    from flanops.config import load_config
+    from flanops.pipelines.config import load_config
 
     assert progress and int(progress[-1][1]) == load_config("quick").steps["finetune"]["max_steps"]
     assert all(int(tokens.replace(",", "")) > 0 for *_, tokens in progress)
@@ -68,7 +68,7 @@ def test_evaluation_reports_facts_and_prints_a_table(chain):
 
 
 def _sample_facts(chain) -> tuple[str, dict[str, list[tuple[str, bool]]]]:
-    from flanops.commands import SAMPLE
+    from flanops.pipelines.commands import SAMPLE
     from stepkit.metrics import stated_facts
     from stepkit.modeling import load_model_and_tokenizer, summarize
 
@@ -80,7 +80,7 @@ def _sample_facts(chain) -> tuple[str, dict[str, list[tuple[str, bool]]]]:
 def test_the_quick_fine_tune_states_facts_it_had_to_copy(chain):
     """The chain fine-tunes the shipped stand-in as quick.yaml does: held-out names, places and amounts
     are never in train, so every fact stated was copied from the dialogue."""
-    from flanops.config import load_config
+    from flanops.pipelines.config import load_config
 
     floor = load_config("quick").parameters.MinFactAccuracy
     assert chain["result"]["metrics"]["facts_all_right"]["value"] >= floor
@@ -234,8 +234,8 @@ def test_evaluate_shows_progress_and_times_every_model_side_by_side(chain):
 def test_a_model_that_really_is_slower_fails_the_latency_ratio_gate(chain, tmp_path):
     """A model eight times deeper than the base model, timed side by side with it: its latency ratio is over
     the quick config's MaxLatencyRatio whatever else the machine is doing, so the gate fails it."""
-    from flanops.config import load_config
-    from flanops.definition import GATE
+    from flanops.pipelines.config import load_config
+    from flanops.pipelines.definition import GATE
     from stepkit.catalog import T5Dims, build_random_model
     from stepkit.modeling import save_model
     from transformers import AutoTokenizer

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import pytest
 
-import inference
+from flanops.steps import inference
 from conftest import STEPS
 from stepkit.modeling import MODEL_ARCHIVE, extract_safely, package_model, read_model_card, summarize
 from stepkit.records import read_split

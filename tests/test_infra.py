@@ -16,7 +16,7 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from flanops.errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
 from flanops.infra.deploy import approve, deploy, destroy, dry_run, resolve_package
 from flanops.infra.stages import load_stage, parse_stage, shipped_stages
 from flanops.infra.template import build_template, lint_template, stack_name

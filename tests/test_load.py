@@ -20,8 +20,8 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import STEPS, own_flanops_home
-from flanops.serving import serve_in_subprocess
-from flanops.steps.stepkit.cost import percentile
+from flanops.infra.serving import serve_in_subprocess
+from stepkit.cost import percentile
 
 CLIENTS = 16
 SECONDS = 60.0
@@ -38,7 +38,7 @@ PARAMETERS = {"max_new_tokens": 8, "min_new_tokens": 8}   # a fixed amount of wo
 
 def over_limit_requests() -> list[tuple[str, dict, bytes | None, int]]:
     """(what, headers, body, expected status); body None sends the headers alone."""
-    from flanops.serving import MAX_PAYLOAD_BYTES
+    from flanops.infra.serving import MAX_PAYLOAD_BYTES
     # steps/inference.py under a name of its own: "inference" may be a served model's handler already
     spec = importlib.util.spec_from_file_location("flanops_endpoint_limits", STEPS / "inference.py")
     handler = sys.modules[spec.name] = importlib.util.module_from_spec(spec)   # its dataclasses look it up there
@@ -61,10 +61,10 @@ def over_limit_requests() -> list[tuple[str, dict, bytes | None, int]]:
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
-    """(url, server pid) of `flanops serve --model-data model.tar.gz` (flanops.serving.serve_in_subprocess)."""
-    from flanops.steps.stepkit.modeling import package_model, save_model
-    from flanops.steps.stepkit.synthetic import generate_splits
-    from flanops.steps.stepkit.tiny import build_tiny_model, train_tokenizer
+    """(url, server pid) of `flanops serve --model-data model.tar.gz` (flanops.infra.serving.serve_in_subprocess)."""
+    from stepkit.modeling import package_model, save_model
+    from stepkit.synthetic import generate_splits
+    from stepkit.tiny import build_tiny_model, train_tokenizer
 
     root = tmp_path_factory.mktemp("load")
     rows = generate_splits({"train": 200}, seed=0)["train"]
@@ -123,7 +123,7 @@ class Client:
 
 @pytest.mark.proves("load.concurrent_clients", "load.over_limits")
 def test_sixteen_clients_for_sixty_seconds_get_no_5xx_and_memory_stays_bounded(endpoint, reliability):
-    from flanops.steps.stepkit.synthetic import generate_splits
+    from stepkit.synthetic import generate_splits
 
     url, pid = endpoint
     dialogues = [row["dialogue"] for row in generate_splits({"test": 32}, seed=3)["test"]]

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from conftest import STEPS, run_step
 
-import select_model
+from flanops.steps import select_model
 from stepkit import catalog, modeling
 from stepkit.errors import StepError
 from stepkit.modeling import (MODEL_ARCHIVE, check_model_dir, load_model_and_tokenizer, pack_folder, package_model,
@@ -181,7 +181,7 @@ def test_quantize_accepts_a_folder_holding_model_tar_gz(model_dir, packed, tmp_p
 
 
 def test_prune_and_select_model_read_the_card_inside_the_tarball(packed, tmp_path):
-    import prune
+    from flanops.steps import prune
 
     assert prune.main(["--model-dir", str(packed), "--method", "unstructured", "--amount", "0.5",
                        "--output-dir", str(tmp_path / "pruned")]) == 0

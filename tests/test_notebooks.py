@@ -72,7 +72,7 @@ def test_notebooks_are_committed_without_outputs_and_take_parameters():
         tagged = [c for c in code if "parameters" in c["metadata"].get("tags", [])]
         assert len(tagged) == 1 and "CONFIG" in "".join(tagged[0]["source"]), f"{name}: one parameters cell"
         source = "\n".join("".join(c["source"]) for c in code)
-        assert "import flanops.api as flanops" in source, f"{name} drives the package"
+        assert "import flanops.pipelines.api as flanops" in source, f"{name} drives the package"
         assert not re.search(r"^\s*(def|class) ", source, re.MULTILINE), f"{name} defines logic of its own"
 
 
@@ -111,7 +111,7 @@ def test_03_deploy_and_monitor_approves_deploys_invokes_and_reads_the_capture(wo
     captured = re.search(r"(\d+) records captured so far", text)
     assert captured and int(captured.group(1)) >= 6, text[-3000:]
     # staging captures every request: the newest six records are this notebook's, in order, with their answers
-    from flanops.api import captured_records, sample_dialogues
+    from flanops.pipelines.api import captured_records, sample_dialogues
 
     newest = captured_records("staging")[-6:]
     assert [json.loads(r["captureData"]["endpointInput"]["data"])["inputs"] for r in newest] == sample_dialogues(6)

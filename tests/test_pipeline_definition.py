@@ -21,11 +21,11 @@ import yaml
 from botocore.validate import ParamValidator
 
 from conftest import mocked_aws
-from flanops import cli
-from flanops import definition as definition_module
-from flanops.config import STEP_SCRIPTS, ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
-from flanops.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
-from flanops.local import json_path
+from flanops.pipelines import cli
+from flanops.pipelines import definition as definition_module
+from flanops.pipelines.config import STEP_SCRIPTS, ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
+from flanops.pipelines.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
+from flanops.pipelines.expressions import json_path
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO.parent / "shared" / "data" / "sagemaker" / "pipeline-definition.schema.json"
@@ -560,8 +560,8 @@ def test_gate_paths_exist_in_the_evaluation_json_that_evaluate_writes(tmp_path, 
 def gate_outcome(steps: dict, report: dict) -> tuple[bool, dict, str]:
     """The QualityGate of the built definition, run by the local executor's own condition code on ``report``
     with the quick config's thresholds: (outcome, gate_facts as the summary and report show it, FailStep message)."""
-    from flanops.commands import gate_facts
-    from flanops.local import Context, evaluate_condition
+    from flanops.pipelines.runfacts import gate_facts
+    from flanops.pipelines.expressions import Context, evaluate_condition
 
     parameters = load_config().parameter_values()
     context = Context("e1", "arn:e1", "p", parameters, property_files={f"{NAMES.evaluate}.{EVALUATION_REPORT}": report})
@@ -612,7 +612,7 @@ def test_a_variant_that_repeats_itself_is_not_chosen_and_fails_the_gate(steps, t
     outcome, gate, message = gate_outcome(steps, judged)
     assert outcome is False and gate["passed"] is False
     assert [c["parameter"] for c in gate["conditions"] if c["passed"] is False] == ["MaxRepetitionRate"]
-    from flanops.commands import gate_sentence
+    from flanops.pipelines.commands import gate_sentence
 
     bound = {c["parameter"]: c["threshold"] for c in gate["conditions"]}
     assert f"repeating summaries 1 (max {bound['MaxRepetitionRate']:g}) FAILED" in gate_sentence(gate)
@@ -622,7 +622,7 @@ def test_a_variant_that_repeats_itself_is_not_chosen_and_fails_the_gate(steps, t
 
 def test_the_fact_conditions_are_skipped_where_the_data_records_no_facts(steps, tmp_path, monkeypatch):
     """DialogSum records no facts: the fact figures are placeholders that would fail, and the Or skips them."""
-    from flanops.local import Context, evaluate_condition
+    from flanops.pipelines.expressions import Context, evaluate_condition
 
     rows = [{key: value for key, value in row.items() if key != "facts"} for row in meeting_rows()]
     fake = {"finetuned": (lambda r: r["summary"], 100.0), "baseline": (lambda r: "hello", 120.0),
@@ -795,7 +795,7 @@ def test_the_sdk_validates_a_config_once_and_still_refuses_a_bad_one():
     import jsonschema
     from sagemaker.core.config.config_manager import SageMakerConfig
 
-    from flanops.definition import SDK_CONFIG, validate_sdk_config_once
+    from flanops.pipelines.definition import SDK_CONFIG, validate_sdk_config_once
 
     validate_sdk_config_once()
     validate_sdk_config_once()   # idempotent: still one wrapper
@@ -840,7 +840,7 @@ def test_a_ct2_artifact_without_its_wheel_installs_the_runtime_from_the_index(tm
                                           ("true", ["--gradient-checkpointing"])])
 def test_a_false_step_setting_reaches_a_script_flag_that_can_be_turned_off(value, flags):
     """``gradient_checkpointing: false`` used to be dropped, so the script's own choice won."""
-    from flanops.config import load_config
+    from flanops.pipelines.config import load_config
 
     arguments = load_config("quick", [f"steps.finetune.gradient_checkpointing={value}"]).step_arguments("finetune")
     assert [flag for flag in arguments if "gradient-checkpointing" in flag] == flags

@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 
 from conftest import AWS_VARIABLES, REPO, processes_under
-from flanops.definition import NAMES
-from flanops.embedded import server_status
-from flanops.local import Context, LocalExecutor, StepFailed
+from flanops.pipelines.definition import NAMES
+from flanops.pipelines.embedded import server_status
+from flanops.pipelines.expressions import Context
+from flanops.pipelines.failures import StepFailed
+from flanops.pipelines.local import LocalExecutor
 
 PIPELINE = "flanops-quick"          # configs/quick.yaml
 GROUP = "flanops-quick"             # its ModelPackageGroupName
@@ -77,7 +79,7 @@ class Flanops:
         return {**env, **SECRET_CANARIES, "FLANOPS_HOME": str(self.home), "PYTHONUNBUFFERED": "1"}
 
     def command(self, *args: str) -> list[str]:
-        return [sys.executable, "-m", "flanops.cli", *args]
+        return [sys.executable, "-m", "flanops.pipelines.cli", *args]
 
     def __call__(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(*args), env=self.env(), capture_output=True, text=True, timeout=timeout)
@@ -488,9 +490,9 @@ def test_every_run_writes_its_report_and_flanops_report_rewrites_it(flanops, qui
     missing = flanops("report", str(flanops.root))   # a folder, but no run's
     assert missing.returncode == 2 and "holds no summary.json" in missing.stderr
 
-    from flanops.api import run_facts   # what the notebooks read, by execution id as well as by folder
+    from flanops.pipelines.api import run_facts   # what the notebooks read, by execution id as well as by folder
 
-    saved = dict(os.environ)   # flanops.api points this process's environment at embedded AWS
+    saved = dict(os.environ)   # flanops.pipelines.api points this process's environment at embedded AWS
     try:
         facts = run_facts(gate_failed_run[0].summary["execution_id"])
     finally:

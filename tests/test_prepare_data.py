@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-import prepare_data
+from flanops.steps import prepare_data
 from conftest import run_step
 from stepkit.contract import COMPLETE_MARKER
 from stepkit.errors import run_step as run_in_process

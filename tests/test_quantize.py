@@ -187,7 +187,7 @@ def test_a_conversion_the_runtime_refuses_is_one_line_and_publishes_nothing(chai
     """Whatever CTranslate2's converter raises (an architecture or dtype it does not take) becomes one
     StepError naming the folder, and the output folder is not published."""
     import ctranslate2
-    import quantize
+    from flanops.steps import quantize
     from stepkit.errors import StepError
 
     def refuse(self, output_dir, **kwargs):

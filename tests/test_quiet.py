@@ -66,7 +66,7 @@ def test_known_noise_is_hidden_unless_verbose_and_other_warnings_still_show(unti
 
 
 def test_flanops_verbose_reaches_the_jobs_through_the_environment(monkeypatch, tmp_path):
-    from flanops import cli, commands
+    from flanops.pipelines import cli, commands
 
     seen = []
 

@@ -17,10 +17,10 @@ import pytest
 from botocore.stub import Stubber
 from moto import mock_aws
 
-from flanops.definition import EVALUATION_REPORT, NAMES
-from flanops.errors import FlanopsError
-from flanops.report import (REPORT_FILES, REPORT_HTML, REPORT_MD, collect, find_record, report_run,
-                            sagemaker_record, write_report)
+from flanops.pipelines.definition import EVALUATION_REPORT, NAMES
+from flanops.pipelines.errors import FlanopsError
+from flanops.pipelines.report import REPORT_FILES, REPORT_HTML, REPORT_MD, report_run, write_report
+from flanops.pipelines.runfacts import collect, find_record, sagemaker_record
 
 BUCKET = "report-test-bucket"
 HOSTILE = "<script>alert('x')</script> | pipes | and\nnewlines"
@@ -348,7 +348,7 @@ def test_a_gate_on_data_without_facts_says_the_fact_conditions_were_skipped(aws,
 
 
 def test_the_data_card_reads_as_rows_not_json():
-    from flanops.report import data_card_rows
+    from flanops.pipelines.report import data_card_rows
 
     card = {"source": {"kind": "local", "input": "data/", "files": ["a.jsonl", "b.jsonl"], "repeats_dropped": 0,
                        "splits_from": "pooled"},
@@ -371,7 +371,8 @@ def test_the_data_card_reads_as_rows_not_json():
 
 def test_point_labels_in_the_quality_vs_latency_chart_do_not_overlap():
     """Variants with almost the same latency and ROUGE-L (as quantize and the fine-tuned model often have)."""
-    from flanops.report import RunFacts, Variant, label_box, pyplot, tradeoff_figure
+    from flanops.pipelines.report import label_box, pyplot, tradeoff_figure
+    from flanops.pipelines.runfacts import RunFacts, Variant
 
     near = [("base", 50.0, 0.20), ("finetuned", 60.0, 0.600), ("quantize", 61.0, 0.601), ("bf16", 60.5, 0.599),
             ("distill", 62.0, 0.600), ("prune", 59.5, 0.602)]

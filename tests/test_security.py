@@ -20,15 +20,15 @@ from botocore.exceptions import ClientError
 from test_pipeline_definition import OPERATIONS, request_problems
 
 from conftest import mocked_aws
-from flanops import cli, commands
-from flanops.config import ConfigError, config_dir, load_config
-from flanops.definition import NAMES, build_definition, iter_steps
-from flanops.errors import FlanopsError
+from flanops.pipelines import cli, commands
+from flanops.pipelines.config import ConfigError, config_dir, load_config
+from flanops.pipelines.definition import NAMES, build_definition, iter_steps
+from flanops.pipelines.errors import FlanopsError
 from flanops.infra.buckets import PUBLIC_ACCESS_BLOCK, ensure_bucket, lock_down
 from flanops.infra.pipeline_role import pipeline_policy, pipeline_role_template, policy_name, resolve_pseudo
 from flanops.infra.stages import StageConfigError, load_stage, parse_stage, shipped_stages
 from flanops.infra.template import build_template, lint_template
-from flanops.local import LocalExecutor
+from flanops.pipelines.local import LocalExecutor
 
 # moto's CloudFormation parses only some resource types; the others are skipped with this warning.
 pytestmark = pytest.mark.filterwarnings("ignore:Tried to parse AWS::")
@@ -114,7 +114,7 @@ EMBEDDED_REGION = "eu-central-1"   # a region no other test's buckets are in
 def fake_embedded_aws(aws, monkeypatch):
     """open_target's embedded AWS, as the module's moto (no server)."""
     session = boto3.Session(region_name=EMBEDDED_REGION)
-    monkeypatch.setattr("flanops.embedded.ensure_server", lambda: SimpleNamespace(
+    monkeypatch.setattr("flanops.pipelines.embedded.ensure_server", lambda: SimpleNamespace(
         activate=lambda: None, boto_session=lambda: session, environment=lambda: {}))
     return session
 

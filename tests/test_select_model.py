@@ -12,7 +12,7 @@ import pytest
 from conftest import run_step
 from moto import mock_aws
 
-import select_model
+from flanops.steps import select_model
 from stepkit import catalog
 from stepkit.errors import StepError
 from stepkit.errors import run_step as run_main

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-import evaluate
-import optimize
-import select_model
+from flanops.steps import evaluate
+from flanops.steps import optimize
+from flanops.steps import select_model
 from stepkit import catalog
 from stepkit.errors import run_step as run_main
 from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
@@ -130,7 +130,7 @@ def _data(folder: Path) -> Path:
     return folder
 
 
-def test_evaluate_selects_packages_and_reports_the_winner(tmp_path, capsys):
+def test_evaluate_selects_packages_and_reports_the_winner(tmp_path, capsys, steps_on_sys_path):
     finetuned = _save(BIG, tmp_path / "finetuned", "lora")
     small = _save(SMALL, tmp_path / "small-src", "distillation")
     uploaded = tmp_path / "distilled"  # the variant as a Processing job receives a TrainingStep's model

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from botocore.exceptions import ClientError
 
-from flanops.errors import FlanopsError
-from flanops.serving import MAX_PAYLOAD_BYTES, fetch_model_data, runtime_client, serving, summarize_remotely
+from flanops.pipelines.errors import FlanopsError
+from flanops.infra.serving import MAX_PAYLOAD_BYTES, fetch_model_data, runtime_client, serving, summarize_remotely
 
 # Mirrors the real handler's contract: RequestError carries the status; str() is the message.
 STAND_IN_HANDLER = '''
@@ -205,7 +205,7 @@ def test_data_capture_writes_sagemakers_records_for_the_sampled_share(artifact, 
     import boto3
     from moto import mock_aws
 
-    from flanops.serving import DataCapture, read_capture
+    from flanops.infra.serving import DataCapture, read_capture
 
     with mock_aws():
         s3 = boto3.client("s3", region_name="us-east-1")
@@ -238,7 +238,7 @@ def test_a_failing_capture_never_fails_the_request(artifact):
         def put_object(self, **kwargs):
             raise ConnectionError("S3 is unreachable")
 
-    from flanops.serving import DataCapture
+    from flanops.infra.serving import DataCapture
 
     lines: list[str] = []
     capture = DataCapture(BrokenS3(), "s3://bucket/prefix", "ep")

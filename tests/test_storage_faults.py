@@ -72,7 +72,7 @@ def test_a_step_writing_to_a_full_disk_says_so_and_publishes_nothing(tmp_path, r
 @pytest.mark.proves("fault.disk_full")
 def test_a_run_on_a_full_disk_fails_its_step_clearly(tmp_path, flanops_env, reliability):
     code, output, left = run_on_small_disks(
-        tmp_path, [sys.executable, "-m", "flanops.cli", "run", "--no-deploy", "--output-dir", str(tmp_path / "full" / "run")],
+        tmp_path, [sys.executable, "-m", "flanops.pipelines.cli", "run", "--no-deploy", "--output-dir", str(tmp_path / "full" / "run")],
         env=flanops_env)
     assert code != 0, output
     assert "Traceback" not in output, output[-3000:]
@@ -89,7 +89,7 @@ def test_a_run_on_a_full_disk_fails_its_step_clearly(tmp_path, flanops_env, reli
 def test_a_read_only_output_folder_is_refused_before_anything_runs(tmp_path, flanops_env, reliability):
     target = tmp_path / "ro" / "out" / "run"
     code, output, left = run_on_small_disks(
-        tmp_path, [sys.executable, "-m", "flanops.cli", "run", "--output-dir", str(target)], env=flanops_env)
+        tmp_path, [sys.executable, "-m", "flanops.pipelines.cli", "run", "--output-dir", str(target)], env=flanops_env)
     assert code == 2 and "Traceback" not in output, output
     [line] = error_lines(output)
     assert f"--output-dir {target}" in line and "not writable" in line, line

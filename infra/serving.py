@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import importlib.util
 import json
 import os
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
 
-from .errors import FlanopsError
+from flanops.pipelines.errors import FlanopsError
 
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024        # SageMaker real-time endpoints refuse larger request bodies
 UTF8_CONTENT_TYPES = ("application/json", "text/csv")   # the toolkit decodes these before input_fn
@@ -51,12 +52,12 @@ def fetch_model_data(source: str | Path, session, workdir: Path) -> Path:
 
     An S3 URI may name the tarball or a prefix that holds ``model.tar.gz``.
     """
-    from .steps.stepkit.errors import StepError
-    from .steps.stepkit.modeling import MODEL_ARCHIVE, extract_safely
+    from stepkit.errors import StepError
+    from stepkit.modeling import MODEL_ARCHIVE, extract_safely
 
     text = str(source)
     if text.startswith("s3://"):
-        from .infra.template import parse_s3_uri
+        from flanops.pipelines.s3 import parse_s3_uri
 
         bucket, key = parse_s3_uri(text)
         if not key:
@@ -95,12 +96,17 @@ def check_artifact(folder: Path, label: str) -> Path:
 
 
 def import_handler(model_dir: Path):
-    """Import ``code/inference.py`` as the toolkit does: ``code/`` first on ``sys.path``, module ``inference``."""
-    code_dir = str(model_dir / "code")
-    sys.path.insert(0, code_dir)
-    for name in [n for n in sys.modules if n == "inference" or n == "stepkit" or n.startswith("stepkit.")]:
-        del sys.modules[name]   # another artifact's handler, imported earlier in this process
-    module = importlib.import_module("inference")
+    """Import ``code/inference.py`` as the toolkit does: ``code/`` first on ``sys.path``, module ``inference``.
+
+    Its ``import stepkit`` finds the kit this process has already loaded (installed with flanops, the
+    files the artifact's ``code/stepkit`` was packed from), so each stepkit module has one identity here.
+    """
+    code_dir = model_dir / "code"
+    sys.path.insert(0, str(code_dir))
+    spec = importlib.util.spec_from_file_location("inference", code_dir / "inference.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["inference"] = module   # this artifact's handler; another one imported earlier is another file
+    spec.loader.exec_module(module)
     missing = [name for name in HANDLER_FUNCTIONS if not callable(getattr(module, name, None))]
     if missing:
         raise FlanopsError(f"{model_dir / 'code' / 'inference.py'}: no {', '.join(missing)}; a handler needs "
@@ -214,7 +220,7 @@ class DataCapture:
         import uuid
         from datetime import datetime, timezone
 
-        from .definition import split_s3_uri
+        from flanops.pipelines.s3 import split_s3_uri
 
         if not self.sampled():
             return None
@@ -233,7 +239,7 @@ class DataCapture:
 
 def read_capture(s3, destination: str, endpoint_name: str) -> list[dict]:
     """Every capture record of ``endpoint_name`` under ``destination``, oldest first (keys sort by time)."""
-    from .definition import split_s3_uri
+    from flanops.pipelines.s3 import split_s3_uri
 
     bucket, prefix = split_s3_uri(destination.rstrip("/"))
     prefix = f"{prefix}/{endpoint_name}/".lstrip("/")
@@ -381,7 +387,7 @@ def model_error(reply: Reply) -> RuntimeReply:
 
 # ----------------------------------------------------------------------------- running it
 def endpoints_dir() -> Path:
-    from .embedded import flanops_home
+    from flanops.pipelines.home import flanops_home
 
     return flanops_home() / "endpoints"
 
@@ -392,7 +398,7 @@ def endpoint_record(name: str) -> Path:
 
 def running_endpoints() -> dict[str, dict]:
     """Local endpoints being served on this machine, by name (records of dead servers are dropped)."""
-    from .embedded import process_alive
+    from flanops.pipelines.home import process_alive
 
     found = {}
     for path in sorted(endpoints_dir().glob("*.json")) if endpoints_dir().is_dir() else []:
@@ -430,7 +436,7 @@ def serving(model_data: str | Path, session, endpoint_name: str, host: str = "12
         record_path = None
         try:
             if record is not None:
-                from .local import write_json_atomic
+                from flanops.pipelines.files import write_json_atomic
 
                 record_path = endpoint_record(endpoint_name)
                 write_json_atomic(record_path, {**record, "endpoint_name": endpoint_name, "url": server.url,
@@ -452,7 +458,7 @@ def serve_in_subprocess(*serve_arguments: str, env: dict[str, str] | None = None
     """
     import subprocess
 
-    command = [sys.executable, "-m", "flanops.cli", "serve", *serve_arguments, "--port", "0"]
+    command = [sys.executable, "-m", "flanops.pipelines.cli", "serve", *serve_arguments, "--port", "0"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     try:
