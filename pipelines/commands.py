@@ -375,14 +375,15 @@ def prepare_run_dir(output_dir: Path | None) -> Path:
 # ----------------------------------------------------------------------------- reporting
 def gate_facts(record: dict) -> dict | None:
     """The gate's inputs and outcome, from the evaluation report and the condition step."""
-    from .definition import EVALUATION_REPORT, GATE, GATE_PATHS, NAMES
+    from .config import GATE
+    from .definition import EVALUATION_REPORT, NAMES, gate_paths
     from .local import json_path
 
     report_file = record["PropertyFiles"].get(f"{NAMES.evaluate}.{EVALUATION_REPORT}")
     if report_file is None:
         return None
     measured = {}
-    for name, path in GATE_PATHS.items():
+    for name, path in gate_paths().items():
         try:
             measured[name] = json_path(report_file, path, "evaluation.json")
         except FlanopsError:
@@ -405,10 +406,15 @@ def gate_facts(record: dict) -> dict | None:
                            "bound": condition.bound(), "unit": condition.unit,
                            "measured": None if skipped else value, "skipped": skipped,
                            "threshold": threshold, "passed": passed})
+    candidates = selection.get("candidates")
+    # the variant choice's candidates, in the gate's figures that evaluate.py recorded for them
+    candidate_columns = [{"metric": c.metric, "label": c.label, "unit": c.unit} for c in GATE
+                         if any(c.metric in row for row in candidates or [])]
     return {"passed": outcome == "True" if outcome else None, "variant": measured["variant"],
             "measured": {k: v for k, v in measured.items() if k != "variant" and not k.endswith("_note")},
             "thresholds": {condition.parameter: parameters.get(condition.parameter) for condition in GATE},
-            "conditions": conditions, "why": selection.get("rule"), "candidates": selection.get("candidates")}
+            "conditions": conditions, "why": selection.get("rule"), "candidates": candidates,
+            "candidate_columns": candidate_columns}
 
 
 def gate_sentence(gate: dict) -> str:
@@ -420,6 +426,7 @@ def gate_sentence(gate: dict) -> str:
 
 
 def summarize_execution(record: dict, run_dir: Path) -> int:
+    from .config import GATE
     from .definition import NAMES
 
     print()
@@ -437,10 +444,9 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
         if gate["why"]:
             print(f"variant choice: {gate['why']}")
         for row in gate["candidates"] or []:
-            facts = f"facts {fmt(row['facts_all_right']):<8} " if row.get("facts_all_right") is not None else ""
-            print(f"  {row['name']:<10} ROUGE-L {fmt(row.get('rougeL')):<8} drop {fmt(row.get('rougeL_drop')):<9} "
-                  f"{facts}repeating {fmt(row.get('repetition_rate', '–')):<6} "
-                  f"p95 {fmt(row.get('latency_p95_ms')):>7} ms  {row.get('why', '')}")
+            figures = ", ".join(f"{c['label']} {fmt(row[c['metric']])}{c['unit']}" for c in gate["candidate_columns"]
+                                if row.get(c["metric"]) is not None)
+            print(f"  {row['name']:<10} {figures}  {row.get('why', '')}")
     registered = next((s["Metadata"]["RegisterModel"]["Arn"] for s in record["Steps"]
                        if s["StepName"] == NAMES.register and s["StepStatus"] == "Succeeded"), None)
     if registered:
@@ -452,7 +458,8 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
     if status == "Failed" and gate_failed:
         failed = [c for c in (gate or {}).get("conditions", []) if c["passed"] is False]
         hint = ", ".join(f"--param {c['parameter']}=… ({c['label']} {fmt(c['measured'])}{c['unit']} against "
-                         f"{c['bound']} {c['threshold']})" for c in failed) or "--param MinRougeL=…"
+                         f"{c['bound']} {c['threshold']})" for c in failed) or \
+            "one of " + ", ".join(f"--param {c.parameter}=…" for c in GATE)
         print(f"the model did not pass the gate; change the model or the threshold that failed ({hint}) and run "
               "again: unchanged jobs come from the cache")
     elif status in ("Failed", "Stopped") and record.get("Resumable", True):

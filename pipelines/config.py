@@ -61,6 +61,43 @@ WIRED_FLAGS = {
 }
 
 
+@dataclass(frozen=True)
+class GateCondition:
+    """One condition of the quality gate: evaluation.json's ``metrics.<metric>.value`` against a parameter."""
+
+    metric: str
+    parameter: str
+    at_least: bool          # True: measured >= threshold; False: measured <= threshold
+    label: str              # as people read it in the summary, the FailStep's message and the report
+    unit: str = ""
+    # A metric of evaluation.json (1 or 0) that says whether this condition applies; where it is 0 the
+    # condition holds (skipped) and ``metrics.<applies_when>.note`` says why.
+    applies_when: str | None = None
+    # The evaluate.py flag that gives this threshold to the variant choice too (a variant that would fail it
+    # is not chosen), wired by the definition from the same parameter.
+    selects: str | None = None
+
+    def passed(self, measured: float, threshold: float) -> bool:
+        return measured >= threshold if self.at_least else measured <= threshold
+
+    def bound(self) -> str:
+        return "min" if self.at_least else "max"
+
+
+# The gate, in one place: the definition's ConditionStep, FailStep message and the variant choice's flags, the
+# run summary and the report (its tables and chart) are all made from this table. Each parameter is a field of
+# Parameters below.
+GATE = (
+    GateCondition("rougeL", "MinRougeL", True, "ROUGE-L"),
+    GateCondition("latency_p95_ms", "MaxP95LatencyMs", False, "p95 latency", " ms"),
+    GateCondition("latency_ratio", "MaxLatencyRatio", False, "latency vs the base model", "x"),
+    GateCondition("rougeL_drop", "MaxRougeLDrop", False, "ROUGE-L drop vs fine-tuned", selects="select_within_drop"),
+    GateCondition("facts_all_right", "MinFactAccuracy", True, "all facts right", applies_when="facts_recorded"),
+    GateCondition("facts_all_right_drop", "MaxFactAccuracyDrop", False, "all-facts-right drop vs fine-tuned",
+                  applies_when="facts_recorded", selects="select_max_fact_drop"),
+    GateCondition("repetition_rate", "MaxRepetitionRate", False, "repeating summaries",
+                  selects="select_max_repetition"),
+)
 class ConfigError(FlanopsError):
     """A config problem, said so that the user knows what to change and where."""
 

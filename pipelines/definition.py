@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import PipelineConfig, steps_dir
+from .config import GATE, GateCondition, PipelineConfig, steps_dir
 
 PROCESSING = "/opt/ml/processing"       # SageMaker's processing container contract
 CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location
@@ -42,43 +42,17 @@ VARIANTS = ("distill", "quantize", "prune")
 
 
 
-@dataclass(frozen=True)
-class GateCondition:
-    """One condition of the quality gate: evaluation.json's ``metrics.<metric>.value`` against a parameter."""
-
-    metric: str
-    parameter: str
-    at_least: bool          # True: measured >= threshold; False: measured <= threshold
-    label: str              # as people read it in the summary, the FailStep's message and the report
-    unit: str = ""
-    # A metric of evaluation.json (1 or 0) that says whether this condition applies; where it is 0 the
-    # condition holds (skipped) and ``metrics.<applies_when>.note`` says why.
-    applies_when: str | None = None
-
-    def passed(self, measured: float, threshold: float) -> bool:
-        return measured >= threshold if self.at_least else measured <= threshold
-
-    def bound(self) -> str:
-        return "min" if self.at_least else "max"
+def gate_paths() -> dict[str, str]:
+    """Where the gate reads evaluate.py's evaluation.json: each condition's metric, the flag that says whether it
+    applies and that flag's note, and the variant judged."""
+    flags = {c.applies_when for c in GATE if c.applies_when}
+    return {**{condition.metric: f"metrics.{condition.metric}.value" for condition in GATE},
+            **{flag: f"metrics.{flag}.value" for flag in flags},
+            **{f"{flag}_note": f"metrics.{flag}.note" for flag in flags},
+            "variant": "selected_variant"}
 
 
-# The gate, in one place: the definition's ConditionStep and FailStep message, the run summary and the
-# report are all made from this table.
-GATE = (
-    GateCondition("rougeL", "MinRougeL", True, "ROUGE-L"),
-    GateCondition("latency_p95_ms", "MaxP95LatencyMs", False, "p95 latency", " ms"),
-    GateCondition("latency_ratio", "MaxLatencyRatio", False, "latency vs the base model", "x"),
-    GateCondition("rougeL_drop", "MaxRougeLDrop", False, "ROUGE-L drop vs fine-tuned"),
-    GateCondition("facts_all_right", "MinFactAccuracy", True, "all facts right", applies_when="facts_recorded"),
-    GateCondition("facts_all_right_drop", "MaxFactAccuracyDrop", False, "all-facts-right drop vs fine-tuned",
-                  applies_when="facts_recorded"),
-    GateCondition("repetition_rate", "MaxRepetitionRate", False, "repeating summaries"),
-)
-# Where the gate reads evaluate.py's evaluation.json.
-GATE_PATHS = {**{condition.metric: f"metrics.{condition.metric}.value" for condition in GATE},
-              **{flag: f"metrics.{flag}.value" for flag in {c.applies_when for c in GATE if c.applies_when}},
-              **{f"{flag}_note": f"metrics.{flag}.note" for flag in {c.applies_when for c in GATE if c.applies_when}},
-              "variant": "selected_variant"}
+GATE_PATHS = gate_paths()
 
 
 @dataclass(frozen=True)
@@ -461,9 +435,8 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         NAMES.evaluate, "evaluate",
         ["--model-dir", f"{PROCESSING}/input/finetuned", "--baseline-dir", f"{PROCESSING}/input/baseline",
          "--data-dir", f"{PROCESSING}/input/data", "--output-dir", f"{PROCESSING}/output/evaluation",
-         "--package-dir", f"{PROCESSING}/output/model", "--select-within-drop", p("MaxRougeLDrop").to_string(),
-         "--select-max-fact-drop", p("MaxFactAccuracyDrop").to_string(),
-         "--select-max-repetition", p("MaxRepetitionRate").to_string(),
+         "--package-dir", f"{PROCESSING}/output/model",
+         *[arg for c in GATE if c.selects for arg in ("--" + c.selects.replace("_", "-"), p(c.parameter).to_string())],
          "--serving-python", serving_python, *wheels[0],
          *[arg for variant in VARIANTS for arg in ("--compare", f"{variant}={PROCESSING}/input/{variant}")],
          *config.step_arguments("evaluate")],
@@ -472,8 +445,10 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
                 *[processing_input(variant, output_uri(optimize[variant], "model")) for variant in VARIANTS]],
         outputs=["evaluation", "model"], property_files=[report])
 
+    paths = gate_paths()
+
     def measured(path_name: str):
-        return JsonGet(step_name=evaluate.name, property_file=report, json_path=GATE_PATHS[path_name])
+        return JsonGet(step_name=evaluate.name, property_file=report, json_path=paths[path_name])
 
     evaluation_uri = output_uri(evaluate, "evaluation")
     model_metrics = ModelMetrics(model_statistics=MetricsSource(

@@ -643,6 +643,69 @@ def test_the_fact_conditions_are_skipped_where_the_data_records_no_facts(steps, 
         "the placeholder alone would fail MinFactAccuracy: the skip is what lets the gate pass"
 
 
+def test_a_row_added_to_the_gate_table_reaches_every_place_that_shows_the_gate(aws, tmp_path, monkeypatch, capsys):
+    """One edit adds a condition: the ConditionStep, the FailStep's message, the printed summary (and its hint) and
+    both report templates (conditions and candidates) are all made from config.GATE."""
+    import sys
+    import warnings
+
+    from flanops.commands import gate_facts, summarize_execution
+    from flanops.config import GateCondition
+    from flanops.local import Context, StepGraph, evaluate_condition
+    from flanops.report import RunFacts, page_context, templates
+
+    original = GATE
+    added = GateCondition("rouge1", "MinRougeL", True, "ROUGE-1 (test row)")
+    gate = (*original, added)
+    for module in [m for m in sys.modules.values() if getattr(m, "GATE", None) is original]:   # wherever bound
+        monkeypatch.setattr(module, "GATE", gate)
+    config = load_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        built = json.loads(definition_module.get_pipeline(config, ROLE_ARN, BUCKET, aws.session).definition())
+    built_steps = {step["Name"]: step for step in iter_steps(built["Steps"])}
+    conditions = built_steps[NAMES.gate]["Arguments"]["Conditions"]
+    assert len(conditions) == len(original) + 1
+    new = conditions[-1]
+    assert new["Type"] == "GreaterThanOrEqualTo" and new["LeftValue"]["Std:JsonGet"]["Path"] == "metrics.rouge1.value"
+    assert new["RightValue"] == {"Get": "Parameters.MinRougeL"}
+
+    # every other condition passes, the new one does not
+    report = {"metrics": {c.metric: {"value": 1.0 if c.at_least else 0.0} for c in gate},
+              "selected_variant": "finetuned",
+              "selection": {"rule": "lowest p95", "candidates": [
+                  {"name": "finetuned", "rougeL": 1.0, "rouge1": 0.123, "latency_p95_ms": 5.0, "why": "won"}]}}
+    report["metrics"].update({"rouge1": {"value": 0.123},
+                              "facts_recorded": {"value": 1, "note": "checked: the data records facts"}})
+    parameters = config.parameter_values()
+    context = Context("e1", "arn:e1", "p", parameters, property_files={f"{NAMES.evaluate}.{EVALUATION_REPORT}": report})
+    assert [evaluate_condition(c, context, NAMES.gate) for c in conditions] == [True] * len(original) + [False]
+    message = context.resolve(built_steps[NAMES.fail]["Arguments"]["ErrorMessage"], NAMES.fail)
+    assert f"ROUGE-1 (test row) 0.123 (min {parameters['MinRougeL']} )" in message
+
+    record = {"PipelineExecutionArn": "arn:e1", "ExecutionId": "e1", "PipelineExecutionStatus": "Failed",
+              "FailureReason": message, "Parameters": parameters, "PropertyFiles": context.property_files,
+              "Steps": [{"StepName": NAMES.gate, "StepType": "Condition", "StepStatus": "Succeeded",
+                         "Metadata": {"Condition": {"Outcome": "False"}}},
+                        {"StepName": NAMES.fail, "StepType": "Fail", "StepStatus": "Failed", "Metadata": {}}]}
+    assert summarize_execution(record, tmp_path) == 1
+    printed = capsys.readouterr().out
+    assert f"ROUGE-1 (test row) 0.123 (min {parameters['MinRougeL']}) FAILED" in printed
+    assert "--param MinRougeL=… (ROUGE-1 (test row) 0.123 against min" in printed
+    assert "finetuned  ROUGE-L 1, p95 latency 5 ms, ROUGE-1 (test row) 0.123  won" in printed
+
+    execution = {"id": "e1", "arn": "arn:e1", "pipeline": "p", "status": "Failed", "failure_reason": message,
+                 "parameters": parameters, "run_dir": str(tmp_path), "created": "", "ended": ""}
+    facts = RunFacts(execution=execution, steps=[], graph=StepGraph.of(built), gate=gate_facts(record))
+    context = page_context(facts, {"pipeline": "pipeline.png"})
+    markdown = templates().get_template("report.md.j2").render(**context)
+    assert f"| ROUGE-1 (test row) | 0.123 | min {parameters['MinRougeL']} | MinRougeL | FAILED |" in markdown
+    assert "| candidate | ROUGE-L | p95 latency | ROUGE-1 (test row) | why |" in markdown
+    assert "| finetuned | 1.0 | 5.0 | 0.123 | won |" in markdown
+    html = templates().get_template("report.html.j2").render(**context)
+    assert "<tr><td>ROUGE-1 (test row)</td>" in html and "<th>ROUGE-1 (test row)</th>" in html
+
+
 # ----------------------------------------------------------------------------- stability
 def test_building_twice_gives_the_same_bytes(aws, text):
     shutil.rmtree(definition_module.definitions_dir())   # the SDK builds it again, not the remembered copy
