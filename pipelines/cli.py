@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from .tables import STEPS
+
 
 def add_target(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
@@ -31,9 +33,11 @@ def add_target(parser: argparse.ArgumentParser) -> None:
 def add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML config or the name of a shipped one (default: quick; "
                                          "see configs/)")
+    sections = ", ".join(f"{step.section} ({step.script}.py)" for step in STEPS.values())
     parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
                         help="override a pipeline parameter (LoraRank=8) or step setting "
-                             "(steps.finetune.max_steps=50); repeatable")
+                             "(steps.finetune.max_steps=50: a flag of the step's script without the dashes; "
+                             f"steps: {sections}); repeatable")
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:

@@ -375,8 +375,8 @@ def prepare_run_dir(output_dir: Path | None) -> Path:
 # ----------------------------------------------------------------------------- reporting
 def gate_facts(record: dict) -> dict | None:
     """The gate's inputs and outcome, from the evaluation report and the condition step."""
-    from .config import GATE
     from .definition import EVALUATION_REPORT, NAMES, gate_paths
+    from .tables import GATE
     from .local import json_path
 
     report_file = record["PropertyFiles"].get(f"{NAMES.evaluate}.{EVALUATION_REPORT}")
@@ -426,8 +426,8 @@ def gate_sentence(gate: dict) -> str:
 
 
 def summarize_execution(record: dict, run_dir: Path) -> int:
-    from .config import GATE
     from .definition import NAMES
+    from .tables import GATE
 
     print()
     print(f"{'step':<18}{'status':<11}{'seconds':>9}  cached")

@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import GATE, GateCondition, PipelineConfig, steps_dir
+from .config import PipelineConfig, steps_dir
+from .tables import GATE, STEPS, GateCondition
 
 PROCESSING = "/opt/ml/processing"       # SageMaker's processing container contract
 CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location
@@ -38,7 +39,7 @@ EVALUATION_REPORT = "EvaluationReport"
 # The SDK's defaults config, given directly: no telemetry calls to the internet. (Pointing
 # SAGEMAKER_USER_CONFIG_OVERRIDE at a file instead re-validates it per session: 4x slower builds.)
 SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
-VARIANTS = ("distill", "quantize", "prune")
+VARIANTS = tuple(section for section, step in STEPS.items() if step.entry == "optimize")   # distill, quantize, prune
 
 
 
@@ -57,17 +58,17 @@ GATE_PATHS = gate_paths()
 
 @dataclass(frozen=True)
 class StepNames:
-    prepare: str = "PrepareData"
-    select: str = "SelectModel"
-    finetune: str = "FineTuneLoRA"
-    evaluate: str = "Evaluate"
+    prepare: str = STEPS["prepare"].name
+    select: str = STEPS["select"].name
+    finetune: str = STEPS["finetune"].name
+    evaluate: str = STEPS["evaluate"].name
     gate: str = "QualityGate"
     register: str = "RegisterModel"
     fail: str = "GateFailed"
 
     @staticmethod
     def optimize(variant: str) -> str:
-        return f"Optimize{variant.capitalize()}"
+        return STEPS[variant].name
 
 
 NAMES = StepNames()
@@ -210,6 +211,30 @@ def iter_steps(steps: list[dict]):
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def wired_values(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` in the order of the flags STEPS lists as the definition's own for ``section``; it must give
+    exactly those, so the table (which the config checks read) and the definition cannot drift apart."""
+    passed = STEPS[section].passed
+    if set(values) != set(passed):
+        raise ValueError(f"steps.{section}: the definition wires {sorted(values)} but tables.STEPS lists "
+                         f"{sorted(passed)}")
+    return {name: values[name] for name in passed}
+
+
+def wired_arguments(section: str, values: dict[str, Any]) -> list:
+    """The flags the definition passes a step's script: None leaves a flag out, True gives it bare, a list repeats it."""
+    arguments: list = []
+    for name, value in wired_values(section, values).items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            arguments.append(flag)
+        elif isinstance(value, list):
+            arguments += [item for each in value for item in (flag, each)]
+        elif value is not None:
+            arguments += [flag, value]
+    return arguments
+
+
 def quiet_sdk() -> None:
     """The SDK logs every default it applies at INFO/DEBUG, through the root handler it installs.
 
@@ -364,8 +389,9 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     def output_uri(step, output_name: str):
         return step.properties.ProcessingOutputConfig.Outputs[output_name].S3Output.S3Uri
 
-    def processing_step(step_name: str, script: str, arguments: list, inputs: list, outputs: list[str],
+    def processing_step(section: str, arguments: list, inputs: list, outputs: list[str],
                         property_files: list | None = None) -> ProcessingStep:
+        step_name, script = STEPS[section].name, STEPS[section].entry or STEPS[section].script
         processor = FrameworkProcessor(
             image_uri=processing_image, role=role_arn, instance_count=1, instance_type=p("ProcessingInstanceType"),
             command=["python3"], sagemaker_session=pipeline_session, base_job_name=f"{name}-{step_name}",
@@ -377,20 +403,20 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
                               property_files=property_files)
 
     prepare = processing_step(
-        NAMES.prepare, "prepare_data",
-        ["--input", p("InputDataUri"), "--output-dir", f"{PROCESSING}/output/data", *config.step_arguments("prepare")],
+        "prepare", [*wired_arguments("prepare", {"input": p("InputDataUri"), "output_dir": f"{PROCESSING}/output/data"}),
+                    *config.step_arguments("prepare")],
         inputs=[], outputs=["data"])
     data_uri = output_uri(prepare, "data")
 
     select = processing_step(
-        NAMES.select, "select_model",
-        ["--model", p("BaseModelId"), "--output-dir", f"{PROCESSING}/output/model", *config.step_arguments("select")],
+        "select", [*wired_arguments("select", {"model": p("BaseModelId"), "output_dir": f"{PROCESSING}/output/model"}),
+                   *config.step_arguments("select")],
         inputs=[], outputs=["model"])
 
     trainer = ModelTrainer(
         training_image=training_image, role=role_arn, sagemaker_session=pipeline_session,
         base_job_name=f"{name}-{NAMES.finetune}",
-        source_code=SourceCode(source_dir=source, entry_script="finetune_lora.py", requirements="requirements.txt"),
+        source_code=SourceCode(source_dir=source, entry_script=f"{STEPS['finetune'].script}.py", requirements="requirements.txt"),
         # torchrun on one instance is a single process; on several it is SageMaker distributed training.
         distributed=Torchrun(),
         compute=Compute(instance_type=p("TrainingInstanceType"), instance_count=p("TrainingInstanceCount"),
@@ -399,7 +425,8 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
                                             **({"kms_key_id": kms_key} if kms_key else {})),
         networking=training_network,
         # Hyperparameters and container arguments are strings in the API: numeric parameters join as text.
-        hyperparameters={"lora-r": p("LoraRank").to_string(), "lora-alpha": p("LoraAlpha").to_string(),
+        hyperparameters={**{key.replace("_", "-"): value for key, value in wired_values("finetune", {
+                             "lora_r": p("LoraRank").to_string(), "lora_alpha": p("LoraAlpha").to_string()}).items()},
                          **{key.replace("_", "-"): value for key, value in config.steps.get("finetune", {}).items()}},
     )
     finetune = TrainingStep(
@@ -410,16 +437,15 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         ]))
     finetuned_uri = finetune.properties.ModelArtifacts.S3ModelArtifacts
 
-    variant_flags = {
-        "distill": ["--teacher-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
-        "quantize": ["--model-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
-        "prune": ["--model-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
-    }
+    model_flag = {"distill": "teacher_dir"}   # the model each branch optimizes: distill.py calls it the teacher
     optimize = {
         variant: processing_step(
-            NAMES.optimize(variant), "optimize",
+            variant,
             ["--variant", variant, "--method", p("OptimizationMethod"), "--",
-             *variant_flags[variant], "--output-dir", f"{PROCESSING}/output/model", *config.step_arguments(variant)],
+             *wired_arguments(variant, {model_flag.get(variant, "model_dir"): f"{PROCESSING}/input/model",
+                                        "data_dir": f"{PROCESSING}/input/data",
+                                        "output_dir": f"{PROCESSING}/output/model"}),
+             *config.step_arguments(variant)],
             inputs=[processing_input("model", finetuned_uri), processing_input("data", data_uri)], outputs=["model"])
         for variant in VARIANTS
     }
@@ -429,19 +455,20 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     from .steps.stepkit.wheels import NO_WHEEL_FLAG
 
     wheels_uri = upload_serving_wheel(session.client("s3"), default_bucket, name, serving_python)
-    wheels = (["--wheelhouse", f"{PROCESSING}/input/wheels"], [processing_input("wheels", wheels_uri)]) if wheels_uri \
-        else ([NO_WHEEL_FLAG], [])
     evaluate = processing_step(
-        NAMES.evaluate, "evaluate",
-        ["--model-dir", f"{PROCESSING}/input/finetuned", "--baseline-dir", f"{PROCESSING}/input/baseline",
-         "--data-dir", f"{PROCESSING}/input/data", "--output-dir", f"{PROCESSING}/output/evaluation",
-         "--package-dir", f"{PROCESSING}/output/model",
-         *[arg for c in GATE if c.selects for arg in ("--" + c.selects.replace("_", "-"), p(c.parameter).to_string())],
-         "--serving-python", serving_python, *wheels[0],
-         *[arg for variant in VARIANTS for arg in ("--compare", f"{variant}={PROCESSING}/input/{variant}")],
+        "evaluate",
+        [*wired_arguments("evaluate", {
+            "model_dir": f"{PROCESSING}/input/finetuned", "baseline_dir": f"{PROCESSING}/input/baseline",
+            "data_dir": f"{PROCESSING}/input/data", "output_dir": f"{PROCESSING}/output/evaluation",
+            "package_dir": f"{PROCESSING}/output/model",
+            **{c.selects: p(c.parameter).to_string() for c in GATE if c.selects},
+            "serving_python": serving_python,
+            "wheelhouse": f"{PROCESSING}/input/wheels" if wheels_uri else None,
+            NO_WHEEL_FLAG[2:].replace("-", "_"): None if wheels_uri else True,
+            "compare": [f"{variant}={PROCESSING}/input/{variant}" for variant in VARIANTS]}),
          *config.step_arguments("evaluate")],
         inputs=[processing_input("finetuned", finetuned_uri), processing_input("baseline", output_uri(select, "model")),
-                processing_input("data", data_uri), *wheels[1],
+                processing_input("data", data_uri), *([processing_input("wheels", wheels_uri)] if wheels_uri else []),
                 *[processing_input(variant, output_uri(optimize[variant], "model")) for variant in VARIANTS]],
         outputs=["evaluation", "model"], property_files=[report])
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import GATE
 from .definition import EVALUATION_REPORT, NAMES, split_s3_uri
 from .errors import FlanopsError
 from .local import StepGraph, load_execution
 from .steps.stepkit.metrics import mention_spans, stated_facts, unexplained_runs
+from .tables import GATE
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"

@@ -23,9 +23,10 @@ from botocore.validate import ParamValidator
 from conftest import mocked_aws
 from flanops import cli
 from flanops import definition as definition_module
-from flanops.config import STEP_SCRIPTS, ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
+from flanops.config import ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
 from flanops.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
 from flanops.local import json_path
+from flanops.tables import STEPS
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO.parent / "shared" / "data" / "sagemaker" / "pipeline-definition.schema.json"
@@ -650,7 +651,7 @@ def test_a_row_added_to_the_gate_table_reaches_every_place_that_shows_the_gate(a
     import warnings
 
     from flanops.commands import gate_facts, summarize_execution
-    from flanops.config import GateCondition
+    from flanops.tables import GateCondition
     from flanops.local import Context, StepGraph, evaluate_condition
     from flanops.report import RunFacts, page_context, templates
 
@@ -786,7 +787,14 @@ def empty_home(tmp_path, monkeypatch) -> Path:
     (["--param", "steps.finetune.max_steps=abc"], ["configs/quick.yaml with --param steps.finetune.max_steps=abc: "
                                                    "steps.finetune (finetune_lora.py)", "invalid int value: 'abc'"]),
     (["--param", "steps.finetune.help=true"], ["steps.finetune.help: settings are flag names"]),
-    (["--param", "steps.finetune.lora_r=4"], ["steps.finetune.lora_r", "set by the pipeline itself"]),
+    (["--param", "steps.finetune.lora_r=4"], ["steps.finetune.lora_r", "set by the pipeline itself",
+                                              "from parameter LoraRank; set it with --param LoraRank="]),
+    # flags the pipeline does not set, refused for what they would do
+    (["--param", "steps.select.dry_run=true"], ["steps.select.dry_run: not a setting of the pipeline's SelectModel "
+                                                "job: with it the job writes no model"]),
+    (["--param", "steps.prepare.overwrite=true"], ["each job's output folder starts empty"]),
+    (["--param", "steps.distill.checkpoint_dir=/tmp/x"], ["OptimizeDistill", "no checkpoint location"]),
+    (["--param", "steps.evaluate.no_runtime_wheel=true"], ["steps.evaluate.no_runtime_wheel: set by the pipeline"]),
 ])
 def test_bad_input_is_refused_before_anything_runs(arguments, expected, empty_home, tmp_path, capsys):
     out_dir = tmp_path / "run"
@@ -815,7 +823,37 @@ def test_a_step_setting_in_a_config_file_must_be_exactly_a_flag(tmp_path):
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize("script", sorted({*STEP_SCRIPTS.values(), "optimize"}))
+def test_the_step_table_names_real_flags_and_the_definition_wires_exactly_them(steps):
+    """Every flag STEPS lists is a flag of its script, and each step of the definition passes what it lists."""
+    from flanops.config import step_flags
+    from flanops.definition import wired_arguments
+
+    for section, step in STEPS.items():
+        listed = {*step.passed, *step.container, *step.refused}
+        assert listed <= step_flags(section), (section, listed - step_flags(section))
+        arguments = steps[step.name]["Arguments"]
+        given = (arguments["HyperParameters"] if step.name == NAMES.finetune
+                 else arguments["AppSpecification"]["ContainerArguments"])
+        assert {"--" + flag.replace("_", "-") for flag in step.passed} - {"--no-runtime-wheel", "--wheelhouse"} \
+            <= {("--" + key) if step.name == NAMES.finetune else key for key in given if isinstance(key, str)}, section
+    with pytest.raises(ValueError, match="tables.STEPS lists"):
+        wired_arguments("prepare", {"input": "x"})   # a flag the table lists but the definition would not pass
+
+
+@pytest.mark.smoke
+def test_lora_defaults_are_the_fine_tune_scripts_own():
+    parser = import_step(STEPS["finetune"].script).build_parser()
+    assert Parameters().LoraRank == parser.get_default("lora_r")
+    assert Parameters().LoraAlpha == parser.get_default("lora_alpha")
+    from flanops.benchmarks.harness import cloud_finetune
+
+    cloud = load_config("cloud")
+    assert cloud_finetune() == {"lora_r": cloud.parameters.LoraRank, "lora_alpha": cloud.parameters.LoraAlpha,
+                                "target_modules": cloud.steps["finetune"]["target_modules"]}
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("script", sorted({*(step.script for step in STEPS.values()), "optimize"}))
 def test_no_step_script_takes_an_abbreviated_flag(script, capsys):
     """argparse's prefix matching would read --max-step as --max-steps (or --out as --output-dir)."""
     module = import_step(script)
