@@ -33,6 +33,7 @@ from .config import PipelineConfig, steps_dir
 from .tables import GATE, STEPS, GateCondition
 
 PROCESSING = "/opt/ml/processing"       # SageMaker's processing container contract
+CHECKPOINTS = "/opt/ml/checkpoints"     # a training job's checkpoint folder, synced with its CheckpointConfig S3Uri
 CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location
 CODE_INPUTS = {"code", "entrypoint", "aux", "sm_drivers"}   # job inputs that carry code, not data
 EVALUATION_REPORT = "EvaluationReport"
@@ -338,7 +339,7 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     from sagemaker.serve.model_builder import ModelBuilder
     from sagemaker.train import ModelTrainer
     from sagemaker.core.shapes import OutputDataConfig
-    from sagemaker.train.configs import Compute, InputData, Networking, SourceCode
+    from sagemaker.train.configs import CheckpointConfig, Compute, InputData, Networking, SourceCode
     from sagemaker.train.distributed import Torchrun
 
     quiet_sdk()
@@ -424,9 +425,12 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         output_data_config=OutputDataConfig(s3_output_path=s3_output(NAMES.finetune, "model"),
                                             **({"kms_key_id": kms_key} if kms_key else {})),
         networking=training_network,
+        # Per execution, so a retried or resumed execution's fine-tune resumes from its own last checkpoint.
+        checkpoint_config=CheckpointConfig(s3_uri=s3_output(NAMES.finetune, "checkpoints"), local_path=CHECKPOINTS),
         # Hyperparameters and container arguments are strings in the API: numeric parameters join as text.
         hyperparameters={**{key.replace("_", "-"): value for key, value in wired_values("finetune", {
-                             "lora_r": p("LoraRank").to_string(), "lora_alpha": p("LoraAlpha").to_string()}).items()},
+                             "lora_r": p("LoraRank").to_string(), "lora_alpha": p("LoraAlpha").to_string(),
+                             "checkpoint_dir": CHECKPOINTS}).items()},
                          **{key.replace("_", "-"): value for key, value in config.steps.get("finetune", {}).items()}},
     )
     finetune = TrainingStep(

@@ -92,10 +92,9 @@ STEPS = {step.section: step for step in (
          refused={**NOTHING_TO_OVERWRITE, "dry_run": "with it the job writes no model, which the next steps need",
                   "list": "with it the job prints its catalog and writes no model, which the next steps need"}),
     Step("finetune", "finetune_lora", "FineTuneLoRA",
-         {"lora_r": "parameter LoraRank", "lora_alpha": "parameter LoraAlpha"},
-         container=("model_dir", "data_dir", "output_dir"),
-         refused={**NOTHING_TO_OVERWRITE, "checkpoint_dir": "the pipeline gives the job no checkpoint location, so "
-                                                            "checkpoints there would be lost with the job"}),
+         {"lora_r": "parameter LoraRank", "lora_alpha": "parameter LoraAlpha",
+          "checkpoint_dir": "the job's checkpoint location (synced with S3, so a retried job resumes)"},
+         container=("model_dir", "data_dir", "output_dir"), refused=NOTHING_TO_OVERWRITE),
     Step("distill", "distill", "OptimizeDistill", {"teacher_dir": "FineTuneLoRA's model", **OPTIMIZED_INPUTS},
          refused={**NOTHING_TO_OVERWRITE, "checkpoint_dir": PROCESSING_CHECKPOINTS}, entry="optimize"),
     Step("quantize", "quantize", "OptimizeQuantize", {"model_dir": "FineTuneLoRA's model", **OPTIMIZED_INPUTS},
