@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from types import SimpleNamespace
 
 from .harness import BenchSettings, Progress, SectionResult, interleaved, quantity, ratio, spread
 from .subjects import Workspace
@@ -26,19 +25,19 @@ CONTAINER_OUTPUT = "/opt/ml/processing/output/data"
 
 
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
-    from ..commands import definition_for, open_target
+    from ..commands import TargetChoice, definition_for, open_target
     from ..config import load_config, steps_dir
     from ..definition import NAMES
     from ..embedded import flanops_home
     from ..local import Context, LocalExecutor, format_value
 
     label = "executor PrepareData"
-    config = load_config(None, [f"pipeline_name={PIPELINE}", f"steps.prepare.train_size={settings.executor_train_size}",
-                                f"steps.prepare.validation_size={max(1, settings.executor_train_size // 10)}",
-                                f"steps.prepare.test_size={max(1, settings.executor_train_size // 10)}"])
+    config = load_config(None, {"pipeline_name": PIPELINE, "steps.prepare.train_size": settings.executor_train_size,
+                                "steps.prepare.validation_size": max(1, settings.executor_train_size // 10),
+                                "steps.prepare.test_size": max(1, settings.executor_train_size // 10)})
     progress(f"{label}: embedded AWS and the pipeline definition (SageMaker SDK)")
     started = time.perf_counter()
-    target = open_target(SimpleNamespace(aws=False, role=None, bucket=None))
+    target = open_target(TargetChoice())
     definition = json.loads(definition_for(config, target))
     build_seconds = time.perf_counter() - started
     step = next(s for s in definition["Steps"] if s["Name"] == NAMES.prepare)

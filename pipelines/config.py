@@ -24,6 +24,7 @@ import re
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
 import yaml
@@ -245,8 +246,13 @@ def resolve_config_path(name_or_path: str | Path | None) -> Path:
     raise ConfigError(f"--config {name_or_path}: no such file; give a YAML path or a shipped config ({names})")
 
 
-def load_config(name_or_path: str | Path | None = None, params: list[str] | None = None) -> PipelineConfig:
-    """Defaults, then the YAML file, then each ``NAME=VALUE`` override; validated as a whole."""
+def load_config(name_or_path: str | Path | None = None,
+                params: Mapping[str, Any] | Iterable[str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then each override; validated as a whole.
+
+    ``params``: typed values by name (``{"LoraRank": 8, "steps.finetune.max_steps": 50}``, as Python callers
+    give them) or ``NAME=VALUE`` texts (as ``--param`` takes them; the value is read as a YAML scalar).
+    """
     path = resolve_config_path(name_or_path)
     label = config_label(path)
     try:
@@ -260,9 +266,12 @@ def load_config(name_or_path: str | Path | None = None, params: list[str] | None
         raise ConfigError(f"{label}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-    overrides = list(params or [])
-    for spec in overrides:
-        apply_override(raw, spec)
+    values = dict(params) if isinstance(params, Mapping) else dict(parse_param(spec) for spec in params or [])
+    # as messages show them: the texts given, or name=value
+    overrides = [f"{name}={value}" for name, value in values.items()] if isinstance(params, Mapping) \
+        else list(params or [])
+    for name, value in values.items():
+        apply_override(raw, name, value)
     try:
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as err:
@@ -277,7 +286,8 @@ def load_config(name_or_path: str | Path | None = None, params: list[str] | None
     return config
 
 
-def apply_override(raw: dict, spec: str) -> None:
+def parse_param(spec: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` (one ``--param``) → (name, the value read as a YAML scalar)."""
     name, sep, text = spec.partition("=")
     name = name.strip()
     if not sep or not name:
@@ -286,6 +296,10 @@ def apply_override(raw: dict, spec: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    return name, value
+
+
+def apply_override(raw: dict, name: str, value: Any) -> None:
     if name in Parameters.model_fields:
         raw.setdefault("parameters", {})
         if not isinstance(raw["parameters"], dict):

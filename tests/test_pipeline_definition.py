@@ -891,6 +891,28 @@ def test_every_shipped_config_loads():
     assert load_config("quick").pipeline_name == "flanops-quick"
 
 
+@pytest.mark.smoke
+def test_the_cli_and_the_api_call_the_same_typed_command(empty_home, tmp_path, monkeypatch):
+    """`flanops run` parses its arguments into typed values; flanops.api.run passes its own: the same function
+    gets the same loaded config and options, and the API's values are never turned into --param text."""
+    from flanops import api, commands
+
+    calls = []
+    monkeypatch.setattr(commands, "run", lambda config, target, **options: calls.append((config, target, options)) or 0)
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", "--param", "LoraRank=8", "--param", "steps.finetune.max_steps=5", "--no-deploy",
+                     "--output-dir", str(run_dir)]) == 0
+    assert api.run(params={"LoraRank": 8, "steps.finetune.max_steps": 5}, output_dir=run_dir, deploy=False).code == 0
+    (cli_config, cli_target, cli_options), (api_config, api_target, api_options) = calls
+    assert cli_target == api_target == commands.TargetChoice(aws=False)
+    assert cli_options == {"output_dir": run_dir, "resume": None, "deploy": False}
+    assert api_options == {"output_dir": run_dir, "deploy": False}   # resume: the function's default, None
+    for config in (cli_config, api_config):
+        assert config.parameters.LoraRank == 8 and config.steps["finetune"]["max_steps"] == 5
+    assert api_config.overrides == cli_config.overrides == ["LoraRank=8", "steps.finetune.max_steps=5"]
+    assert not empty_home.exists(), "a faked command starts nothing"
+
+
 def test_the_sdk_validates_a_config_once_and_still_refuses_a_bad_one():
     """validate_sdk_config_once remembers valid configs only: a bad one raises on every lookup."""
     import jsonschema
