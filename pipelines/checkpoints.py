@@ -78,13 +78,15 @@ def synced_checkpoints(s3, checkpoint_config: dict | None, local_path: Callable[
     if restored:
         echo(f"    restored {restored} checkpoint file(s) from {sync.uri}")
     stop = threading.Event()
+    failures: list[Exception] = []
 
     def upload_while_running() -> None:
         while not stop.wait(every):
             try:
                 sync.upload_changed()
-            except Exception:   # noqa: BLE001 - the final sync uploads again whatever this one could not
-                continue
+            except Exception as err:   # noqa: BLE001 - said below; the final sync uploads what this one could not
+                failures.append(err)
+                return
 
     uploader = threading.Thread(target=upload_while_running, daemon=True, name="checkpoint-sync")
     uploader.start()
@@ -93,6 +95,8 @@ def synced_checkpoints(s3, checkpoint_config: dict | None, local_path: Callable[
     finally:
         stop.set()
         uploader.join()
+        if failures:
+            echo(f"    checkpoints stopped reaching {sync.uri} while the job ran ({failures[0]}); syncing them now")
         sent = sync.upload_changed()
         if sent:
             echo(f"    synced {sent} checkpoint file(s) to {sync.uri}")

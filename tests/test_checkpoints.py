@@ -58,3 +58,26 @@ def test_a_job_without_a_checkpoint_config_gets_no_folder(s3, tmp_path):
     with synced_checkpoints(s3, None, sandbox(tmp_path)) as sync:
         assert sync is None
     assert not (tmp_path / "opt").exists()
+
+
+def test_a_failed_upload_while_running_is_said_and_the_final_sync_still_uploads(s3, tmp_path, monkeypatch):
+    from flanops import checkpoints
+
+    real, calls, lines = checkpoints.CheckpointSync.upload_changed, [], []
+
+    def flaky(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("S3 went away")
+        return real(self)
+
+    monkeypatch.setattr(checkpoints.CheckpointSync, "upload_changed", flaky)
+    with synced_checkpoints(s3, {"S3Uri": URI}, sandbox(tmp_path), echo=lines.append, every=0.01) as sync:
+        (sync.folder / "checkpoint-5").mkdir()
+        (sync.folder / "checkpoint-5" / "trainer_state.json").write_text("{}")
+        deadline = time.monotonic() + 10
+        while not calls:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    assert keys(s3) == {"checkpoint-5/trainer_state.json"}
+    assert any("stopped reaching" in line and "S3 went away" in line for line in lines), lines
