@@ -21,10 +21,10 @@ import contextlib
 import difflib
 import io
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from collections.abc import Iterable, Mapping
 from typing import Any, Literal, get_args
 
 import yaml

@@ -562,7 +562,7 @@ def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: s
                # a definition built while no wheel could be fetched has none: not the one to reuse once it can
                "wheels": sorted(path.name for path in cache_dir().glob("*/*.whl")),
                "builder": [hashlib.sha256(Path(__file__).with_name(name).read_bytes()).hexdigest()
-                           for name in ("definition.py", "config.py")]}
+                           for name in ("definition.py", "config.py", "tables.py")]}
     digest.update(json.dumps(made_of, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 

@@ -735,6 +735,17 @@ def test_an_unchanged_definition_is_remembered_and_its_code_put_back_where_missi
     assert restored == referenced and any(key.endswith(".whl") for key in restored)
 
 
+def test_an_edit_of_the_step_or_gate_table_is_not_answered_from_the_remembered_definition(monkeypatch):
+    from flanops.definition import definition_key
+
+    config = load_config()
+    key = definition_key(config, ROLE_ARN, BUCKET, REGION)
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: read_bytes(path) + (b"# a new row" if path.name == "tables.py"
+                                                                             else b""))
+    assert definition_key(config, ROLE_ARN, BUCKET, REGION) != key
+
+
 def test_a_changed_step_script_changes_the_code_locations(aws, text, definition, tmp_path, monkeypatch):
     config = load_config()   # before the patch: load_config imports the step scripts to check settings
     copy = tmp_path / "steps"
