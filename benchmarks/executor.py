@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 import uuid
-from types import SimpleNamespace
 
 from .harness import BenchSettings, Progress, SectionResult, interleaved, quantity, ratio, spread
 from .subjects import Workspace
@@ -26,7 +25,7 @@ CONTAINER_OUTPUT = "/opt/ml/processing/output/data"
 
 
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
-    from flanops.pipelines.commands import definition_for, open_target
+    from flanops.pipelines.commands import TargetChoice, definition_for, open_target
     from flanops.pipelines.config import load_config, steps_dir
     from flanops.pipelines.definition import NAMES
     from flanops.pipelines.home import flanops_home
@@ -34,12 +33,12 @@ def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> Se
     from flanops.pipelines.local import LocalExecutor
 
     label = "executor PrepareData"
-    config = load_config(None, [f"pipeline_name={PIPELINE}", f"steps.prepare.train_size={settings.executor_train_size}",
-                                f"steps.prepare.validation_size={max(1, settings.executor_train_size // 10)}",
-                                f"steps.prepare.test_size={max(1, settings.executor_train_size // 10)}"])
+    config = load_config(None, {"pipeline_name": PIPELINE, "steps.prepare.train_size": settings.executor_train_size,
+                                "steps.prepare.validation_size": max(1, settings.executor_train_size // 10),
+                                "steps.prepare.test_size": max(1, settings.executor_train_size // 10)})
     progress(f"{label}: embedded AWS and the pipeline definition (SageMaker SDK)")
     started = time.perf_counter()
-    target = open_target(SimpleNamespace(aws=False, role=None, bucket=None))
+    target = open_target(TargetChoice())
     definition = json.loads(definition_for(config, target))
     build_seconds = time.perf_counter() - started
     step = next(s for s in definition["Steps"] if s["Name"] == NAMES.prepare)

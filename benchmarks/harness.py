@@ -59,9 +59,10 @@ class BenchSettings:
     prune_amounts: tuple[float, ...] = (0.25, 0.5)   # structured: share of FFN neurons removed per layer
     unstructured_amount: float = 0.5
     unstructured_models: int | None = None  # unstructured (gzip sizes) on the first N models only; None: all
-    lora_r: int = 16                        # configs/cloud.yaml's Flan-T5-base fine-tune
-    lora_alpha: int = 32
-    lora_targets: str = "q,v"
+    # configs/cloud.yaml's Flan-T5-base fine-tune, read from it
+    lora_r: int = field(default_factory=lambda: cloud_finetune()["lora_r"])
+    lora_alpha: int = field(default_factory=lambda: cloud_finetune()["lora_alpha"])
+    lora_targets: str = field(default_factory=lambda: cloud_finetune()["target_modules"])
     train_batch: int = 4                    # LoRA vs full: examples per optimizer step
     train_source_tokens: int = 128
     train_target_tokens: int = 32
@@ -80,6 +81,17 @@ class BenchSettings:
         values["models"] = [m.card() for m in self.models]
         values["lora_model"] = self.lora_model.card()
         return values
+
+
+def cloud_finetune() -> dict[str, Any]:
+    """The LoRA settings of configs/cloud.yaml's fine-tune: its parameters, else finetune_lora.py's defaults."""
+    from flanops.pipelines.config import import_step, load_config
+
+    config = load_config("cloud")
+    defaults = import_step("finetune_lora").build_parser()
+    return {"lora_r": config.parameters.LoraRank, "lora_alpha": config.parameters.LoraAlpha,
+            "target_modules": config.steps.get("finetune", {}).get("target_modules",
+                                                                   defaults.get_default("target_modules"))}
 
 
 # ----------------------------------------------------------------------------- statistics

@@ -1,44 +1,49 @@
 """flanops from Python: what the notebooks (and scripts) call.
 
-Each function runs the same code path as the ``flanops`` command it names (``run`` is ``flanops
-run``), against embedded AWS by default or your account with ``aws=True``, and returns what a
-notebook wants to look at: the run folder, its summary and report, pandas tables and PNG charts.
+Each function calls the same typed function of ``commands`` as the ``flanops`` command it names
+(``run`` is ``flanops run``), against embedded AWS by default or your account with ``aws=True``, and
+returns what a notebook wants to look at: the run folder, its summary and report, pandas tables and
+PNG charts. ``params`` are typed values by name: ``{"LoraRank": 8, "steps.finetune.max_steps": 50}``.
 """
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import FlanopsError
 
-
-def flanops(*arguments: str) -> int:
-    """Run one ``flanops`` command line in this process; a failure raises FlanopsError with its message."""
-    import io
-    from contextlib import redirect_stderr
-
-    from .cli import main
-
-    errors = io.StringIO()
-    with redirect_stderr(errors):
-        code = main([str(a) for a in arguments])
-    if errors.getvalue():
-        print(errors.getvalue(), end="")
-    if code not in (0, 1):   # 1: the execution ran and failed (its summary says why); 2: bad input
-        raise FlanopsError(f"flanops {' '.join(map(str, arguments))} exited {code}: {errors.getvalue().strip()}")
-    return code
+T = TypeVar("T")
 
 
-def param_flags(params: dict[str, Any] | None) -> list[str]:
-    return [flag for name, value in (params or {}).items() for flag in ("--param", f"{name}={value}")]
+def call(command: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """A command as ``flanops`` runs it: known harmless library noise hidden, and a failure the CLI explains in
+    one line (AWS unreachable, a full disk) raised as a FlanopsError with that line. Returns its exit code
+    (1: the execution ran and failed; its summary says why)."""
+    from .failures import known_failure
+    from stepkit.quiet import quiet_known_noise
+
+    quiet_known_noise()
+    try:
+        return command(*args, **kwargs)
+    except FlanopsError:
+        raise
+    except Exception as err:
+        failure = known_failure(f"flanops {command.__name__}", err, os.environ.get("AWS_ENDPOINT_URL"))
+        if failure is None:
+            raise
+        raise FlanopsError(str(failure)) from None
 
 
-def target_flags(config: str | None, aws: bool) -> list[str]:
-    return [*(["--config", config] if config else []), "--aws" if aws else "--local"]
+def target(aws: bool = False):
+    """Embedded AWS, or with ``aws`` your account (role from $FLANOPS_ROLE_ARN or Studio, the default bucket)."""
+    from .commands import TargetChoice
+
+    return TargetChoice(aws=aws)
 
 
 @dataclass
@@ -68,19 +73,19 @@ def run(config: str | None = None, params: dict[str, Any] | None = None, output_
     """``flanops run`` on embedded AWS: the whole pipeline, its report and (``deploy``) the staging deploy."""
     from datetime import datetime, timezone
 
+    from . import commands
+    from .config import load_config
+
     run_dir = Path(output_dir or Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")).absolute()
-    code = flanops("run", *target_flags(config, False), *param_flags(params), "--output-dir", run_dir,
-                   *([] if deploy else ["--no-deploy"]))
+    code = call(commands.run, load_config(config, params or {}), target(), output_dir=run_dir, deploy=deploy)
     return Run(run_dir, code)
 
 
 def session(aws: bool = False):
     """A boto3 Session on embedded AWS (started if needed) or, with ``aws``, on your account."""
-    from argparse import Namespace
-
     from .commands import target_session
 
-    return target_session(Namespace(aws=aws))
+    return target_session(target(aws))
 
 
 def run_facts(run_or_execution: str | Path, config: str | None = None):
@@ -89,7 +94,7 @@ def run_facts(run_or_execution: str | Path, config: str | None = None):
     from .home import flanops_home
     from .runfacts import collect, find_record, run_definition
 
-    record = find_record(flanops_home(), load_config(config, []).pipeline_name, str(run_or_execution))
+    record = find_record(flanops_home(), load_config(config).pipeline_name, str(run_or_execution))
     return collect(session(), record, run_definition(record))
 
 
@@ -127,20 +132,46 @@ def definition_graph(definition: dict) -> bytes:
 
 def definition(config: str | None = None, params: dict[str, Any] | None = None, aws: bool = False) -> dict:
     """The pipeline definition ``flanops definition`` builds (for your account with ``aws``)."""
-    import tempfile
+    from . import commands
+    from .config import load_config
 
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "definition.json"
-        flanops("definition", *target_flags(config, aws), *param_flags(params), "--out", path)
-        return json.loads(path.read_text(encoding="utf-8"))
+    return json.loads(call(commands.definition_text, load_config(config, params or {}), target(aws)))
 
 
 def start(config: str | None = None, params: dict[str, Any] | None = None, aws: bool = False,
           output_dir: str | Path | None = None) -> int:
     """``flanops upsert`` then ``flanops start``: on embedded AWS the execution runs here, to its end."""
-    flanops("upsert", *target_flags(config, aws), *param_flags(params))
-    return flanops("start", *target_flags(config, aws), *param_flags(params),
-                   *(["--output-dir", Path(output_dir).absolute()] if output_dir else []))
+    from . import commands
+    from .config import load_config
+
+    loaded = load_config(config, params or {})
+    call(commands.upsert, loaded, target(aws))
+    return call(commands.start, loaded, target(aws), output_dir=Path(output_dir).absolute() if output_dir else None)
+
+
+def executions(config: str | None = None, aws: bool = False) -> int:
+    """``flanops executions``: print the pipeline's executions."""
+    from . import commands
+    from .config import load_config
+
+    return call(commands.executions, load_config(config), target(aws))
+
+
+def approve(model_package_arn: str, description: str | None = None, aws: bool = False) -> int:
+    """``flanops approve``: approve a registered model package version (the manual gate before prod)."""
+    from . import commands
+
+    return call(commands.approve, model_package_arn, description, target(aws))
+
+
+def deploy(stage: str, config: str | None = None, model_package_arn: str | None = None, aws: bool = False,
+           dry_run: bool = False) -> int:
+    """``flanops deploy``: a model package (default: the group's newest Approved one) to ``stage``'s stack."""
+    from . import commands
+    from .config import load_config
+
+    return call(commands.deploy, load_config(config), stage, target(aws), model_package=model_package_arn,
+                dry_run=dry_run)
 
 
 def model_packages(config: str | None = None, aws: bool = False):
@@ -150,7 +181,7 @@ def model_packages(config: str | None = None, aws: bool = False):
     from .commands import package_group
     from .config import load_config
 
-    group = package_group(load_config(config, []))
+    group = package_group(load_config(config))
     pages = session(aws).client("sagemaker").get_paginator("list_model_packages").paginate(
         ModelPackageGroupName=group, SortBy="CreationTime", SortOrder="Descending")
     rows = [{"arn": p["ModelPackageArn"], "version": p.get("ModelPackageVersion"),
@@ -229,7 +260,7 @@ def captured_records(stage: str = "staging", config: str | None = None, aws: boo
     from flanops.infra.serving import read_capture
 
     chosen = session(aws)
-    result = deployed(chosen, stage, package_group(load_config(config, [])))
+    result = deployed(chosen, stage, package_group(load_config(config)))
     if result is None or not result.endpoint_name:
         raise FlanopsError(f"nothing is deployed to stage {stage}; deploy first: flanops deploy --stage {stage}")
     destination = result.outputs.get("DataCaptureS3Uri")

@@ -15,6 +15,8 @@ import os
 import sys
 from pathlib import Path
 
+from .tables import STEPS
+
 
 def add_target(parser: argparse.ArgumentParser) -> None:
     target = parser.add_mutually_exclusive_group()
@@ -31,9 +33,11 @@ def add_target(parser: argparse.ArgumentParser) -> None:
 def add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="a YAML config or the name of a shipped one (default: quick; "
                                          "see configs/)")
-    parser.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
+    sections = ", ".join(f"{step.section} ({step.script}.py)" for step in STEPS.values())
+    parser.add_argument("--param", dest="params", action="append", default=[], metavar="NAME=VALUE",
                         help="override a pipeline parameter (LoraRank=8) or step setting "
-                             "(steps.finetune.max_steps=50); repeatable")
+                             "(steps.finetune.max_steps=50: a flag of the step's script without the dashes; "
+                             f"steps: {sections}); repeatable")
 
 
 def add_verbose(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--output-dir", type=Path, help="local run folder (default: runs/<UTC timestamp>)")
     run.add_argument("--resume", metavar="EXECUTION",
                      help="rerun a failed execution's failed step and what follows (id or ARN)")
-    run.add_argument("--no-deploy", action="store_true",
+    run.add_argument("--no-deploy", dest="deploy", action="store_false",
                      help="locally, stop after registering (by default the package is deployed to the local "
                           "staging stack and invoked once)")
     add_verbose(run)
@@ -90,10 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.add_argument("--stage", required=True, help="staging, prod, or a stage JSON file (see infra/stages/)")
     chosen = deploy.add_mutually_exclusive_group()
     chosen.add_argument("--model-package", metavar="ARN", help="the model package version to deploy")
-    chosen.add_argument("--latest-approved", action="store_true",
+    chosen.add_argument("--latest-approved", dest="model_package", action="store_const", const=None,
                         help="the group's newest Approved version (the default)")
     deploy.add_argument("--dry-run", action="store_true", help="write the template (and lint it); deploy nothing")
-    deploy.add_argument("--no-lint", action="store_true",
+    deploy.add_argument("--no-lint", dest="lint", action="store_false",
                         help="skip cfn-lint before deploying (its list of instance types can lag behind AWS)")
     deploy.add_argument("--out", type=Path, help="--dry-run: the template file (default: <stage>-template.json)")
 
@@ -167,9 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "local":
             return local_command(args.action)
-        from . import commands
-
-        return getattr(commands, args.command)(args)
+        return call_command(args)
     except FlanopsError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
@@ -185,6 +187,25 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"error: {failure}", file=sys.stderr)
         return 1
+
+
+def call_command(args: argparse.Namespace) -> int:
+    """Call the typed function of ``commands`` that ``args.command`` names with the parsed options: the config
+    loaded (with its --param overrides), --aws/--role/--bucket as a TargetChoice, the rest by name."""
+    import inspect
+
+    from . import commands
+    from .config import load_config
+
+    command = getattr(commands, args.command)
+    options = {name: value for name, value in vars(args).items() if name not in ("command", "verbose")}
+    if "aws" in options:
+        options["target"] = commands.TargetChoice(options.pop("aws"), options.pop("role"), options.pop("bucket"))
+    if "config" in options:
+        config, params = options.pop("config"), options.pop("params")
+        if "config" in inspect.signature(command).parameters:   # approve works on a package ARN, not the config
+            options["config"] = load_config(config, params)
+    return command(**options)
 
 
 def local_command(action: str) -> int:

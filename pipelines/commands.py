@@ -10,11 +10,23 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import PipelineConfig, gate_warnings, load_config
+from .config import PipelineConfig, gate_warnings
 from .definition import quiet_sdk
 from .errors import FlanopsError
 
 ROLE_NAME = "flanops-pipeline-execution"   # created in embedded AWS only
+
+
+@dataclass(frozen=True)
+class TargetChoice:
+    """Where a command works: embedded AWS on this machine (default) or, with ``aws``, your account."""
+
+    aws: bool = False
+    role: str | None = None      # aws: the pipeline's execution role (default: $FLANOPS_ROLE_ARN or Studio's)
+    bucket: str | None = None    # aws: the S3 bucket (default: the SageMaker session's default bucket)
+
+
+LOCAL = TargetChoice()
 
 
 @dataclass
@@ -29,12 +41,12 @@ class Target:
         return self.session.client(name)
 
 
-def open_target(args, config: PipelineConfig | None = None) -> Target:
+def open_target(choice: TargetChoice, config: PipelineConfig | None = None) -> Target:
     """Embedded AWS or AWS. With ``config``, a bucket created here gets its KMS key, and embedded AWS's
     role gets the pipeline's least-privilege policy (``flanops role`` writes the same one for AWS)."""
     kms_key_id = config.security.kms_key_id if config else None
-    if args.aws:
-        return aws_target(args, kms_key_id)
+    if choice.aws:
+        return aws_target(choice, kms_key_id)
     from .embedded import ensure_server
     from flanops.infra.pipeline_role import SAGEMAKER_TRUST, put_pipeline_policy
 
@@ -64,9 +76,9 @@ def aws_session():
     return session
 
 
-def aws_target(args, kms_key_id: str | None = None) -> Target:
+def aws_target(choice: TargetChoice, kms_key_id: str | None = None) -> Target:
     session = aws_session()
-    role_arn = args.role or os.environ.get("FLANOPS_ROLE_ARN")
+    role_arn = choice.role or os.environ.get("FLANOPS_ROLE_ARN")
     quiet_sdk()
     if not role_arn:
         try:
@@ -76,7 +88,7 @@ def aws_target(args, kms_key_id: str | None = None) -> Target:
         except Exception:
             raise FlanopsError("--aws: no execution role; pass --role ARN or set FLANOPS_ROLE_ARN (outside "
                                "SageMaker Studio the role cannot be discovered)") from None
-    return Target(session, role_arn, args.bucket or default_bucket(session, kms_key_id), False, {})
+    return Target(session, role_arn, choice.bucket or default_bucket(session, kms_key_id), False, {})
 
 
 def embedded_bucket(session, kms_key_id: str | None = None) -> str:
@@ -138,44 +150,49 @@ def execution_parameters(config: PipelineConfig) -> list[dict[str, str]]:
 
 
 # ----------------------------------------------------------------------------- commands
-def definition(args) -> int:
-    config = load_config(args.config, args.param)
-    text = definition_for(config, open_target(args, config))
-    if args.out:
-        args.out.write_text(text, encoding="utf-8")
-        print(f"wrote {args.out} ({len(text)} bytes, pipeline {config.pipeline_name})")
+# Each command takes a loaded config (config.load_config) and typed options; cli.py and api.py both call them.
+def definition_text(config: PipelineConfig, target: TargetChoice = LOCAL) -> str:
+    """The pipeline definition JSON for this config on this target."""
+    return definition_for(config, open_target(target, config))
+
+
+def definition(config: PipelineConfig, target: TargetChoice = LOCAL, out: Path | None = None) -> int:
+    text = definition_text(config, target)
+    if out:
+        out.write_text(text, encoding="utf-8")
+        print(f"wrote {out} ({len(text)} bytes, pipeline {config.pipeline_name})")
     else:
         print(text, end="")
     return 0
 
 
-def upsert(args) -> int:
-    config = load_config(args.config, args.param)
-    target = open_target(args, config)
+def upsert(config: PipelineConfig, target: TargetChoice = LOCAL) -> int:
+    target = open_target(target, config)
     arn = upsert_pipeline(config, target, definition_for(config, target))
     print(f"upserted {arn}")
     return 0
 
 
-def run(args) -> int:
-    config = load_config(args.config, args.param)   # every config error before anything runs
-    if not args.resume:   # a resumed execution keeps its own parameters
+def run(config: PipelineConfig, target: TargetChoice = LOCAL, output_dir: Path | None = None,
+        resume: str | None = None, deploy: bool = True) -> int:
+    """Build, upsert and run the pipeline (or ``resume`` a failed execution); locally, deploy what it registers."""
+    if not resume:   # a resumed execution keeps its own parameters
         warn_about_gate(config)
-    if args.resume and args.param:
+    if resume and config.overrides:
         raise FlanopsError("--resume reruns an execution with its own parameters; drop --param")
-    if not args.resume:
-        check_run_dir(args.output_dir)
-    target = open_target(args, config)
-    if args.resume and not target.local:
-        return retry_on_sagemaker(config, target, args.resume)
-    if args.resume:
-        code, run_dir = resume_local(config, target, args.resume)
+    if not resume:
+        check_run_dir(output_dir)
+    target = open_target(target, config)
+    if resume and not target.local:
+        return retry_on_sagemaker(config, target, resume)
+    if resume:
+        code, run_dir = resume_local(config, target, resume)
     else:
         definition_text = definition_for(config, target)
         upsert_pipeline(config, target, definition_text)
-        code, run_dir = start_execution(config, target, definition_text, args.output_dir)
+        code, run_dir = start_execution(config, target, definition_text, output_dir)
     try:
-        if code == 0 and run_dir and not args.no_deploy:
+        if code == 0 and run_dir and deploy:
             code = deploy_and_try(target, run_dir)
     finally:
         if run_dir:
@@ -183,15 +200,14 @@ def run(args) -> int:
     return code
 
 
-def start(args) -> int:
-    config = load_config(args.config, args.param)
+def start(config: PipelineConfig, target: TargetChoice = LOCAL, output_dir: Path | None = None) -> int:
     warn_about_gate(config)
-    target = open_target(args, config)
+    target = open_target(target, config)
     sagemaker = target.client("sagemaker")
     if not pipeline_exists(sagemaker, config.pipeline_name):
         raise FlanopsError(f"pipeline {config.pipeline_name!r} does not exist yet; run `flanops upsert` first")
     definition_text = sagemaker.describe_pipeline(PipelineName=config.pipeline_name)["PipelineDefinition"]
-    code, run_dir = start_execution(config, target, definition_text, args.output_dir)
+    code, run_dir = start_execution(config, target, definition_text, output_dir)
     if run_dir:
         write_run_report(target, run_dir)
     return code
@@ -228,22 +244,21 @@ def announce_report(write: Callable[[], Path], retry: str) -> None:
     print(f"report: {path}  (and report.md beside it)")
 
 
-def report(args) -> int:
-    """Write (again) a local run's report into its run folder."""
+def report(config: PipelineConfig, run: str, target: TargetChoice = LOCAL, output_dir: Path | None = None) -> int:
+    """Write (again) a run's report: a local run's into its run folder, a SageMaker execution's (aws) to output_dir."""
     from .home import flanops_home
     from .report import report_run
     from .runfacts import find_record
 
-    config = load_config(args.config, args.param)
-    if args.aws:   # a SageMaker execution: its record comes from the API, the report goes to a local folder
+    if target.aws:   # a SageMaker execution: its record comes from the API, the report goes to a local folder
         from .runfacts import sagemaker_record
 
         session = aws_session()
-        arn = execution_arn(session.client("sagemaker"), config.pipeline_name, args.run)
-        path = report_run(session, *sagemaker_record(session, arn, sagemaker_run_dir(args.output_dir, arn)))
+        arn = execution_arn(session.client("sagemaker"), config.pipeline_name, run)
+        path = report_run(session, *sagemaker_record(session, arn, sagemaker_run_dir(output_dir, arn)))
     else:
-        record = find_record(flanops_home(), config.pipeline_name, args.run)
-        path = report_run(open_target(args).session, record)
+        record = find_record(flanops_home(), config.pipeline_name, run)
+        path = report_run(open_target(target).session, record)
     print(f"report: {path}\nmarkdown: {path.with_name('report.md')}")
     return 0
 
@@ -388,6 +403,7 @@ def gate_sentence(gate: dict) -> str:
 def summarize_execution(record: dict, run_dir: Path) -> int:
     from .definition import NAMES
     from .runfacts import gate_facts
+    from .tables import GATE
 
     print()
     print(f"{'step':<18}{'status':<11}{'seconds':>9}  cached")
@@ -404,10 +420,9 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
         if gate["why"]:
             print(f"variant choice: {gate['why']}")
         for row in gate["candidates"] or []:
-            facts = f"facts {fmt(row['facts_all_right']):<8} " if row.get("facts_all_right") is not None else ""
-            print(f"  {row['name']:<10} ROUGE-L {fmt(row.get('rougeL')):<8} drop {fmt(row.get('rougeL_drop')):<9} "
-                  f"{facts}repeating {fmt(row.get('repetition_rate', '–')):<6} "
-                  f"p95 {fmt(row.get('latency_p95_ms')):>7} ms  {row.get('why', '')}")
+            figures = ", ".join(f"{c['label']} {fmt(row[c['metric']])}{c['unit']}" for c in gate["candidate_columns"]
+                                if row.get(c["metric"]) is not None)
+            print(f"  {row['name']:<10} {figures}  {row.get('why', '')}")
     registered = next((s["Metadata"]["RegisterModel"]["Arn"] for s in record["Steps"]
                        if s["StepName"] == NAMES.register and s["StepStatus"] == "Succeeded"), None)
     if registered:
@@ -419,7 +434,8 @@ def summarize_execution(record: dict, run_dir: Path) -> int:
     if status == "Failed" and gate_failed:
         failed = [c for c in (gate or {}).get("conditions", []) if c["passed"] is False]
         hint = ", ".join(f"--param {c['parameter']}=… ({c['label']} {fmt(c['measured'])}{c['unit']} against "
-                         f"{c['bound']} {c['threshold']})" for c in failed) or "--param MinRougeL=…"
+                         f"{c['bound']} {c['threshold']})" for c in failed) or \
+            "one of " + ", ".join(f"--param {c.parameter}=…" for c in GATE)
         print(f"the model did not pass the gate; change the model or the threshold that failed ({hint}) and run "
               "again: unchanged jobs come from the cache")
     elif status in ("Failed", "Stopped") and record.get("Resumable", True):
@@ -443,16 +459,15 @@ def fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
 
 
-def executions(args) -> int:
-    config = load_config(args.config, args.param)
-    if not args.aws:   # the local records are files: no need to start embedded AWS to read them
+def executions(config: PipelineConfig, target: TargetChoice = LOCAL) -> int:
+    if not target.aws:   # the local records are files: no need to start embedded AWS to read them
         from .home import flanops_home
         from .records import list_executions
 
         rows = [(r["ExecutionId"], r["PipelineExecutionStatus"], r["CreationTime"], r.get("FailureReason") or "")
                 for r in list_executions(flanops_home(), config.pipeline_name)]
     else:
-        summaries = aws_target(args).client("sagemaker").list_pipeline_executions(PipelineName=config.pipeline_name)
+        summaries = aws_target(target).client("sagemaker").list_pipeline_executions(PipelineName=config.pipeline_name)
         rows = [(s["PipelineExecutionArn"].rsplit("/", 1)[-1], s["PipelineExecutionStatus"], str(s["StartTime"]),
                  s.get("PipelineExecutionFailureReason") or "") for s in summaries["PipelineExecutionSummaries"]]
     if not rows:
@@ -464,17 +479,16 @@ def executions(args) -> int:
     return 0
 
 
-def steps(args) -> int:
-    config = load_config(args.config, args.param)
-    if not args.aws:
+def steps(config: PipelineConfig, execution: str, target: TargetChoice = LOCAL) -> int:
+    if not target.aws:
         from .home import flanops_home
         from .records import load_execution
 
-        entries = load_execution(flanops_home(), config.pipeline_name, args.execution)["Steps"]
+        entries = load_execution(flanops_home(), config.pipeline_name, execution)["Steps"]
     else:
-        target = aws_target(args)
-        arn = execution_arn(target.client("sagemaker"), config.pipeline_name, args.execution)
-        entries = target.client("sagemaker").list_pipeline_execution_steps(PipelineExecutionArn=arn,
+        opened = aws_target(target)
+        arn = execution_arn(opened.client("sagemaker"), config.pipeline_name, execution)
+        entries = opened.client("sagemaker").list_pipeline_execution_steps(PipelineExecutionArn=arn,
                                                                            SortOrder="Ascending")["PipelineExecutionSteps"]
     print(f"{'step':<18}{'status':<11}{'start':<27}{'end':<27}{'cached':<8}failure")
     for s in entries:
@@ -519,9 +533,9 @@ def retry_on_sagemaker(config: PipelineConfig, target: Target, execution: str) -
 
 
 # ----------------------------------------------------------------------------- approve, deploy, serve
-def target_session(args):
+def target_session(target: TargetChoice = LOCAL):
     """The boto3 session of the target, for commands that need no pipeline role: embedded AWS or ``--aws``."""
-    if args.aws:
+    if target.aws:
         return aws_session()
     from .embedded import ensure_server
 
@@ -534,54 +548,56 @@ def package_group(config: PipelineConfig) -> str:
     return config.parameter_values()["ModelPackageGroupName"]
 
 
-def approve(args) -> int:
+def approve(model_package: str, description: str | None = None, target: TargetChoice = LOCAL) -> int:
     from flanops.infra.deploy import approve as approve_package
 
-    package = approve_package(target_session(args), args.model_package, args.description)
+    package = approve_package(target_session(target), model_package, description)
     print(f"approved {package['ModelPackageArn']} (group {package['ModelPackageGroupName']}, "
           f"version {package.get('ModelPackageVersion')})")
     return 0
 
 
-def deploy(args) -> int:
+def deploy(config: PipelineConfig, stage: str, target: TargetChoice = LOCAL, model_package: str | None = None,
+           dry_run: bool = False, lint: bool = True, out: Path | None = None) -> int:
+    """Deploy ``model_package`` (default: the group's newest Approved version) to ``stage``'s endpoint stack."""
     from flanops.infra.deploy import deploy as deploy_stack
-    from flanops.infra.deploy import dry_run, resolve_package
+    from flanops.infra.deploy import dry_run as write_dry_run
+    from flanops.infra.deploy import resolve_package
     from flanops.infra.stages import load_stage
 
-    config = load_config(args.config, args.param)
-    stage = load_stage(args.stage)
-    if args.out and not args.dry_run:
+    stage = load_stage(stage)
+    if out and not dry_run:
         raise FlanopsError("--out goes with --dry-run (a deploy writes no template file)")
-    session = target_session(args)
+    session = target_session(target)
     kms_key_id = config.security.kms_key_id
-    bucket = args.bucket or (default_bucket(session, kms_key_id) if args.aws else embedded_bucket(session, kms_key_id))
-    package = resolve_package(session, model_package_arn=args.model_package, latest_approved=not args.model_package,
+    bucket = target.bucket or (default_bucket(session, kms_key_id) if target.aws else embedded_bucket(session, kms_key_id))
+    package = resolve_package(session, model_package_arn=model_package, latest_approved=not model_package,
                               group=package_group(config), stage=stage)
-    if args.dry_run:
-        dry_run(stage, package, default_bucket=bucket, out=args.out or Path(f"{stage.name}-template.json"))
+    if dry_run:
+        write_dry_run(stage, package, default_bucket=bucket, out=out or Path(f"{stage.name}-template.json"))
         return 0
-    result = deploy_stack(session, stage, package, default_bucket=bucket, lint=not args.no_lint)
-    if not args.aws:
+    result = deploy_stack(session, stage, package, default_bucket=bucket, lint=lint)
+    if not target.aws:
         print(f"embedded AWS runs no containers; serve this endpoint here with: flanops serve --stage {stage.name}")
     return 0 if result.endpoint_name else 1
 
 
-def role(args) -> int:
+def role(config: PipelineConfig, out: Path = Path("pipeline-role.json"), bucket: str | None = None,
+         region: str | None = None) -> int:
     """Write the pipeline execution role (least privilege) as a CloudFormation template, cfn-lint checked."""
     import boto3
 
     from flanops.infra.pipeline_role import pipeline_role_template
     from flanops.infra.template import lint_template, write_template
 
-    config = load_config(args.config, args.param)
-    region = args.region or boto3.Session().region_name
+    region = region or boto3.Session().region_name
     if not region:
         raise FlanopsError("flanops role: no AWS region; pass --region (the jobs' images differ per region)")
-    template = pipeline_role_template(config, region=region, bucket=args.bucket)
-    path = write_template(template, args.out)
+    template = pipeline_role_template(config, region=region, bucket=bucket)
+    path = write_template(template, out)
     findings = lint_template(template, regions=[region])
     print(f"wrote {path}: the execution role of pipeline {config.pipeline_name} in {region}, bucket "
-          f"{args.bucket or 'sagemaker-<region>-<account>'}; cfn-lint: "
+          f"{bucket or 'sagemaker-<region>-<account>'}; cfn-lint: "
           f"{'clean' if not findings else f'{len(findings)} finding(s)'}")
     for finding in findings:
         print(f"  {finding}")
@@ -590,31 +606,33 @@ def role(args) -> int:
     return 1 if any(finding.startswith("E") for finding in findings) else 0
 
 
-def destroy(args) -> int:
+def destroy(config: PipelineConfig, stage: str, target: TargetChoice = LOCAL) -> int:
     from flanops.infra.deploy import destroy as destroy_stack
 
-    config = load_config(args.config, args.param)
-    destroy_stack(target_session(args), args.stage, package_group(config))
+    destroy_stack(target_session(target), stage, package_group(config))
     return 0
 
 
-def serve(args) -> int:
+def serve(config: PipelineConfig, target: TargetChoice = LOCAL, stage: str | None = None,
+          model_package: str | None = None, model_data: str | None = None, endpoint_name: str | None = None,
+          host: str = "127.0.0.1", port: int = 8080) -> int:
+    """Serve one model here as a SageMaker endpoint: ``stage``'s (default staging), a package's or a model.tar.gz."""
     import signal
     import threading
 
     from flanops.infra.serving import DataCapture, serving
 
-    config = load_config(args.config, args.param)
-    session = target_session(args)
-    source, endpoint_name, package_arn = model_to_serve(args, session, package_group(config))
+    session = target_session(target)
+    source, endpoint_name, package_arn = model_to_serve(session, package_group(config), stage, model_package,
+                                                        model_data, endpoint_name)
     record = {"model_data": str(source), "model_package_arn": package_arn, "region": session.region_name}
     # A deployed stage's endpoint captures as its EndpointConfig says; a model served by itself does not
-    capture = DataCapture.of_endpoint(session, endpoint_name) if not (args.model_data or args.model_package) else None
+    capture = DataCapture.of_endpoint(session, endpoint_name) if not (model_data or model_package) else None
     if capture:
         print(f"capturing {capture.sampling_percentage}% of invocations to {capture.destination}/{endpoint_name}/")
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    with serving(source, session, endpoint_name, host=args.host, port=args.port, record=record,
+    with serving(source, session, endpoint_name, host=host, port=port, record=record,
                  capture=capture) as server:
         print(f"endpoint {endpoint_name} is serving at {server.url} (GET /ping, POST /invocations, "
               f"POST /endpoints/{endpoint_name}/invocations); Ctrl-C stops it\n"
@@ -631,23 +649,24 @@ def serve(args) -> int:
     return 0
 
 
-def model_to_serve(args, session, group: str) -> tuple[str, str, str | None]:
+def model_to_serve(session, group: str, stage: str | None, model_package: str | None, model_data: str | None,
+                   endpoint_name: str | None) -> tuple[str, str, str | None]:
     """(model data, endpoint name, model package ARN) for ``flanops serve``'s choice of model."""
     from flanops.infra.deploy import deployed, describe_package
 
-    if args.model_data:
-        return args.model_data, args.endpoint_name or "flanops-local", None
-    if args.model_package:
-        package = describe_package(session.client("sagemaker"), args.model_package)
-        name = args.endpoint_name or f"{package['ModelPackageGroupName']}-v{package.get('ModelPackageVersion', 0)}"
+    if model_data:
+        return model_data, endpoint_name or "flanops-local", None
+    if model_package:
+        package = describe_package(session.client("sagemaker"), model_package)
+        name = endpoint_name or f"{package['ModelPackageGroupName']}-v{package.get('ModelPackageVersion', 0)}"
         return model_data_url(package), name, package["ModelPackageArn"]
-    stage = args.stage or "staging"
+    stage = stage or "staging"
     result = deployed(session, stage, group)
     if result is None or not result.endpoint_name:
         raise FlanopsError(f"nothing is deployed to stage {stage} for model package group {group}; deploy first: "
                            f"flanops deploy --stage {stage} (or serve --model-package ARN / --model-data PATH)")
     package = describe_package(session.client("sagemaker"), result.model_package_arn)
-    return model_data_url(package), args.endpoint_name or result.endpoint_name, package["ModelPackageArn"]
+    return model_data_url(package), endpoint_name or result.endpoint_name, package["ModelPackageArn"]
 
 
 def model_data_url(package: dict) -> str:
@@ -657,58 +676,60 @@ def model_data_url(package: dict) -> str:
     return containers[0]["ModelDataUrl"]
 
 
-def invoke(args) -> int:
+def invoke(config: PipelineConfig, text: str, target: TargetChoice = LOCAL, endpoint: str | None = None,
+           stage: str = "staging", max_new_tokens: int | None = None, num_beams: int | None = None) -> int:
+    """Summarize ``text`` (``-``: standard input) with an endpoint: the one served here, or ``stage``'s on AWS."""
     import sys
 
     from flanops.infra.serving import running_endpoints, runtime_client, summarize_remotely
 
-    text = sys.stdin.read() if args.text == "-" else args.text
+    text = sys.stdin.read() if text == "-" else text
     if not text.strip():
         raise FlanopsError("nothing to summarize: give the dialogue as the argument, or - to read standard input")
-    parameters = {name: value for name, value in (("max_new_tokens", args.max_new_tokens),
-                                                  ("num_beams", args.num_beams)) if value is not None}
-    if args.aws:
+    parameters = {name: value for name, value in (("max_new_tokens", max_new_tokens),
+                                                  ("num_beams", num_beams)) if value is not None}
+    if target.aws:
         session = aws_session()
-        name = args.endpoint or deployed_endpoint(session, args)
+        name = endpoint or deployed_endpoint(session, config, stage)
         client = session.client("sagemaker-runtime")
     else:
         endpoints = running_endpoints()
         if not endpoints:
             raise FlanopsError("no local endpoint is being served; start one in another shell: "
                                "flanops serve --stage staging")
-        if args.endpoint and args.endpoint not in endpoints:
-            raise FlanopsError(f"no local endpoint {args.endpoint!r}; being served: {', '.join(endpoints)}")
-        if not args.endpoint and len(endpoints) > 1:
+        if endpoint and endpoint not in endpoints:
+            raise FlanopsError(f"no local endpoint {endpoint!r}; being served: {', '.join(endpoints)}")
+        if not endpoint and len(endpoints) > 1:
             raise FlanopsError(f"several local endpoints are being served ({', '.join(endpoints)}); pick one "
                                "with --endpoint NAME")
-        record = endpoints[args.endpoint or next(iter(endpoints))]
+        record = endpoints[endpoint or next(iter(endpoints))]
         name, client = record["endpoint_name"], runtime_client(record["url"], record["region"])
     print(summarize_remotely(client, name, [text], parameters)[0])
     return 0
 
 
-def deployed_endpoint(session, args) -> str:
+def deployed_endpoint(session, config: PipelineConfig, stage: str) -> str:
     from flanops.infra.deploy import deployed
 
-    config = load_config(args.config, args.param)
-    result = deployed(session, args.stage, package_group(config))
+    result = deployed(session, stage, package_group(config))
     if result is None or not result.endpoint_name:
-        raise FlanopsError(f"no endpoint deployed to stage {args.stage}; pass --endpoint NAME or deploy first")
+        raise FlanopsError(f"no endpoint deployed to stage {stage}; pass --endpoint NAME or deploy first")
     return result.endpoint_name
 
 
 # ----------------------------------------------------------------------------- benchmarks
-def bench(args) -> int:
+def bench(quick: bool = False, models: str = "flan-t5-small,flan-t5-base", sections: str | None = None,
+          out: Path | None = None) -> int:
     """``flanops bench``: the benchmarks in benchmarks/ (imported only here: they load torch)."""
     import sys
 
     from flanops import benchmarks
 
-    models = benchmarks.resolve_models([name for name in args.models.split(",") if name.strip()])
-    sections = benchmarks.resolve_sections(args.sections)
+    models = benchmarks.resolve_models([name for name in models.split(",") if name.strip()])
+    sections = benchmarks.resolve_sections(sections)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    out = args.out or Path("benchmarks") / "results" / stamp
-    settings = benchmarks.preset("quick" if args.quick else "full", models, sections)
+    out = out or Path("benchmarks") / "results" / stamp
+    settings = benchmarks.preset("quick" if quick else "full", models, sections)
     results = benchmarks.run(settings, out, progress=lambda line: print(line, flush=True),
                              command=" ".join(["flanops", *sys.argv[1:]]))
     print(f"\nbenchmarks finished in {results['wall_seconds']:.0f} s")

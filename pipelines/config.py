@@ -21,6 +21,7 @@ import contextlib
 import difflib
 import io
 import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -34,34 +35,11 @@ from stepkit.errors import StepError
 from flanops.infra.stages import KMS_KEY_PATTERN, Vpc, pattern_hint
 
 from .errors import FlanopsError
+from .tables import STEPS
 
 OPTIMIZATION_METHODS = ("none", "distill", "quantize", "prune", "auto")
 APPROVAL_STATUSES = ("PendingManualApproval", "Approved", "Rejected")
 DEFAULT_CONFIG = "quick"
-
-# Which step script runs for each ``steps`` section, and which of its flags the definition
-# wires itself (from parameters or other steps' outputs) so a config may not set them.
-STEP_SCRIPTS = {
-    "prepare": "prepare_data",
-    "select": "select_model",
-    "finetune": "finetune_lora",
-    "distill": "distill",
-    "quantize": "quantize",
-    "prune": "prune",
-    "evaluate": "evaluate",
-}
-WIRED_FLAGS = {
-    "prepare": {"input", "output_dir", "overwrite"},
-    "select": {"model", "output_dir", "overwrite", "dry_run", "list"},
-    "finetune": {"model_dir", "data_dir", "output_dir", "checkpoint_dir", "lora_r", "lora_alpha", "overwrite"},
-    "distill": {"teacher_dir", "data_dir", "output_dir", "checkpoint_dir", "overwrite"},
-    "quantize": {"model_dir", "data_dir", "output_dir", "overwrite"},
-    "prune": {"model_dir", "data_dir", "output_dir", "overwrite"},
-    "evaluate": {"model_dir", "baseline_dir", "data_dir", "output_dir", "compare", "select_within_drop",
-                 "select_max_fact_drop", "select_max_repetition", "package_dir", "serving_python", "wheelhouse",
-                 "overwrite"},
-}
-
 
 class ConfigError(FlanopsError):
     """A config problem, said so that the user knows what to change and where."""
@@ -76,8 +54,11 @@ class Parameters(BaseModel):
         "training data: 'synthetic', an s3:// prefix or file (JSONL/JSON/CSV/Parquet), or a Hugging Face dataset id"))
     BaseModelId: str = Field("tiny", min_length=1, description=(
         "foundation model: 'tiny' (offline stand-in), a catalog name (flan-t5-base) or a hub id"))
-    LoraRank: int = Field(16, ge=1, le=1024, description="LoRA adapter rank")
-    LoraAlpha: int = Field(16, ge=1, le=4096, description="LoRA scaling numerator (alpha / rank scales the update)")
+    # LoRA's defaults are finetune_lora.py's own (--lora-r, --lora-alpha): the job runs what the script runs alone.
+    LoraRank: int = Field(default_factory=lambda: wired_flag_default("LoraRank"), ge=1, le=1024,
+                          description="LoRA adapter rank (default: finetune_lora.py's --lora-r)")
+    LoraAlpha: int = Field(default_factory=lambda: wired_flag_default("LoraAlpha"), ge=1, le=4096, description=(
+        "LoRA scaling numerator, alpha / rank scales the update (default: finetune_lora.py's --lora-alpha)"))
     OptimizationMethod: Literal[OPTIMIZATION_METHODS] = Field("quantize", description=(
         "none, distill, quantize, prune, or auto (all three in parallel; the best variant within the gate wins)"))
     MinRougeL: float = Field(0.40, ge=0.0, le=1.0, description="gate: lowest ROUGE-L F1 (0..1) the registered model may have")
@@ -152,7 +133,7 @@ class ConfigFile(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     pipeline_name: str = Field("flanops", pattern=r"^[a-zA-Z0-9](-*[a-zA-Z0-9]){0,255}$")
-    parameters: Parameters = Parameters()
+    parameters: Parameters = Field(default_factory=Parameters)   # built when needed: its defaults read step scripts
     steps: dict[str, dict[str, Any]] = {}
     images: Images = Images()
     cache_expire_after: str = Field("P30D", pattern=r"^P(\d+[YMWD])*(T(\d+[HMS])+)?$")
@@ -181,7 +162,7 @@ class PipelineConfig:
 
     def step_arguments(self, section: str) -> list[str]:
         """The ``steps.<section>`` settings as the step script's command-line flags."""
-        return settings_to_flags(self.steps.get(section, {}), step_flags(section) if section in STEP_SCRIPTS else set())
+        return settings_to_flags(self.steps.get(section, {}), step_flags(section) if section in STEPS else set())
 
     def parameter_values(self) -> dict[str, Any]:
         return self.parameters.model_dump()
@@ -214,6 +195,13 @@ def import_step(script: str):
     import importlib
 
     return importlib.import_module(f"flanops.steps.{script}")
+
+
+def wired_flag_default(parameter: str) -> Any:
+    """The default of a parameter that feeds a step script's flag: that flag's own default in the script."""
+    section, flag = next((step.section, flag) for step in STEPS.values() for flag in step.passed
+                         if step.parameter_of(flag) == parameter)
+    return import_step(STEPS[section].script).build_parser().get_default(flag)
 
 
 def config_dir() -> Path:
@@ -256,8 +244,13 @@ def resolve_config_path(name_or_path: str | Path | None) -> Path:
     raise ConfigError(f"--config {name_or_path}: no such file; give a YAML path or a shipped config ({names})")
 
 
-def load_config(name_or_path: str | Path | None = None, params: list[str] | None = None) -> PipelineConfig:
-    """Defaults, then the YAML file, then each ``NAME=VALUE`` override; validated as a whole."""
+def load_config(name_or_path: str | Path | None = None,
+                params: Mapping[str, Any] | Iterable[str] | None = None) -> PipelineConfig:
+    """Defaults, then the YAML file, then each override; validated as a whole.
+
+    ``params``: typed values by name (``{"LoraRank": 8, "steps.finetune.max_steps": 50}``, as Python callers
+    give them) or ``NAME=VALUE`` texts (as ``--param`` takes them; the value is read as a YAML scalar).
+    """
     path = resolve_config_path(name_or_path)
     label = config_label(path)
     try:
@@ -271,9 +264,12 @@ def load_config(name_or_path: str | Path | None = None, params: list[str] | None
         raise ConfigError(f"{label}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a mapping of settings at the top level, got {type(raw).__name__}")
-    overrides = list(params or [])
-    for spec in overrides:
-        apply_override(raw, spec)
+    values = dict(params) if isinstance(params, Mapping) else dict(parse_param(spec) for spec in params or [])
+    # as messages show them: the texts given, or name=value
+    overrides = [f"{name}={value}" for name, value in values.items()] if isinstance(params, Mapping) \
+        else list(params or [])
+    for name, value in values.items():
+        apply_override(raw, name, value)
     try:
         parsed = ConfigFile.model_validate(raw)
     except ValidationError as err:
@@ -288,7 +284,8 @@ def load_config(name_or_path: str | Path | None = None, params: list[str] | None
     return config
 
 
-def apply_override(raw: dict, spec: str) -> None:
+def parse_param(spec: str) -> tuple[str, Any]:
+    """``NAME=VALUE`` (one ``--param``) → (name, the value read as a YAML scalar)."""
     name, sep, text = spec.partition("=")
     name = name.strip()
     if not sep or not name:
@@ -297,6 +294,10 @@ def apply_override(raw: dict, spec: str) -> None:
         value = yaml.safe_load(text) if text.strip() else ""
     except yaml.YAMLError:
         value = text
+    return name, value
+
+
+def apply_override(raw: dict, name: str, value: Any) -> None:
     if name in Parameters.model_fields:
         raw.setdefault("parameters", {})
         if not isinstance(raw["parameters"], dict):
@@ -304,10 +305,10 @@ def apply_override(raw: dict, spec: str) -> None:
         raw["parameters"][name] = value
     elif name.startswith("steps.") and name.count(".") == 2:
         _, section, setting = name.split(".")
-        if section not in STEP_SCRIPTS:
-            close = closest(section, list(STEP_SCRIPTS))
+        if section not in STEPS:
+            close = closest(section, list(STEPS))
             raise ConfigError(f"--param {name}: unknown step {section!r}{f' (did you mean {close}?)' if close else ''}; "
-                              f"steps are {', '.join(STEP_SCRIPTS)}")
+                              f"steps are {', '.join(STEPS)}")
         raw.setdefault("steps", {}).setdefault(section, {})[setting] = value
     elif name in ("pipeline_name", "cache_expire_after", "max_retries"):
         raw[name] = value
@@ -347,27 +348,28 @@ def check_step_settings(config: PipelineConfig, text: str | None = None) -> None
     The script's own argparse parser decides, so a config cannot drift from the scripts. ``text``
     (the YAML) lets a message give the line of a setting that came from the file.
     """
-    unknown = set(config.steps) - set(STEP_SCRIPTS)
+    unknown = set(config.steps) - set(STEPS)
     if unknown:
         section = sorted(unknown)[0]
-        close = closest(section, list(STEP_SCRIPTS))
+        close = closest(section, list(STEPS))
         raise ConfigError(f"{config.label}: steps.{section}: unknown step{f' (did you mean {close}?)' if close else ''}; "
-                          f"steps are {', '.join(STEP_SCRIPTS)}")
+                          f"steps are {', '.join(STEPS)}")
     overridden = {spec.partition("=")[0].strip() for spec in config.overrides}
     for section, settings in config.steps.items():
         if not isinstance(settings, dict):
             raise ConfigError(f"{config.label}: steps.{section} must be a mapping of flag: value")
-        script = STEP_SCRIPTS[section]
+        step = STEPS[section]
+        script = step.script
         flags = step_flags(section)
         for name in settings:
             where = setting_origin(config, f"steps.{section}.{name}", overridden, text)
             if not re.fullmatch(r"[a-z][a-z0-9_]*", str(name)) or name == "help":
                 raise ConfigError(f"{where}: settings are flag names like max_steps")
-            if name in WIRED_FLAGS[section]:
-                raise ConfigError(f"{where} is set by the pipeline itself (from a parameter or another step's "
-                                  "output); remove it")
+            refusal = refused_setting(step, name)
+            if refusal:
+                raise ConfigError(f"{where}: {refusal}")
             if name not in flags:
-                close = closest(name, sorted(flags - WIRED_FLAGS[section]))
+                close = closest(name, sorted(flags - step.wired() - set(step.refused)))
                 hint = f"did you mean {close}? " if close else ""
                 raise ConfigError(f"{where}: {script}.py has no flag --{name.replace('_', '-')}; {hint}"
                                   f"settings are its flags without the dashes (python steps/{script}.py --help)")
@@ -376,6 +378,18 @@ def check_step_settings(config: PipelineConfig, text: str | None = None) -> None
             given = [spec for spec in config.overrides if spec.startswith(f"steps.{section}.")]
             raise ConfigError(f"{config.label}{' with --param ' + ' '.join(given) if given else ''}: "
                               f"steps.{section} ({script}.py): {problem}")
+
+
+def refused_setting(step, name: str) -> str | None:
+    """Why a config may not set flag ``name`` of ``step``'s script (None: it may)."""
+    if name in step.wired():
+        parameter = step.parameter_of(name)
+        source = step.passed.get(name, "the job's container")
+        return (f"set by the pipeline itself, from {source}" +
+                (f"; set it with --param {parameter}=… (or parameters.{parameter})" if parameter else "; remove it"))
+    if name in step.refused:
+        return f"not a setting of the pipeline's {step.name} job: {step.refused[name]}; remove it"
+    return None
 
 
 def setting_origin(config: PipelineConfig, name: str, overridden: set[str], text: str | None) -> str:
@@ -388,7 +402,7 @@ def setting_origin(config: PipelineConfig, name: str, overridden: set[str], text
 
 def step_flags(section: str) -> set[str]:
     """The long flags of a section's script, as settings (``--max-steps`` → ``max_steps``); ``help`` is none."""
-    parser = import_step(STEP_SCRIPTS[section]).build_parser()
+    parser = import_step(STEPS[section].script).build_parser()
     # argparse has no public list of a parser's actions; _actions has been the one place since Python 3.2.
     return {option[2:].replace("-", "_") for action in parser._actions for option in action.option_strings
             if option.startswith("--") and option != "--help"}
@@ -402,7 +416,7 @@ def settings_problem(section: str, flags: list[str]) -> str | None:
     a run stops the config now. Folders the pipeline wires get a stand-in: check_flags only
     looks at whether they are given.
     """
-    module = import_step(STEP_SCRIPTS[section])
+    module = import_step(STEPS[section].script)
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
@@ -411,7 +425,7 @@ def settings_problem(section: str, flags: list[str]) -> str | None:
         lines = [line for line in captured.getvalue().splitlines() if "error:" in line]
         message = lines[-1].split("error:", 1)[1].strip() if lines else captured.getvalue().strip()
         return message.replace("unrecognized arguments", "unknown setting(s)")
-    for name in WIRED_FLAGS[section]:
+    for name in STEPS[section].wired():
         if name.endswith("_dir") and getattr(args, name, None) is None:
             setattr(args, name, f"<{name} from the pipeline>")
     try:

@@ -31,70 +31,46 @@ from typing import Any, Callable
 
 from .config import PipelineConfig, steps_dir
 from .s3 import split_s3_uri
+from .tables import GATE, STEPS, GateCondition
 
 PROCESSING = "/opt/ml/processing"       # SageMaker's processing container contract
+CHECKPOINTS = "/opt/ml/checkpoints"     # a training job's checkpoint folder, synced with its CheckpointConfig S3Uri
 CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location
 CODE_INPUTS = {"code", "entrypoint", "aux", "sm_drivers"}   # job inputs that carry code, not data
 EVALUATION_REPORT = "EvaluationReport"
 # The SDK's defaults config, given directly: no telemetry calls to the internet. (Pointing
 # SAGEMAKER_USER_CONFIG_OVERRIDE at a file instead re-validates it per session: 4x slower builds.)
 SDK_CONFIG = {"SchemaVersion": "1.0", "SageMaker": {"PythonSDK": {"Modules": {"TelemetryOptOut": True}}}}
-VARIANTS = ("distill", "quantize", "prune")
+VARIANTS = tuple(section for section, step in STEPS.items() if step.entry == "optimize")   # distill, quantize, prune
 
 
 
-@dataclass(frozen=True)
-class GateCondition:
-    """One condition of the quality gate: evaluation.json's ``metrics.<metric>.value`` against a parameter."""
-
-    metric: str
-    parameter: str
-    at_least: bool          # True: measured >= threshold; False: measured <= threshold
-    label: str              # as people read it in the summary, the FailStep's message and the report
-    unit: str = ""
-    # A metric of evaluation.json (1 or 0) that says whether this condition applies; where it is 0 the
-    # condition holds (skipped) and ``metrics.<applies_when>.note`` says why.
-    applies_when: str | None = None
-
-    def passed(self, measured: float, threshold: float) -> bool:
-        return measured >= threshold if self.at_least else measured <= threshold
-
-    def bound(self) -> str:
-        return "min" if self.at_least else "max"
+def gate_paths() -> dict[str, str]:
+    """Where the gate reads evaluate.py's evaluation.json: each condition's metric, the flag that says whether it
+    applies and that flag's note, and the variant judged."""
+    flags = {c.applies_when for c in GATE if c.applies_when}
+    return {**{condition.metric: f"metrics.{condition.metric}.value" for condition in GATE},
+            **{flag: f"metrics.{flag}.value" for flag in flags},
+            **{f"{flag}_note": f"metrics.{flag}.note" for flag in flags},
+            "variant": "selected_variant"}
 
 
-# The gate, in one place: the definition's ConditionStep and FailStep message, the run summary and the
-# report are all made from this table.
-GATE = (
-    GateCondition("rougeL", "MinRougeL", True, "ROUGE-L"),
-    GateCondition("latency_p95_ms", "MaxP95LatencyMs", False, "p95 latency", " ms"),
-    GateCondition("latency_ratio", "MaxLatencyRatio", False, "latency vs the base model", "x"),
-    GateCondition("rougeL_drop", "MaxRougeLDrop", False, "ROUGE-L drop vs fine-tuned"),
-    GateCondition("facts_all_right", "MinFactAccuracy", True, "all facts right", applies_when="facts_recorded"),
-    GateCondition("facts_all_right_drop", "MaxFactAccuracyDrop", False, "all-facts-right drop vs fine-tuned",
-                  applies_when="facts_recorded"),
-    GateCondition("repetition_rate", "MaxRepetitionRate", False, "repeating summaries"),
-)
-# Where the gate reads evaluate.py's evaluation.json.
-GATE_PATHS = {**{condition.metric: f"metrics.{condition.metric}.value" for condition in GATE},
-              **{flag: f"metrics.{flag}.value" for flag in {c.applies_when for c in GATE if c.applies_when}},
-              **{f"{flag}_note": f"metrics.{flag}.note" for flag in {c.applies_when for c in GATE if c.applies_when}},
-              "variant": "selected_variant"}
+GATE_PATHS = gate_paths()
 
 
 @dataclass(frozen=True)
 class StepNames:
-    prepare: str = "PrepareData"
-    select: str = "SelectModel"
-    finetune: str = "FineTuneLoRA"
-    evaluate: str = "Evaluate"
+    prepare: str = STEPS["prepare"].name
+    select: str = STEPS["select"].name
+    finetune: str = STEPS["finetune"].name
+    evaluate: str = STEPS["evaluate"].name
     gate: str = "QualityGate"
     register: str = "RegisterModel"
     fail: str = "GateFailed"
 
     @staticmethod
     def optimize(variant: str) -> str:
-        return f"Optimize{variant.capitalize()}"
+        return STEPS[variant].name
 
 
 NAMES = StepNames()
@@ -230,6 +206,30 @@ def iter_steps(steps: list[dict]):
 
 
 # ----------------------------------------------------------------------------- the pipeline
+def wired_values(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """``values`` in the order of the flags STEPS lists as the definition's own for ``section``; it must give
+    exactly those, so the table (which the config checks read) and the definition cannot drift apart."""
+    passed = STEPS[section].passed
+    if set(values) != set(passed):
+        raise ValueError(f"steps.{section}: the definition wires {sorted(values)} but tables.STEPS lists "
+                         f"{sorted(passed)}")
+    return {name: values[name] for name in passed}
+
+
+def wired_arguments(section: str, values: dict[str, Any]) -> list:
+    """The flags the definition passes a step's script: None leaves a flag out, True gives it bare, a list repeats it."""
+    arguments: list = []
+    for name, value in wired_values(section, values).items():
+        flag = "--" + name.replace("_", "-")
+        if value is True:
+            arguments.append(flag)
+        elif isinstance(value, list):
+            arguments += [item for each in value for item in (flag, each)]
+        elif value is not None:
+            arguments += [flag, value]
+    return arguments
+
+
 def quiet_sdk() -> None:
     """The SDK logs every default it applies at INFO/DEBUG, through the root handler it installs.
 
@@ -333,7 +333,7 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     from sagemaker.serve.model_builder import ModelBuilder
     from sagemaker.train import ModelTrainer
     from sagemaker.core.shapes import OutputDataConfig
-    from sagemaker.train.configs import Compute, InputData, Networking, SourceCode
+    from sagemaker.train.configs import CheckpointConfig, Compute, InputData, Networking, SourceCode
     from sagemaker.train.distributed import Torchrun
 
     quiet_sdk()
@@ -384,8 +384,9 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     def output_uri(step, output_name: str):
         return step.properties.ProcessingOutputConfig.Outputs[output_name].S3Output.S3Uri
 
-    def processing_step(step_name: str, script: str, arguments: list, inputs: list, outputs: list[str],
+    def processing_step(section: str, arguments: list, inputs: list, outputs: list[str],
                         property_files: list | None = None) -> ProcessingStep:
+        step_name, script = STEPS[section].name, STEPS[section].entry or STEPS[section].script
         processor = FrameworkProcessor(
             image_uri=processing_image, role=role_arn, instance_count=1, instance_type=p("ProcessingInstanceType"),
             command=["python3"], sagemaker_session=pipeline_session, base_job_name=f"{name}-{step_name}",
@@ -397,20 +398,20 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
                               property_files=property_files)
 
     prepare = processing_step(
-        NAMES.prepare, "prepare_data",
-        ["--input", p("InputDataUri"), "--output-dir", f"{PROCESSING}/output/data", *config.step_arguments("prepare")],
+        "prepare", [*wired_arguments("prepare", {"input": p("InputDataUri"), "output_dir": f"{PROCESSING}/output/data"}),
+                    *config.step_arguments("prepare")],
         inputs=[], outputs=["data"])
     data_uri = output_uri(prepare, "data")
 
     select = processing_step(
-        NAMES.select, "select_model",
-        ["--model", p("BaseModelId"), "--output-dir", f"{PROCESSING}/output/model", *config.step_arguments("select")],
+        "select", [*wired_arguments("select", {"model": p("BaseModelId"), "output_dir": f"{PROCESSING}/output/model"}),
+                   *config.step_arguments("select")],
         inputs=[], outputs=["model"])
 
     trainer = ModelTrainer(
         training_image=training_image, role=role_arn, sagemaker_session=pipeline_session,
         base_job_name=f"{name}-{NAMES.finetune}",
-        source_code=SourceCode(source_dir=source, entry_script="finetune_lora.py", requirements="requirements.txt"),
+        source_code=SourceCode(source_dir=source, entry_script=f"{STEPS['finetune'].script}.py", requirements="requirements.txt"),
         # torchrun on one instance is a single process; on several it is SageMaker distributed training.
         distributed=Torchrun(),
         compute=Compute(instance_type=p("TrainingInstanceType"), instance_count=p("TrainingInstanceCount"),
@@ -418,8 +419,12 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         output_data_config=OutputDataConfig(s3_output_path=s3_output(NAMES.finetune, "model"),
                                             **({"kms_key_id": kms_key} if kms_key else {})),
         networking=training_network,
+        # Per execution, so a retried or resumed execution's fine-tune resumes from its own last checkpoint.
+        checkpoint_config=CheckpointConfig(s3_uri=s3_output(NAMES.finetune, "checkpoints"), local_path=CHECKPOINTS),
         # Hyperparameters and container arguments are strings in the API: numeric parameters join as text.
-        hyperparameters={"lora-r": p("LoraRank").to_string(), "lora-alpha": p("LoraAlpha").to_string(),
+        hyperparameters={**{key.replace("_", "-"): value for key, value in wired_values("finetune", {
+                             "lora_r": p("LoraRank").to_string(), "lora_alpha": p("LoraAlpha").to_string(),
+                             "checkpoint_dir": CHECKPOINTS}).items()},
                          **{key.replace("_", "-"): value for key, value in config.steps.get("finetune", {}).items()}},
     )
     finetune = TrainingStep(
@@ -430,16 +435,15 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
         ]))
     finetuned_uri = finetune.properties.ModelArtifacts.S3ModelArtifacts
 
-    variant_flags = {
-        "distill": ["--teacher-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
-        "quantize": ["--model-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
-        "prune": ["--model-dir", f"{PROCESSING}/input/model", "--data-dir", f"{PROCESSING}/input/data"],
-    }
+    model_flag = {"distill": "teacher_dir"}   # the model each branch optimizes: distill.py calls it the teacher
     optimize = {
         variant: processing_step(
-            NAMES.optimize(variant), "optimize",
+            variant,
             ["--variant", variant, "--method", p("OptimizationMethod"), "--",
-             *variant_flags[variant], "--output-dir", f"{PROCESSING}/output/model", *config.step_arguments(variant)],
+             *wired_arguments(variant, {model_flag.get(variant, "model_dir"): f"{PROCESSING}/input/model",
+                                        "data_dir": f"{PROCESSING}/input/data",
+                                        "output_dir": f"{PROCESSING}/output/model"}),
+             *config.step_arguments(variant)],
             inputs=[processing_input("model", finetuned_uri), processing_input("data", data_uri)], outputs=["model"])
         for variant in VARIANTS
     }
@@ -449,25 +453,27 @@ def get_pipeline(config: PipelineConfig, role_arn: str, default_bucket: str, ses
     from stepkit.wheels import NO_WHEEL_FLAG
 
     wheels_uri = upload_serving_wheel(session.client("s3"), default_bucket, name, serving_python)
-    wheels = (["--wheelhouse", f"{PROCESSING}/input/wheels"], [processing_input("wheels", wheels_uri)]) if wheels_uri \
-        else ([NO_WHEEL_FLAG], [])
     evaluate = processing_step(
-        NAMES.evaluate, "evaluate",
-        ["--model-dir", f"{PROCESSING}/input/finetuned", "--baseline-dir", f"{PROCESSING}/input/baseline",
-         "--data-dir", f"{PROCESSING}/input/data", "--output-dir", f"{PROCESSING}/output/evaluation",
-         "--package-dir", f"{PROCESSING}/output/model", "--select-within-drop", p("MaxRougeLDrop").to_string(),
-         "--select-max-fact-drop", p("MaxFactAccuracyDrop").to_string(),
-         "--select-max-repetition", p("MaxRepetitionRate").to_string(),
-         "--serving-python", serving_python, *wheels[0],
-         *[arg for variant in VARIANTS for arg in ("--compare", f"{variant}={PROCESSING}/input/{variant}")],
+        "evaluate",
+        [*wired_arguments("evaluate", {
+            "model_dir": f"{PROCESSING}/input/finetuned", "baseline_dir": f"{PROCESSING}/input/baseline",
+            "data_dir": f"{PROCESSING}/input/data", "output_dir": f"{PROCESSING}/output/evaluation",
+            "package_dir": f"{PROCESSING}/output/model",
+            **{c.selects: p(c.parameter).to_string() for c in GATE if c.selects},
+            "serving_python": serving_python,
+            "wheelhouse": f"{PROCESSING}/input/wheels" if wheels_uri else None,
+            NO_WHEEL_FLAG[2:].replace("-", "_"): None if wheels_uri else True,
+            "compare": [f"{variant}={PROCESSING}/input/{variant}" for variant in VARIANTS]}),
          *config.step_arguments("evaluate")],
         inputs=[processing_input("finetuned", finetuned_uri), processing_input("baseline", output_uri(select, "model")),
-                processing_input("data", data_uri), *wheels[1],
+                processing_input("data", data_uri), *([processing_input("wheels", wheels_uri)] if wheels_uri else []),
                 *[processing_input(variant, output_uri(optimize[variant], "model")) for variant in VARIANTS]],
         outputs=["evaluation", "model"], property_files=[report])
 
+    paths = gate_paths()
+
     def measured(path_name: str):
-        return JsonGet(step_name=evaluate.name, property_file=report, json_path=GATE_PATHS[path_name])
+        return JsonGet(step_name=evaluate.name, property_file=report, json_path=paths[path_name])
 
     evaluation_uri = output_uri(evaluate, "evaluation")
     model_metrics = ModelMetrics(model_statistics=MetricsSource(
@@ -550,7 +556,7 @@ def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: s
                # a definition built while no wheel could be fetched has none: not the one to reuse once it can
                "wheels": sorted(path.name for path in cache_dir().glob("*/*.whl")),
                "builder": [hashlib.sha256(Path(__file__).with_name(name).read_bytes()).hexdigest()
-                           for name in ("definition.py", "config.py")]}
+                           for name in ("definition.py", "config.py", "tables.py")]}
     digest.update(json.dumps(made_of, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 

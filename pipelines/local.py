@@ -398,7 +398,8 @@ class LocalExecutor:
         config_dir = self.sandbox_path(sandbox, f"{CONTAINER_ROOT}/input/config")
         for folder in (model_dir, output_data, config_dir):
             folder.mkdir(parents=True, exist_ok=True)
-        hyperparameters = {k: format_value(v) for k, v in arguments.get("HyperParameters", {}).items()}
+        # container paths in hyperparameters (--checkpoint-dir /opt/ml/checkpoints) → the sandbox, as for processing
+        hyperparameters = {k: self.map_argument(sandbox, v) for k, v in arguments.get("HyperParameters", {}).items()}
         resources = arguments.get("ResourceConfig", {})
         instances = int(resources.get("InstanceCount", 1))
         if instances > 1:
@@ -428,7 +429,11 @@ class LocalExecutor:
         })
         env.update({f"SM_CHANNEL_{c.upper()}": str(folder) for c, folder in channels.items()})
         command = self.driver_command(name, drivers, env)
-        self.run_process(name, command, code_dir, env, sandbox, entry, record)
+        from .checkpoints import synced_checkpoints
+
+        with synced_checkpoints(self.s3, arguments.get("CheckpointConfig"), lambda path: self.sandbox_path(sandbox, path),
+                                output_encryption(arguments), self.echo):
+            self.run_process(name, command, code_dir, env, sandbox, entry, record)
         output_path = arguments["OutputDataConfig"]["S3OutputPath"].rstrip("/")
         artifact = sandbox / "model.tar.gz"
         from stepkit.modeling import pack_folder   # /opt/ml/model as is, as SageMaker tars it: reproducible bytes

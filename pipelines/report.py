@@ -20,6 +20,7 @@ from .errors import FlanopsError
 from .files import write_text_atomic
 from .local import StepGraph
 from .runfacts import FINETUNED, RunFacts, Variant, collect, run_definition
+from .tables import GATE
 
 REPORT_HTML = "report.html"
 REPORT_MD = "report.md"
@@ -161,19 +162,24 @@ def tradeoff_figure(facts: RunFacts):
                                     arrowprops={"arrowstyle": "-", "color": "#9e9e9e", "lw": 0.6, "shrinkA": 0,
                                                 "shrinkB": 4}))
     finetuned = next((v for v in facts.variants if v.name == FINETUNED), None)
-    max_latency = thresholds.get("MaxP95LatencyMs")
-    if thresholds.get("MinRougeL") is not None:
-        axes.axhline(float(thresholds["MinRougeL"]), color="#e53935", ls="--", lw=1,
-                     label=f"MinRougeL {float(thresholds['MinRougeL']):.2f}")
-    if finetuned and thresholds.get("MaxRougeLDrop") is not None:
-        floor = finetuned.metrics["rougeL"] - float(thresholds["MaxRougeLDrop"])
-        axes.axhline(floor, color="#8e24aa", ls=":", lw=1,
-                     label=f"fine-tuned − MaxRougeLDrop {float(thresholds['MaxRougeLDrop']):.2f}")
-    if max_latency is not None:
-        axes.axvline(float(max_latency), color="#e53935", ls="-.", lw=1, label=f"MaxP95LatencyMs {float(max_latency):g}")
+    # The gate's conditions on the two axes' metrics (or on the y metric's drop vs the fine-tuned model) as lines.
+    x_limits = []
+    for condition in GATE:
+        threshold = thresholds.get(condition.parameter)
+        if threshold is None:
+            continue
+        if condition.metric == "rougeL":
+            axes.axhline(float(threshold), color="#e53935", ls="--", lw=1,
+                         label=f"{condition.parameter} {float(threshold):.2f}")
+        elif condition.metric == "rougeL_drop" and finetuned:
+            axes.axhline(finetuned.metrics["rougeL"] - float(threshold), color="#8e24aa", ls=":", lw=1,
+                         label=f"fine-tuned − {condition.parameter} {float(threshold):.2f}")
+        elif condition.metric == "latency_p95_ms":
+            x_limits.append(float(threshold))
+            axes.axvline(float(threshold), color="#e53935", ls="-.", lw=1, label=f"{condition.parameter} {float(threshold):g}")
     if latencies:
         axes.set_xscale("log")   # the latency limit is often far from the measured figures
-        right = max([*latencies, float(max_latency or 0)]) * 1.6
+        right = max([*latencies, *x_limits]) * 1.6
         axes.set_xlim(min(latencies) / 1.6, right)
         from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 

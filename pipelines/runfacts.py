@@ -248,14 +248,15 @@ def run_definition(record: dict) -> dict:
 # ----------------------------------------------------------------------------- the gate
 def gate_facts(record: dict) -> dict | None:
     """The gate's inputs and outcome, from the evaluation report and the condition step."""
-    from .definition import EVALUATION_REPORT, GATE, GATE_PATHS, NAMES
+    from .definition import EVALUATION_REPORT, NAMES, gate_paths
     from .expressions import json_path
+    from .tables import GATE
 
     report_file = record["PropertyFiles"].get(f"{NAMES.evaluate}.{EVALUATION_REPORT}")
     if report_file is None:
         return None
     measured = {}
-    for name, path in GATE_PATHS.items():
+    for name, path in gate_paths().items():
         try:
             measured[name] = json_path(report_file, path, "evaluation.json")
         except FlanopsError:
@@ -278,7 +279,12 @@ def gate_facts(record: dict) -> dict | None:
                            "bound": condition.bound(), "unit": condition.unit,
                            "measured": None if skipped else value, "skipped": skipped,
                            "threshold": threshold, "passed": passed})
+    candidates = selection.get("candidates")
+    # the variant choice's candidates, in the gate's figures that evaluate.py recorded for them
+    candidate_columns = [{"metric": c.metric, "label": c.label, "unit": c.unit} for c in GATE
+                         if any(c.metric in row for row in candidates or [])]
     return {"passed": outcome == "True" if outcome else None, "variant": measured["variant"],
             "measured": {k: v for k, v in measured.items() if k != "variant" and not k.endswith("_note")},
             "thresholds": {condition.parameter: parameters.get(condition.parameter) for condition in GATE},
-            "conditions": conditions, "why": selection.get("rule"), "candidates": selection.get("candidates")}
+            "conditions": conditions, "why": selection.get("rule"), "candidates": candidates,
+            "candidate_columns": candidate_columns}

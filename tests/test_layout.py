@@ -123,9 +123,10 @@ def test_step_scripts_import_only_stepkit_of_ours():
 
 ONE_NAME_PROBE = """
 import importlib, json, pkgutil, sys
-from flanops.pipelines.config import STEP_SCRIPTS, load_config, step_flags
+from flanops.pipelines.config import load_config, step_flags
+from flanops.pipelines.tables import STEPS
 load_config("quick")                      # the config checks import select_model.py for BaseModelId
-for section in STEP_SCRIPTS:
+for section in STEPS:
     step_flags(section)                   # every step script's flag parser
 # every module the CLI can reach (commands imports most of them inside functions), and every step script
 for package in ("flanops.pipelines", "flanops.infra", "flanops.benchmarks", "flanops.steps"):

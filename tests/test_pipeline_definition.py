@@ -23,9 +23,10 @@ from botocore.validate import ParamValidator
 from conftest import mocked_aws
 from flanops.pipelines import cli
 from flanops.pipelines import definition as definition_module
-from flanops.pipelines.config import STEP_SCRIPTS, ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
+from flanops.pipelines.config import ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
 from flanops.pipelines.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
 from flanops.pipelines.expressions import json_path
+from flanops.pipelines.tables import STEPS
 
 REPO = Path(__file__).resolve().parent.parent
 SCHEMA = REPO.parent / "shared" / "data" / "sagemaker" / "pipeline-definition.schema.json"
@@ -643,6 +644,72 @@ def test_the_fact_conditions_are_skipped_where_the_data_records_no_facts(steps, 
         "the placeholder alone would fail MinFactAccuracy: the skip is what lets the gate pass"
 
 
+def test_a_row_added_to_the_gate_table_reaches_every_place_that_shows_the_gate(aws, tmp_path, monkeypatch, capsys):
+    """One edit adds a condition: the ConditionStep, the FailStep's message, the printed summary (and its hint) and
+    both report templates (conditions and candidates) are all made from config.GATE."""
+    import sys
+    import warnings
+
+    from flanops.pipelines.commands import summarize_execution
+    from flanops.pipelines.runfacts import gate_facts
+    from flanops.pipelines.tables import GateCondition
+    from flanops.pipelines.expressions import Context, evaluate_condition
+    from flanops.pipelines.local import StepGraph
+    from flanops.pipelines.report import page_context, templates
+    from flanops.pipelines.runfacts import RunFacts
+
+    original = GATE
+    added = GateCondition("rouge1", "MinRougeL", True, "ROUGE-1 (test row)")
+    gate = (*original, added)
+    for module in [m for m in sys.modules.values() if getattr(m, "GATE", None) is original]:   # wherever bound
+        monkeypatch.setattr(module, "GATE", gate)
+    config = load_config()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        built = json.loads(definition_module.get_pipeline(config, ROLE_ARN, BUCKET, aws.session).definition())
+    built_steps = {step["Name"]: step for step in iter_steps(built["Steps"])}
+    conditions = built_steps[NAMES.gate]["Arguments"]["Conditions"]
+    assert len(conditions) == len(original) + 1
+    new = conditions[-1]
+    assert new["Type"] == "GreaterThanOrEqualTo" and new["LeftValue"]["Std:JsonGet"]["Path"] == "metrics.rouge1.value"
+    assert new["RightValue"] == {"Get": "Parameters.MinRougeL"}
+
+    # every other condition passes, the new one does not
+    report = {"metrics": {c.metric: {"value": 1.0 if c.at_least else 0.0} for c in gate},
+              "selected_variant": "finetuned",
+              "selection": {"rule": "lowest p95", "candidates": [
+                  {"name": "finetuned", "rougeL": 1.0, "rouge1": 0.123, "latency_p95_ms": 5.0, "why": "won"}]}}
+    report["metrics"].update({"rouge1": {"value": 0.123},
+                              "facts_recorded": {"value": 1, "note": "checked: the data records facts"}})
+    parameters = config.parameter_values()
+    context = Context("e1", "arn:e1", "p", parameters, property_files={f"{NAMES.evaluate}.{EVALUATION_REPORT}": report})
+    assert [evaluate_condition(c, context, NAMES.gate) for c in conditions] == [True] * len(original) + [False]
+    message = context.resolve(built_steps[NAMES.fail]["Arguments"]["ErrorMessage"], NAMES.fail)
+    assert f"ROUGE-1 (test row) 0.123 (min {parameters['MinRougeL']} )" in message
+
+    record = {"PipelineExecutionArn": "arn:e1", "ExecutionId": "e1", "PipelineExecutionStatus": "Failed",
+              "FailureReason": message, "Parameters": parameters, "PropertyFiles": context.property_files,
+              "Steps": [{"StepName": NAMES.gate, "StepType": "Condition", "StepStatus": "Succeeded",
+                         "Metadata": {"Condition": {"Outcome": "False"}}},
+                        {"StepName": NAMES.fail, "StepType": "Fail", "StepStatus": "Failed", "Metadata": {}}]}
+    assert summarize_execution(record, tmp_path) == 1
+    printed = capsys.readouterr().out
+    assert f"ROUGE-1 (test row) 0.123 (min {parameters['MinRougeL']}) FAILED" in printed
+    assert "--param MinRougeL=… (ROUGE-1 (test row) 0.123 against min" in printed
+    assert "finetuned  ROUGE-L 1, p95 latency 5 ms, ROUGE-1 (test row) 0.123  won" in printed
+
+    execution = {"id": "e1", "arn": "arn:e1", "pipeline": "p", "status": "Failed", "failure_reason": message,
+                 "parameters": parameters, "run_dir": str(tmp_path), "created": "", "ended": ""}
+    facts = RunFacts(execution=execution, steps=[], graph=StepGraph.of(built), gate=gate_facts(record))
+    context = page_context(facts, {"pipeline": "pipeline.png"})
+    markdown = templates().get_template("report.md.j2").render(**context)
+    assert f"| ROUGE-1 (test row) | 0.123 | min {parameters['MinRougeL']} | MinRougeL | FAILED |" in markdown
+    assert "| candidate | ROUGE-L | p95 latency | ROUGE-1 (test row) | why |" in markdown
+    assert "| finetuned | 1.0 | 5.0 | 0.123 | won |" in markdown
+    html = templates().get_template("report.html.j2").render(**context)
+    assert "<tr><td>ROUGE-1 (test row)</td>" in html and "<th>ROUGE-1 (test row)</th>" in html
+
+
 # ----------------------------------------------------------------------------- stability
 def test_building_twice_gives_the_same_bytes(aws, text):
     shutil.rmtree(definition_module.definitions_dir())   # the SDK builds it again, not the remembered copy
@@ -669,6 +736,17 @@ def test_an_unchanged_definition_is_remembered_and_its_code_put_back_where_missi
     referenced = {key for key in code if any(key.startswith(uri.removeprefix(f"s3://{BUCKET}/"))
                                              for uri in re.findall(rf"s3://{BUCKET}/flanops-quick/code/[^\"]+", text))}
     assert restored == referenced and any(key.endswith(".whl") for key in restored)
+
+
+def test_an_edit_of_the_step_or_gate_table_is_not_answered_from_the_remembered_definition(monkeypatch):
+    from flanops.pipelines.definition import definition_key
+
+    config = load_config()
+    key = definition_key(config, ROLE_ARN, BUCKET, REGION)
+    read_bytes = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda path: read_bytes(path) + (b"# a new row" if path.name == "tables.py"
+                                                                             else b""))
+    assert definition_key(config, ROLE_ARN, BUCKET, REGION) != key
 
 
 def test_a_changed_step_script_changes_the_code_locations(aws, text, definition, tmp_path, monkeypatch):
@@ -723,7 +801,14 @@ def empty_home(tmp_path, monkeypatch) -> Path:
     (["--param", "steps.finetune.max_steps=abc"], ["configs/quick.yaml with --param steps.finetune.max_steps=abc: "
                                                    "steps.finetune (finetune_lora.py)", "invalid int value: 'abc'"]),
     (["--param", "steps.finetune.help=true"], ["steps.finetune.help: settings are flag names"]),
-    (["--param", "steps.finetune.lora_r=4"], ["steps.finetune.lora_r", "set by the pipeline itself"]),
+    (["--param", "steps.finetune.lora_r=4"], ["steps.finetune.lora_r", "set by the pipeline itself",
+                                              "from parameter LoraRank; set it with --param LoraRank="]),
+    # flags the pipeline does not set, refused for what they would do
+    (["--param", "steps.select.dry_run=true"], ["steps.select.dry_run: not a setting of the pipeline's SelectModel "
+                                                "job: with it the job writes no model"]),
+    (["--param", "steps.prepare.overwrite=true"], ["each job's output folder starts empty"]),
+    (["--param", "steps.distill.checkpoint_dir=/tmp/x"], ["OptimizeDistill", "no checkpoint location"]),
+    (["--param", "steps.evaluate.no_runtime_wheel=true"], ["steps.evaluate.no_runtime_wheel: set by the pipeline"]),
 ])
 def test_bad_input_is_refused_before_anything_runs(arguments, expected, empty_home, tmp_path, capsys):
     out_dir = tmp_path / "run"
@@ -752,7 +837,37 @@ def test_a_step_setting_in_a_config_file_must_be_exactly_a_flag(tmp_path):
 
 
 @pytest.mark.smoke
-@pytest.mark.parametrize("script", sorted({*STEP_SCRIPTS.values(), "optimize"}))
+def test_the_step_table_names_real_flags_and_the_definition_wires_exactly_them(steps):
+    """Every flag STEPS lists is a flag of its script, and each step of the definition passes what it lists."""
+    from flanops.pipelines.config import step_flags
+    from flanops.pipelines.definition import wired_arguments
+
+    for section, step in STEPS.items():
+        listed = {*step.passed, *step.container, *step.refused}
+        assert listed <= step_flags(section), (section, listed - step_flags(section))
+        arguments = steps[step.name]["Arguments"]
+        given = (arguments["HyperParameters"] if step.name == NAMES.finetune
+                 else arguments["AppSpecification"]["ContainerArguments"])
+        assert {"--" + flag.replace("_", "-") for flag in step.passed} - {"--no-runtime-wheel", "--wheelhouse"} \
+            <= {("--" + key) if step.name == NAMES.finetune else key for key in given if isinstance(key, str)}, section
+    with pytest.raises(ValueError, match="tables.STEPS lists"):
+        wired_arguments("prepare", {"input": "x"})   # a flag the table lists but the definition would not pass
+
+
+@pytest.mark.smoke
+def test_lora_defaults_are_the_fine_tune_scripts_own():
+    parser = import_step(STEPS["finetune"].script).build_parser()
+    assert Parameters().LoraRank == parser.get_default("lora_r")
+    assert Parameters().LoraAlpha == parser.get_default("lora_alpha")
+    from flanops.benchmarks.harness import cloud_finetune
+
+    cloud = load_config("cloud")
+    assert cloud_finetune() == {"lora_r": cloud.parameters.LoraRank, "lora_alpha": cloud.parameters.LoraAlpha,
+                                "target_modules": cloud.steps["finetune"]["target_modules"]}
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("script", sorted({*(step.script for step in STEPS.values()), "optimize"}))
 def test_no_step_script_takes_an_abbreviated_flag(script, capsys):
     """argparse's prefix matching would read --max-step as --max-steps (or --out as --output-dir)."""
     module = import_step(script)
@@ -788,6 +903,28 @@ def test_every_shipped_config_loads():
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         assert config.parameter_values() == {**Parameters().model_dump(), **raw.get("parameters", {})}
     assert load_config("quick").pipeline_name == "flanops-quick"
+
+
+@pytest.mark.smoke
+def test_the_cli_and_the_api_call_the_same_typed_command(empty_home, tmp_path, monkeypatch):
+    """`flanops run` parses its arguments into typed values; flanops.api.run passes its own: the same function
+    gets the same loaded config and options, and the API's values are never turned into --param text."""
+    from flanops.pipelines import api, commands
+
+    calls = []
+    monkeypatch.setattr(commands, "run", lambda config, target, **options: calls.append((config, target, options)) or 0)
+    run_dir = tmp_path / "run"
+    assert cli.main(["run", "--param", "LoraRank=8", "--param", "steps.finetune.max_steps=5", "--no-deploy",
+                     "--output-dir", str(run_dir)]) == 0
+    assert api.run(params={"LoraRank": 8, "steps.finetune.max_steps": 5}, output_dir=run_dir, deploy=False).code == 0
+    (cli_config, cli_target, cli_options), (api_config, api_target, api_options) = calls
+    assert cli_target == api_target == commands.TargetChoice(aws=False)
+    assert cli_options == {"output_dir": run_dir, "resume": None, "deploy": False}
+    assert api_options == {"output_dir": run_dir, "deploy": False}   # resume: the function's default, None
+    for config in (cli_config, api_config):
+        assert config.parameters.LoraRank == 8 and config.steps["finetune"]["max_steps"] == 5
+    assert api_config.overrides == cli_config.overrides == ["LoraRank=8", "steps.finetune.max_steps=5"]
+    assert not empty_home.exists(), "a faked command starts nothing"
 
 
 def test_the_sdk_validates_a_config_once_and_still_refuses_a_bad_one():

@@ -386,6 +386,47 @@ def test_a_killed_job_leaves_nothing_behind_and_resume_finishes(flanops, quick_r
                        f"{NAMES.prepare} untouched; Succeeded")
 
 
+def test_a_killed_fine_tune_resumes_from_its_checkpoint(flanops):
+    """SIGKILL the fine-tune after its first checkpoint: the checkpoint reaches the execution's checkpoint location
+    in S3, and --resume restores it, so the fine-tune continues from it to its full step count."""
+    run_dir, max_steps = flanops.run_dir("checkpointed"), 80
+    # the fine-tune's own settings (not the quick run's): it really runs, with a checkpoint every 10 steps
+    run = start_run(flanops, "checkpointed", *FAST, "--param", f"steps.finetune.max_steps={max_steps}",
+                    "--param", "steps.finetune.eval_steps=10", "--param", "steps.finetune.early_stopping_patience=0",
+                    "--param", "OptimizationMethod=none", "--no-deploy")
+    checkpoints = run_dir / "jobs" / NAMES.finetune / "opt" / "ml" / "checkpoints"
+    try:
+        job_pid = run.executing(NAMES.finetune)["Metadata"]["Pid"]
+        wait_for(lambda: (checkpoints / "checkpoint-10" / "trainer_state.json").is_file(), 300, "the first checkpoint")
+        time.sleep(1.0)   # the rest of checkpoint-10's files
+        assert not (checkpoints / f"checkpoint-{max_steps}").exists(), "the fine-tune finished before the kill"
+        os.killpg(job_pid, signal.SIGKILL)   # the training job only, as a spot interruption or the OOM killer would
+        code = run.process.wait(timeout=120)
+    finally:
+        run.kill()
+    assert code != 0, run.log_path.read_text()
+    execution_id = run.record_path.stem
+    record = flanops.record(execution_id)
+    failed = next(s for s in record["Steps"] if s["StepName"] == NAMES.finetune)
+    assert failed["StepStatus"] == "Failed" and "killed by signal 9" in failed["FailureReason"], failed
+
+    definition = json.loads((run_dir / "definition.json").read_text(encoding="utf-8"))
+    finetune = next(s for s in definition["Steps"] if s["Name"] == NAMES.finetune)
+    uri = Context(execution_id, record["PipelineExecutionArn"], PIPELINE, record["Parameters"]).resolve(
+        finetune["Arguments"]["CheckpointConfig"]["S3Uri"])
+    assert uri.endswith(f"/{execution_id}/{NAMES.finetune}/checkpoints")
+    saved = s3_keys(flanops.session(), uri)
+    assert any("/checkpoint-10/" in key for key in saved), saved
+
+    resumed = flanops("run", "--resume", execution_id, "--no-deploy")
+    assert resumed.returncode == 0, f"{resumed.stdout[-6000:]}\n{resumed.stderr[-3000:]}"
+    log = (run_dir / "jobs" / NAMES.finetune / "job.log").read_text(encoding="utf-8")
+    resumed_from = re.search(r"resuming from checkpoint \S*/checkpoint-(\d+)", log)
+    assert resumed_from and 10 <= int(resumed_from.group(1)) < max_steps, log[-3000:]
+    assert f"after {max_steps} steps" in log, log[-3000:]
+    assert flanops.record(execution_id)["PipelineExecutionStatus"] == "Succeeded"
+
+
 LAUNCHER = """
 import subprocess, sys, time
 # like torchrun: the training process runs in a session of its own, its output goes to ours

@@ -70,7 +70,7 @@ def test_flanops_verbose_reaches_the_jobs_through_the_environment(monkeypatch, t
 
     seen = []
 
-    def run(args) -> int:   # where the run would start the executor
+    def run(config, **options) -> int:   # where the run would start the executor
         seen.append(os.environ.get(VERBOSE_ENV))
         return 0
 
