@@ -77,6 +77,11 @@ NAMES = StepNames()
 
 
 # ----------------------------------------------------------------------------- code bundle
+def is_bytecode(relative_path: str) -> bool:
+    """A compiled file: written by whichever Python ran the code, so it differs between machines and venvs."""
+    return "__pycache__" in relative_path.split("/") or relative_path.endswith((".pyc", ".pyo"))
+
+
 def code_bundle(folder: Path | None = None) -> tuple[bytes, str]:
     """``sourcedir.tar.gz`` of the step scripts, byte-for-byte the same for the same files.
 
@@ -84,8 +89,7 @@ def code_bundle(folder: Path | None = None) -> tuple[bytes, str]:
     the time, which would change the definition (and miss every cache) on each build.
     """
     folder = folder or steps_dir()
-    files = sorted(p for p in folder.rglob("*")
-                   if p.is_file() and "__pycache__" not in p.parts and p.suffix not in (".pyc", ".pyo"))
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_bytecode(p.relative_to(folder).as_posix()))
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in files:
@@ -184,7 +188,11 @@ def relocate(s3, uri: Any, pipeline_name: str, name: str) -> Any:
         raise RuntimeError(f"the SDK uploaded nothing to {uri} for the {name!r} input")
     single_object = objects == [prefix]
     base = prefix.rsplit("/", 1)[0] if single_object else prefix
-    files = {obj[len(base):].lstrip("/"): s3.get_object(Bucket=bucket, Key=obj)["Body"].read() for obj in sorted(objects)}
+    # The SDK uploads its drivers' folder with the __pycache__ of the venv it is installed in: left out, the
+    # same SDK version gives the same code location (and definition) on every machine.
+    relatives = {obj: obj[len(base):].lstrip("/") for obj in sorted(objects)}
+    files = {relative: s3.get_object(Bucket=bucket, Key=obj)["Body"].read()
+             for obj, relative in relatives.items() if single_object or not is_bytecode(relative)}
     digest = hashlib.sha256()
     for relative, body in sorted(files.items()):
         digest.update(relative.encode() + b"\0" + hashlib.sha256(body).digest())

@@ -984,3 +984,20 @@ def test_a_false_step_setting_reaches_a_script_flag_that_can_be_turned_off(value
     # a flag that has no --no- form is off by being left out
     select = load_config("quick", ["steps.select.random_weights=false"]).step_arguments("select")
     assert not [flag for flag in select if "random-weights" in flag]
+
+
+@pytest.mark.smoke
+def test_the_sdks_bytecode_is_left_out_of_a_code_location():
+    """The SDK uploads its drivers' folder with the __pycache__ of the venv it runs in: the content-addressed copy
+    leaves it out, so the same SDK gives the same location (and definition) in every venv."""
+    with mocked_aws("us-east-1", "code-bucket") as session:
+        s3 = session.client("s3")
+        located = []
+        for bytecode in (b"compiled by one venv", b"compiled by another"):
+            for key, body in {"job-1/sm_drivers/driver.py": b"print('hi')\n",
+                              "job-1/sm_drivers/__pycache__/driver.cpython-311.pyc": bytecode}.items():
+                s3.put_object(Bucket="code-bucket", Key=key, Body=body)
+            located.append(definition_module.relocate(s3, "s3://code-bucket/job-1/sm_drivers", "p", "sm_drivers"))
+        assert located[0] == located[1]
+        copied = [item["Key"] for item in s3.list_objects_v2(Bucket="code-bucket", Prefix="p/code/")["Contents"]]
+        assert copied == [located[0].removeprefix("s3://code-bucket/") + "/driver.py"]
