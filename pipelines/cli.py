@@ -190,17 +190,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def call_command(args: argparse.Namespace) -> int:
-    """Call the typed function of ``commands`` that ``args.command`` names with the parsed options: the config
-    loaded (with its --param overrides), --aws/--role/--bucket as a TargetChoice, the rest by name."""
+    """Call the typed function that ``args.command`` names with the parsed options: the config loaded (with its
+    --param overrides), --aws/--role/--bucket as a TargetChoice, the rest by name."""
     import inspect
 
-    from . import commands
+    from flanops import benchmarks
+    from . import endpoint_commands, pipeline_commands
     from .config import load_config
+    from .targets import TargetChoice
 
-    command = getattr(commands, args.command)
+    # Each command is the function of its name in the module of what it acts on.
+    home = (benchmarks if args.command == "bench" else
+            endpoint_commands if args.command in ("approve", "deploy", "destroy", "serve", "invoke") else
+            pipeline_commands)
+    command = getattr(home, args.command)
     options = {name: value for name, value in vars(args).items() if name not in ("command", "verbose")}
     if "aws" in options:
-        options["target"] = commands.TargetChoice(options.pop("aws"), options.pop("role"), options.pop("bucket"))
+        options["target"] = TargetChoice(options.pop("aws"), options.pop("role"), options.pop("bucket"))
     if "config" in options:
         config, params = options.pop("config"), options.pop("params")
         if "config" in inspect.signature(command).parameters:   # approve works on a package ARN, not the config

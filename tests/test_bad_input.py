@@ -268,13 +268,13 @@ class Started(Exception):
 @pytest.mark.parametrize("command", ["run", "start"])
 def test_a_gate_no_model_can_pass_is_warned_about_and_the_run_goes_ahead(command, tmp_path, monkeypatch, capsys,
                                                                          reliability):
-    from flanops.pipelines import cli, commands
+    from flanops.pipelines import cli, pipeline_commands
 
     def started(*args, **kwargs):
         raise Started
 
     monkeypatch.setenv("FLANOPS_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(commands, "open_target", started)
+    monkeypatch.setattr(pipeline_commands, "open_target", started)
     with pytest.raises(Started):
         cli.main([command, "--config", str(CORPUS / "config" / "unpassable_gate.yaml"), "--output-dir",
                   str(tmp_path / "run")])
