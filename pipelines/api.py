@@ -225,12 +225,12 @@ class LocalEndpoint:
     @property
     def client(self):
         """A boto3 sagemaker-runtime client for this endpoint (invoke_endpoint as on SageMaker)."""
-        from flanops.infra.serving import runtime_client
+        from flanops.infra.endpoint_client import runtime_client
 
         return runtime_client(self.url, self.region)
 
     def summarize(self, dialogues: list[str] | str, **parameters) -> list[str]:
-        from flanops.infra.serving import summarize_remotely
+        from flanops.infra.endpoint_client import summarize_remotely
 
         return summarize_remotely(self.client, self.name, [dialogues] if isinstance(dialogues, str) else dialogues,
                                   parameters or None)
@@ -240,12 +240,12 @@ class LocalEndpoint:
 def serve(stage: str | None = "staging", model_package_arn: str | None = None,
           endpoint_name: str | None = None, config: str | None = None) -> Iterator[LocalEndpoint]:
     """``flanops serve`` (a stage's endpoint, or one model package) in its own process while the block runs."""
-    from flanops.infra.serving import serve_in_subprocess
+    from flanops.infra.endpoint_client import serve_in_subprocess
 
     chosen = ["--model-package", model_package_arn] if model_package_arn else ["--stage", stage or "staging"]
     name_flags = ["--endpoint-name", endpoint_name] if endpoint_name else []
     with serve_in_subprocess(*(["--config", config] if config else []), *chosen, *name_flags) as url:
-        from flanops.infra.serving import running_endpoints
+        from flanops.infra.endpoint_client import running_endpoints
 
         record = next((r for r in running_endpoints().values() if r["url"] == url), None)
         if record is None:

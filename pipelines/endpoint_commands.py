@@ -13,8 +13,8 @@ from flanops.infra.deploy import deploy as deploy_stack
 from flanops.infra.deploy import deployed, describe_package, resolve_package
 from flanops.infra.deploy import destroy as destroy_stack
 from flanops.infra.deploy import dry_run as write_dry_run
-from flanops.infra.serving import (DataCapture, running_endpoints, runtime_client, serve_in_subprocess, serving,
-                                   summarize_remotely)
+from flanops.infra.endpoint_client import running_endpoints, runtime_client, serve_in_subprocess, summarize_remotely
+from flanops.infra.serving import DataCapture, serving
 from flanops.infra.stages import load_stage
 from stepkit.metrics import stated_facts
 

@@ -419,7 +419,7 @@ def test_a_model_tar_gz_whose_member_escapes_is_refused_before_anything_is_extra
 @pytest.fixture(scope="module")
 def endpoint(tiny_model, tmp_path_factory):
     """The URL of ``flanops serve --model-data model.tar.gz`` (the tiny model packaged as the pipeline packages it)."""
-    from flanops.infra.serving import serve_in_subprocess
+    from flanops.infra.endpoint_client import serve_in_subprocess
 
     root = tmp_path_factory.mktemp("endpoint")
     archive = package_model(tiny_model, root / MODEL_ARCHIVE)
