@@ -1,5 +1,6 @@
 """The commands that act on the pipeline and its executions: definition, upsert, run (and resume), start,
-report, executions, steps, and role (the pipeline's execution role), against embedded AWS (default) or AWS (``--aws``)."""
+report, executions, steps, and role (the pipeline's execution role); against embedded AWS (the default)
+or AWS (``--aws``)."""
 from __future__ import annotations
 
 import json

@@ -262,7 +262,7 @@ def test_flanops_local_env_points_a_shell_at_the_server(aws: EmbeddedAws) -> Non
     """``eval "$(flanops local env)"``: the shell's boto3 (and AWS CLI) reach this server, even with a profile set."""
     _client(aws, "s3").create_bucket(Bucket="flanops-seen-by-shell")
     script = ('eval "$("$PYTHON" -m flanops.pipelines.cli local env)" && '
-              '"$PYTHON" -c "import boto3; print([b[\'Name\'] for b in boto3.client(\'s3\').list_buckets()[\'Buckets\']])"')
+              '"$PYTHON" -c "import boto3; print(boto3.client(\'s3\').list_buckets()[\'Buckets\'])"')
     env = {**os.environ, "PYTHON": sys.executable, "AWS_PROFILE": "someone-elses"}
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env)
     assert result.returncode == 0, result.stderr
