@@ -129,3 +129,24 @@ def run(settings: BenchSettings, out: Path, progress: Progress = print, command:
     }
     report.write(results, out)
     return results
+
+
+def bench(quick: bool = False, models: str = "flan-t5-small,flan-t5-base", sections: str | None = None,
+          out: Path | None = None) -> int:
+    """``flanops bench``: run the chosen sections and print which targets were met."""
+    models = resolve_models([name for name in models.split(",") if name.strip()])
+    sections = resolve_sections(sections)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    out = out or Path("benchmarks") / "results" / stamp
+    settings = preset("quick" if quick else "full", models, sections)
+    results = run(settings, out, progress=lambda line: print(line, flush=True),
+                             command=" ".join(["flanops", *sys.argv[1:]]))
+    print(f"\nbenchmarks finished in {results['wall_seconds']:.0f} s")
+    for item in results["targets"]:
+        verdict = {True: "met", False: "MISSED", None: "not measured"}[item["met"]]
+        measured = "–" if item["measured"] is None else f"{item['measured']:,.4g} {item['unit']}"
+        print(f"  {verdict:>12}  {item['description']}: {measured} ({item['comparison']} {item['threshold']:g})")
+    if results["failed_sections"]:
+        print(f"failed sections: {', '.join(results['failed_sections'])} (see results.json)")
+    print(f"results: {Path(out) / 'results.json'}\nreport:  {Path(out) / 'BENCHMARKS.md'}")
+    return 1 if results["failed_sections"] else 0

@@ -39,11 +39,15 @@ from typing import Any
 from urllib.parse import unquote
 
 from flanops.pipelines.errors import FlanopsError
+from flanops.pipelines.files import write_json_atomic
+from flanops.pipelines.s3 import parse_s3_uri, split_s3_uri
+
+from .endpoint_client import endpoint_record
+from .template import VARIANT_NAME
 
 MAX_PAYLOAD_BYTES = 6 * 1024 * 1024        # SageMaker real-time endpoints refuse larger request bodies
 UTF8_CONTENT_TYPES = ("application/json", "text/csv")   # the toolkit decodes these before input_fn
 HANDLER_FUNCTIONS = ("model_fn", "input_fn", "predict_fn", "output_fn")
-VARIANT_NAME = "AllTraffic"                # the variant name SageMaker reports for a one-variant endpoint
 
 
 # ----------------------------------------------------------------------------- the artifact
@@ -57,8 +61,6 @@ def fetch_model_data(source: str | Path, session, workdir: Path) -> Path:
 
     text = str(source)
     if text.startswith("s3://"):
-        from flanops.pipelines.s3 import parse_s3_uri
-
         bucket, key = parse_s3_uri(text)
         if not key:
             raise FlanopsError(f"model data {text}: expected s3://bucket/key/model.tar.gz")
@@ -220,8 +222,6 @@ class DataCapture:
         import uuid
         from datetime import datetime, timezone
 
-        from flanops.pipelines.s3 import split_s3_uri
-
         if not self.sampled():
             return None
         now = datetime.now(timezone.utc)
@@ -239,8 +239,6 @@ class DataCapture:
 
 def read_capture(s3, destination: str, endpoint_name: str) -> list[dict]:
     """Every capture record of ``endpoint_name`` under ``destination``, oldest first (keys sort by time)."""
-    from flanops.pipelines.s3 import split_s3_uri
-
     bucket, prefix = split_s3_uri(destination.rstrip("/"))
     prefix = f"{prefix}/{endpoint_name}/".lstrip("/")
     keys = sorted(item["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
@@ -386,33 +384,6 @@ def model_error(reply: Reply) -> RuntimeReply:
 
 
 # ----------------------------------------------------------------------------- running it
-def endpoints_dir() -> Path:
-    from flanops.pipelines.home import flanops_home
-
-    return flanops_home() / "endpoints"
-
-
-def endpoint_record(name: str) -> Path:
-    return endpoints_dir() / f"{name}.json"
-
-
-def running_endpoints() -> dict[str, dict]:
-    """Local endpoints being served on this machine, by name (records of dead servers are dropped)."""
-    from flanops.pipelines.home import process_alive
-
-    found = {}
-    for path in sorted(endpoints_dir().glob("*.json")) if endpoints_dir().is_dir() else []:
-        try:
-            record = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
-            continue
-        if process_alive(int(record.get("pid", 0))):
-            found[record["endpoint_name"]] = record
-        else:
-            path.unlink(missing_ok=True)
-    return found
-
-
 @contextlib.contextmanager
 def serving(model_data: str | Path, session, endpoint_name: str, host: str = "127.0.0.1", port: int = 0,
             log: Callable[[str], None] = print, record: dict | None = None,
@@ -436,8 +407,6 @@ def serving(model_data: str | Path, session, endpoint_name: str, host: str = "12
         record_path = None
         try:
             if record is not None:
-                from flanops.pipelines.files import write_json_atomic
-
                 record_path = endpoint_record(endpoint_name)
                 write_json_atomic(record_path, {**record, "endpoint_name": endpoint_name, "url": server.url,
                                                 "pid": os.getpid()})
@@ -448,60 +417,3 @@ def serving(model_data: str | Path, session, endpoint_name: str, host: str = "12
             thread.join(timeout=10)
             if record_path:
                 record_path.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def serve_in_subprocess(*serve_arguments: str, env: dict[str, str] | None = None) -> Iterator[str]:
-    """``flanops serve ARGS --port 0`` in a process of its own while the block runs; yields its URL.
-
-    For callers that should not load torch themselves (a notebook kernel, the run process).
-    """
-    import subprocess
-
-    command = [sys.executable, "-m", "flanops.pipelines.cli", "serve", *serve_arguments, "--port", "0"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if "is serving at " in line:
-                # keep reading its output so a full pipe never blocks the server
-                threading.Thread(target=lambda: [None for _ in process.stdout], daemon=True).start()
-                yield line.split("is serving at ", 1)[1].split()[0]
-                return
-        raise FlanopsError("flanops serve ended before serving:\n" + "".join(lines[-15:]))
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-
-def runtime_client(endpoint_url: str, region: str):
-    """A SageMaker Runtime client for a local endpoint (moto's fake keys: nothing real is ever sent)."""
-    import boto3
-    from botocore.config import Config
-
-    return boto3.Session(aws_access_key_id="testing", aws_secret_access_key="testing",  # nosec B106 # never sent anywhere
-                         region_name=region).client(
-        "sagemaker-runtime", endpoint_url=endpoint_url, config=Config(retries={"max_attempts": 1},
-                                                                      read_timeout=300))
-
-
-def summarize_remotely(client, endpoint_name: str, dialogues: list[str], parameters: dict | None = None) -> list[str]:
-    """Summaries from an endpoint (local or SageMaker) through the Runtime API; handler errors as FlanopsError."""
-    from botocore.exceptions import ClientError
-
-    payload: dict[str, Any] = {"inputs": dialogues if len(dialogues) > 1 else dialogues[0]}
-    if parameters:
-        payload["parameters"] = parameters
-    try:
-        response = client.invoke_endpoint(EndpointName=endpoint_name, ContentType="application/json",
-                                          Accept="application/json", Body=json.dumps(payload).encode())
-    except ClientError as err:
-        error = err.response.get("Error", {})
-        message = err.response.get("OriginalMessage") or error.get("Message") or str(err)
-        raise FlanopsError(f"endpoint {endpoint_name}: {message}") from None
-    return [item["generated_text"] for item in json.loads(response["Body"].read())]

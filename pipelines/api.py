@@ -41,7 +41,7 @@ def call(command: Callable[..., T], *args: Any, **kwargs: Any) -> T:
 
 def target(aws: bool = False):
     """Embedded AWS, or with ``aws`` your account (role from $FLANOPS_ROLE_ARN or Studio, the default bucket)."""
-    from .commands import TargetChoice
+    from .targets import TargetChoice
 
     return TargetChoice(aws=aws)
 
@@ -73,17 +73,17 @@ def run(config: str | None = None, params: dict[str, Any] | None = None, output_
     """``flanops run`` on embedded AWS: the whole pipeline, its report and (``deploy``) the staging deploy."""
     from datetime import datetime, timezone
 
-    from . import commands
+    from . import pipeline_commands
     from .config import load_config
 
     run_dir = Path(output_dir or Path("runs") / datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")).absolute()
-    code = call(commands.run, load_config(config, params or {}), target(), output_dir=run_dir, deploy=deploy)
+    code = call(pipeline_commands.run, load_config(config, params or {}), target(), output_dir=run_dir, deploy=deploy)
     return Run(run_dir, code)
 
 
 def session(aws: bool = False):
     """A boto3 Session on embedded AWS (started if needed) or, with ``aws``, on your account."""
-    from .commands import target_session
+    from .targets import target_session
 
     return target_session(target(aws))
 
@@ -132,45 +132,46 @@ def definition_graph(definition: dict) -> bytes:
 
 def definition(config: str | None = None, params: dict[str, Any] | None = None, aws: bool = False) -> dict:
     """The pipeline definition ``flanops definition`` builds (for your account with ``aws``)."""
-    from . import commands
+    from . import pipeline_commands
     from .config import load_config
 
-    return json.loads(call(commands.definition_text, load_config(config, params or {}), target(aws)))
+    return json.loads(call(pipeline_commands.definition_text, load_config(config, params or {}), target(aws)))
 
 
 def start(config: str | None = None, params: dict[str, Any] | None = None, aws: bool = False,
           output_dir: str | Path | None = None) -> int:
     """``flanops upsert`` then ``flanops start``: on embedded AWS the execution runs here, to its end."""
-    from . import commands
+    from . import pipeline_commands
     from .config import load_config
 
     loaded = load_config(config, params or {})
-    call(commands.upsert, loaded, target(aws))
-    return call(commands.start, loaded, target(aws), output_dir=Path(output_dir).absolute() if output_dir else None)
+    call(pipeline_commands.upsert, loaded, target(aws))
+    return call(pipeline_commands.start, loaded, target(aws),
+                output_dir=Path(output_dir).absolute() if output_dir else None)
 
 
 def executions(config: str | None = None, aws: bool = False) -> int:
     """``flanops executions``: print the pipeline's executions."""
-    from . import commands
+    from . import pipeline_commands
     from .config import load_config
 
-    return call(commands.executions, load_config(config), target(aws))
+    return call(pipeline_commands.executions, load_config(config), target(aws))
 
 
 def approve(model_package_arn: str, description: str | None = None, aws: bool = False) -> int:
     """``flanops approve``: approve a registered model package version (the manual gate before prod)."""
-    from . import commands
+    from . import endpoint_commands
 
-    return call(commands.approve, model_package_arn, description, target(aws))
+    return call(endpoint_commands.approve, model_package_arn, description, target(aws))
 
 
 def deploy(stage: str, config: str | None = None, model_package_arn: str | None = None, aws: bool = False,
            dry_run: bool = False) -> int:
     """``flanops deploy``: a model package (default: the group's newest Approved one) to ``stage``'s stack."""
-    from . import commands
+    from . import endpoint_commands
     from .config import load_config
 
-    return call(commands.deploy, load_config(config), stage, target(aws), model_package=model_package_arn,
+    return call(endpoint_commands.deploy, load_config(config), stage, target(aws), model_package=model_package_arn,
                 dry_run=dry_run)
 
 
@@ -178,7 +179,7 @@ def model_packages(config: str | None = None, aws: bool = False):
     """The configured model package group's versions, newest first, as a pandas DataFrame."""
     import pandas as pd
 
-    from .commands import package_group
+    from .endpoint_commands import package_group
     from .config import load_config
 
     group = package_group(load_config(config))
@@ -224,12 +225,12 @@ class LocalEndpoint:
     @property
     def client(self):
         """A boto3 sagemaker-runtime client for this endpoint (invoke_endpoint as on SageMaker)."""
-        from flanops.infra.serving import runtime_client
+        from flanops.infra.endpoint_client import runtime_client
 
         return runtime_client(self.url, self.region)
 
     def summarize(self, dialogues: list[str] | str, **parameters) -> list[str]:
-        from flanops.infra.serving import summarize_remotely
+        from flanops.infra.endpoint_client import summarize_remotely
 
         return summarize_remotely(self.client, self.name, [dialogues] if isinstance(dialogues, str) else dialogues,
                                   parameters or None)
@@ -239,12 +240,12 @@ class LocalEndpoint:
 def serve(stage: str | None = "staging", model_package_arn: str | None = None,
           endpoint_name: str | None = None, config: str | None = None) -> Iterator[LocalEndpoint]:
     """``flanops serve`` (a stage's endpoint, or one model package) in its own process while the block runs."""
-    from flanops.infra.serving import serve_in_subprocess
+    from flanops.infra.endpoint_client import serve_in_subprocess
 
     chosen = ["--model-package", model_package_arn] if model_package_arn else ["--stage", stage or "staging"]
     name_flags = ["--endpoint-name", endpoint_name] if endpoint_name else []
     with serve_in_subprocess(*(["--config", config] if config else []), *chosen, *name_flags) as url:
-        from flanops.infra.serving import running_endpoints
+        from flanops.infra.endpoint_client import running_endpoints
 
         record = next((r for r in running_endpoints().values() if r["url"] == url), None)
         if record is None:
@@ -255,7 +256,7 @@ def serve(stage: str | None = "staging", model_package_arn: str | None = None,
 def captured_records(stage: str = "staging", config: str | None = None, aws: bool = False) -> list[dict]:
     """The data-capture records of a stage's endpoint (oldest first), as SageMaker writes them to S3."""
     from .config import load_config
-    from .commands import package_group
+    from .endpoint_commands import package_group
     from flanops.infra.deploy import deployed
     from flanops.infra.serving import read_capture
 

@@ -1,7 +1,7 @@
 """flanops: Flan-T5 through its whole lifecycle as one SageMaker pipeline.
 
 By default every command works against embedded AWS (a moto server on 127.0.0.1 that the
-first command starts and later ones reuse; ``flanops local status|stop``) and runs jobs on
+first command starts and later ones reuse; ``flanops local status|stop|env``) and runs jobs on
 this machine. ``--aws`` targets your AWS account and SageMaker instead.
 
 Commands import their heavy dependencies lazily so that ``flanops --help`` stays fast and
@@ -153,8 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                                           "serving,executor (default: all)")
     bench.add_argument("--out", type=Path, help="output folder (default: benchmarks/results/<UTC timestamp>)")
 
-    local = commands.add_parser("local", help="the embedded AWS server: status or stop")
-    local.add_argument("action", choices=("status", "stop"))
+    local = commands.add_parser("local", help="the embedded AWS server: status, stop, or env (the shell lines "
+                                              "that point the AWS CLI and boto3 at it)")
+    local.add_argument("action", choices=("status", "stop", "env"))
     return parser
 
 
@@ -190,17 +191,23 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def call_command(args: argparse.Namespace) -> int:
-    """Call the typed function of ``commands`` that ``args.command`` names with the parsed options: the config
-    loaded (with its --param overrides), --aws/--role/--bucket as a TargetChoice, the rest by name."""
+    """Call the typed function that ``args.command`` names with the parsed options: the config loaded (with its
+    --param overrides), --aws/--role/--bucket as a TargetChoice, the rest by name."""
     import inspect
 
-    from . import commands
+    from flanops import benchmarks
+    from . import endpoint_commands, pipeline_commands
     from .config import load_config
+    from .targets import TargetChoice
 
-    command = getattr(commands, args.command)
+    # Each command is the function of its name in the module of what it acts on.
+    home = (benchmarks if args.command == "bench" else
+            endpoint_commands if args.command in ("approve", "deploy", "destroy", "serve", "invoke") else
+            pipeline_commands)
+    command = getattr(home, args.command)
     options = {name: value for name, value in vars(args).items() if name not in ("command", "verbose")}
     if "aws" in options:
-        options["target"] = commands.TargetChoice(options.pop("aws"), options.pop("role"), options.pop("bucket"))
+        options["target"] = TargetChoice(options.pop("aws"), options.pop("role"), options.pop("bucket"))
     if "config" in options:
         config, params = options.pop("config"), options.pop("params")
         if "config" in inspect.signature(command).parameters:   # approve works on a package ARN, not the config
@@ -209,7 +216,7 @@ def call_command(args: argparse.Namespace) -> int:
 
 
 def local_command(action: str) -> int:
-    from .embedded import server_status, stop_server
+    from .embedded import ensure_server, server_status, stop_server
 
     if action == "status":
         aws = server_status()
@@ -217,8 +224,10 @@ def local_command(action: str) -> int:
             print("embedded AWS: not running (the next flanops command starts it)")
             return 1
         print(f"embedded AWS: running at {aws.endpoint_url} (pid {aws.pid}, region {aws.region})")
-        print(f"use it from another shell:  export AWS_ENDPOINT_URL={aws.endpoint_url} "
-              f"AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION={aws.region}")
+        print('use it from another shell:  eval "$(flanops local env)"')
+        return 0
+    if action == "env":   # starts the server if needed: the lines are for a shell that will use it
+        print("\n".join(ensure_server().shell_lines()))
         return 0
     print("embedded AWS: stopped" if stop_server() else "embedded AWS: was not running")
     return 0

@@ -10,8 +10,9 @@ callers find it there and reuse it. A file lock keeps concurrent callers from st
     with aws.activated():            # boto3, the AWS CLI and the SageMaker SDK now talk to moto
         boto3.client("s3").list_buckets()
 
-From a shell: ``eval "$(python -m flanops.pipelines.embedded env)"`` then ``aws s3 ls``;
-``python -m flanops.pipelines.embedded status|stop`` to inspect or stop the server.
+From a shell: ``eval "$(flanops local env)"`` then ``aws s3 ls``; ``flanops local status|stop``
+to inspect or stop the server. ``python -m flanops.pipelines.embedded serve`` is the server process
+itself, which :func:`ensure_server` launches.
 
 State lives only as long as the server process. ``stop_server()``, a reboot or a crash
 loses every bucket, pipeline and model package. moto 5.2.5 has no snapshot or restore.
@@ -152,6 +153,11 @@ class EmbeddedAws:
         base = os.environ if base is None else base
         dropped = set(self.variables_to_unset(base))
         return {**{k: v for k, v in base.items() if k not in dropped}, **self.environment()}
+
+    def shell_lines(self) -> list[str]:
+        """The ``unset`` and ``export`` lines that point a POSIX shell at the server (``flanops local env``)."""
+        return [*(f"unset {name}" for name in self.variables_to_unset()),
+                *(f"export {name}={_shell_quote(value)}" for name, value in self.environment().items())]
 
     def activate(self) -> dict[str, str | None]:
         """Point this process's ``os.environ`` at the server. Returns the previous values (None: was
@@ -493,47 +499,18 @@ def _shell_quote(value: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m flanops.pipelines.embedded", description="Start, inspect or stop the embedded AWS (moto) server.",
-        allow_abbrev=False,
-    )
-    # Subparsers do not inherit allow_abbrev.
-    commands = parser.add_subparsers(dest="command", required=True,
-                                     parser_class=functools.partial(argparse.ArgumentParser, allow_abbrev=False))
-    commands.add_parser("start", help="start the server unless one is running; print its endpoint")
-    commands.add_parser("status", help="print the running server's state; exit 1 if none is running")
-    commands.add_parser("stop", help="stop the server (its state is lost)")
-    commands.add_parser("env", help="print shell lines that point the AWS CLI and boto3 at the server (starts it)")
-    serve = commands.add_parser("serve", help="internal: run the server in the foreground")
-    serve.add_argument("--host", default=_HOST)
-    serve.add_argument("--ready-file", type=Path, required=True)
+    """The server process that :func:`ensure_server` launches detached; users go through ``flanops local``.
+
+    Its command line keeps the ``serve`` word: ``_is_server_process`` recognises the server by it, also
+    one that an earlier flanops started."""
+    parser = argparse.ArgumentParser(prog="python -m flanops.pipelines.embedded",
+                                     description="internal: run the embedded AWS (moto) server in the foreground "
+                                                 "(flanops local status|stop|env manage it)", allow_abbrev=False)
+    parser.add_argument("command", choices=("serve",))
+    parser.add_argument("--host", default=_HOST)
+    parser.add_argument("--ready-file", type=Path, required=True)
     args = parser.parse_args(argv)
-
-    if args.command == "serve":
-        return _serve(args.host, args.ready_file)
-    if args.command == "start":
-        aws = ensure_server()
-        print(f"{aws.endpoint_url} (pid {aws.pid}, region {aws.region}, log {log_file()})")
-        return 0
-    if args.command == "status":
-        aws = server_status()
-        if aws is None:
-            print(f"no embedded AWS server is running (state: {state_file()})")
-            return 1
-        print(state_file().read_text().strip())
-        return 0
-    if args.command == "stop":
-        print("stopped" if stop_server() else "no embedded AWS server was running")
-        return 0
-    if args.command == "env":
-        aws = ensure_server()
-        for name in aws.variables_to_unset():
-            print(f"unset {name}")
-        for name, value in aws.environment().items():
-            print(f"export {name}={_shell_quote(value)}")
-        return 0
-    return 2
-
+    return _serve(args.host, args.ready_file)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -268,13 +268,13 @@ class Started(Exception):
 @pytest.mark.parametrize("command", ["run", "start"])
 def test_a_gate_no_model_can_pass_is_warned_about_and_the_run_goes_ahead(command, tmp_path, monkeypatch, capsys,
                                                                          reliability):
-    from flanops.pipelines import cli, commands
+    from flanops.pipelines import cli, pipeline_commands
 
     def started(*args, **kwargs):
         raise Started
 
     monkeypatch.setenv("FLANOPS_HOME", str(tmp_path / "home"))
-    monkeypatch.setattr(commands, "open_target", started)
+    monkeypatch.setattr(pipeline_commands, "open_target", started)
     with pytest.raises(Started):
         cli.main([command, "--config", str(CORPUS / "config" / "unpassable_gate.yaml"), "--output-dir",
                   str(tmp_path / "run")])
@@ -419,7 +419,7 @@ def test_a_model_tar_gz_whose_member_escapes_is_refused_before_anything_is_extra
 @pytest.fixture(scope="module")
 def endpoint(tiny_model, tmp_path_factory):
     """The URL of ``flanops serve --model-data model.tar.gz`` (the tiny model packaged as the pipeline packages it)."""
-    from flanops.infra.serving import serve_in_subprocess
+    from flanops.infra.endpoint_client import serve_in_subprocess
 
     root = tmp_path_factory.mktemp("endpoint")
     archive = package_model(tiny_model, root / MODEL_ARCHIVE)

@@ -256,3 +256,15 @@ def test_server_survives_the_process_that_started_it(home: Path) -> None:
 def test_import_starts_nothing(home: Path) -> None:
     _run_python("import flanops.pipelines.embedded")
     assert not state_file().exists() and _server_pids_under(home) == []
+
+
+def test_flanops_local_env_points_a_shell_at_the_server(aws: EmbeddedAws) -> None:
+    """``eval "$(flanops local env)"``: the shell's boto3 (and AWS CLI) reach this server, even with a profile set."""
+    _client(aws, "s3").create_bucket(Bucket="flanops-seen-by-shell")
+    script = ('eval "$("$PYTHON" -m flanops.pipelines.cli local env)" && '
+              '"$PYTHON" -c "import boto3; print(boto3.client(\'s3\').list_buckets()[\'Buckets\'])"')
+    env = {**os.environ, "PYTHON": sys.executable, "AWS_PROFILE": "someone-elses"}
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "flanops-seen-by-shell" in result.stdout
+    assert server_status() == aws   # the running server, not a second one

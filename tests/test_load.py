@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import pytest
 
 from conftest import STEPS, own_flanops_home
-from flanops.infra.serving import serve_in_subprocess
+from flanops.infra.endpoint_client import serve_in_subprocess
 from stepkit.cost import percentile
 
 CLIENTS = 16
@@ -61,7 +61,7 @@ def over_limit_requests() -> list[tuple[str, dict, bytes | None, int]]:
 
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
-    """(url, server pid) of `flanops serve --model-data model.tar.gz` (flanops.infra.serving.serve_in_subprocess)."""
+    """(url, server pid) of `flanops serve --model-data model.tar.gz` (flanops.infra.endpoint_client.serve_in_subprocess)."""
     from stepkit.modeling import package_model, save_model
     from stepkit.synthetic import generate_splits
     from stepkit.tiny import build_tiny_model, train_tokenizer

@@ -613,7 +613,7 @@ def test_a_variant_that_repeats_itself_is_not_chosen_and_fails_the_gate(steps, t
     outcome, gate, message = gate_outcome(steps, judged)
     assert outcome is False and gate["passed"] is False
     assert [c["parameter"] for c in gate["conditions"] if c["passed"] is False] == ["MaxRepetitionRate"]
-    from flanops.pipelines.commands import gate_sentence
+    from flanops.pipelines.summary import gate_sentence
 
     bound = {c["parameter"]: c["threshold"] for c in gate["conditions"]}
     assert f"repeating summaries 1 (max {bound['MaxRepetitionRate']:g}) FAILED" in gate_sentence(gate)
@@ -650,7 +650,7 @@ def test_a_row_added_to_the_gate_table_reaches_every_place_that_shows_the_gate(a
     import sys
     import warnings
 
-    from flanops.pipelines.commands import summarize_execution
+    from flanops.pipelines.summary import summarize_execution
     from flanops.pipelines.runfacts import gate_facts
     from flanops.pipelines.tables import GateCondition
     from flanops.pipelines.expressions import Context, evaluate_condition
@@ -909,16 +909,16 @@ def test_every_shipped_config_loads():
 def test_the_cli_and_the_api_call_the_same_typed_command(empty_home, tmp_path, monkeypatch):
     """`flanops run` parses its arguments into typed values; flanops.api.run passes its own: the same function
     gets the same loaded config and options, and the API's values are never turned into --param text."""
-    from flanops.pipelines import api, commands
+    from flanops.pipelines import api, pipeline_commands, targets
 
     calls = []
-    monkeypatch.setattr(commands, "run", lambda config, target, **options: calls.append((config, target, options)) or 0)
+    monkeypatch.setattr(pipeline_commands, "run", lambda config, target, **options: calls.append((config, target, options)) or 0)
     run_dir = tmp_path / "run"
     assert cli.main(["run", "--param", "LoraRank=8", "--param", "steps.finetune.max_steps=5", "--no-deploy",
                      "--output-dir", str(run_dir)]) == 0
     assert api.run(params={"LoraRank": 8, "steps.finetune.max_steps": 5}, output_dir=run_dir, deploy=False).code == 0
     (cli_config, cli_target, cli_options), (api_config, api_target, api_options) = calls
-    assert cli_target == api_target == commands.TargetChoice(aws=False)
+    assert cli_target == api_target == targets.TargetChoice(aws=False)
     assert cli_options == {"output_dir": run_dir, "resume": None, "deploy": False}
     assert api_options == {"output_dir": run_dir, "deploy": False}   # resume: the function's default, None
     for config in (cli_config, api_config):

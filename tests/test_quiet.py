@@ -66,7 +66,7 @@ def test_known_noise_is_hidden_unless_verbose_and_other_warnings_still_show(unti
 
 
 def test_flanops_verbose_reaches_the_jobs_through_the_environment(monkeypatch, tmp_path):
-    from flanops.pipelines import cli, commands
+    from flanops.pipelines import cli, pipeline_commands
 
     seen = []
 
@@ -75,7 +75,7 @@ def test_flanops_verbose_reaches_the_jobs_through_the_environment(monkeypatch, t
         return 0
 
     monkeypatch.setenv(VERBOSE_ENV, "0")   # not verbose; and monkeypatch puts back whatever cli.main sets
-    monkeypatch.setattr(commands, "run", run)
+    monkeypatch.setattr(pipeline_commands, "run", run)
     assert cli.main(["run", "--output-dir", str(tmp_path / "run")]) == 0
     assert cli.main(["run", "--verbose", "--output-dir", str(tmp_path / "run")]) == 0
     assert seen == ["0", "1"]   # the local executor passes this process's environment to every job

@@ -20,7 +20,7 @@ from botocore.exceptions import ClientError
 from test_pipeline_definition import OPERATIONS, request_problems
 
 from conftest import mocked_aws
-from flanops.pipelines import cli, commands
+from flanops.pipelines import cli, targets
 from flanops.pipelines.config import ConfigError, config_dir, load_config
 from flanops.pipelines.definition import NAMES, build_definition, iter_steps
 from flanops.pipelines.errors import FlanopsError
@@ -114,7 +114,7 @@ EMBEDDED_REGION = "eu-central-1"   # a region no other test's buckets are in
 def fake_embedded_aws(aws, monkeypatch):
     """open_target's embedded AWS, as the module's moto (no server)."""
     session = boto3.Session(region_name=EMBEDDED_REGION)
-    monkeypatch.setattr("flanops.pipelines.embedded.ensure_server", lambda: SimpleNamespace(
+    monkeypatch.setattr("flanops.pipelines.targets.ensure_server", lambda: SimpleNamespace(
         activate=lambda: None, boto_session=lambda: session, environment=lambda: {}))
     return session
 
@@ -460,9 +460,9 @@ def test_iam_check_catches_wrong_actions_resources_and_stars():
 
 def test_embedded_role_gets_the_pipeline_policy_and_a_locked_down_bucket(fake_embedded_aws, reliability):
     config = load_config()
-    target = commands.open_target(SimpleNamespace(aws=False), config)
+    target = targets.open_target(SimpleNamespace(aws=False), config)
     iam, s3 = fake_embedded_aws.client("iam"), fake_embedded_aws.client("s3")
-    stored = iam.get_role_policy(RoleName=commands.ROLE_NAME, PolicyName=policy_name(config))["PolicyDocument"]
+    stored = iam.get_role_policy(RoleName=targets.ROLE_NAME, PolicyName=policy_name(config))["PolicyDocument"]
     statements = by_sid(stored)
     assert "Fn::" not in json.dumps(stored) and "AWS::" not in json.dumps(stored)
     assert statements["ReadWritePipelineData"]["Resource"] == [f"arn:aws:s3:::{target.bucket}/{config.pipeline_name}/*"]
@@ -471,10 +471,10 @@ def test_embedded_role_gets_the_pipeline_policy_and_a_locked_down_bucket(fake_em
     assert statements["RunPipelineJobs"]["Resource"][0].startswith(f"arn:aws:sagemaker:{EMBEDDED_REGION}:{ACCOUNT}:")
     assert_locked_down(bucket_settings(s3, target.bucket), "AES256")
     # a second command finds both and changes nothing
-    again = commands.open_target(SimpleNamespace(aws=False), config)
+    again = targets.open_target(SimpleNamespace(aws=False), config)
     assert again.role_arn == target.role_arn
-    assert iam.list_role_policies(RoleName=commands.ROLE_NAME)["PolicyNames"] == [policy_name(config)]
-    reliability.record("security.iam", f"embedded AWS: role {commands.ROLE_NAME} carries the same policy "
+    assert iam.list_role_policies(RoleName=targets.ROLE_NAME)["PolicyNames"] == [policy_name(config)]
+    reliability.record("security.iam", f"embedded AWS: role {targets.ROLE_NAME} carries the same policy "
                        f"({len(stored['Statement'])} statements) with the partition, region, account and bucket "
                        "resolved, via iam put_role_policy")
 
@@ -540,7 +540,7 @@ def test_buckets_the_tool_creates_are_locked_down_and_existing_ones_untouched(aw
 
 def test_sagemaker_default_bucket_is_created_locked_down_only_when_missing(aws, reliability):
     session = boto3.Session(region_name="eu-west-2")
-    name = commands.default_bucket(session, KMS_KEY)
+    name = targets.default_bucket(session, KMS_KEY)
     assert name == f"sagemaker-eu-west-2-{ACCOUNT}"
     assert_locked_down(bucket_settings(session.client("s3"), name), "aws:kms", KMS_KEY)
 
@@ -549,7 +549,7 @@ def test_sagemaker_default_bucket_is_created_locked_down_only_when_missing(aws, 
     s3.create_bucket(Bucket=f"sagemaker-ap-southeast-2-{ACCOUNT}",
                      CreateBucketConfiguration={"LocationConstraint": "ap-southeast-2"})
     before = bucket_settings(s3, f"sagemaker-ap-southeast-2-{ACCOUNT}")
-    assert commands.default_bucket(session, KMS_KEY) == f"sagemaker-ap-southeast-2-{ACCOUNT}"
+    assert targets.default_bucket(session, KMS_KEY) == f"sagemaker-ap-southeast-2-{ACCOUNT}"
     assert bucket_settings(s3, f"sagemaker-ap-southeast-2-{ACCOUNT}") == before
     reliability.record("security.buckets", "--aws: a missing sagemaker-<region>-<account> is created by flanops "
                        "the same way (SSE-KMS with the config's key) before the SDK sees it; an existing one is "

@@ -16,7 +16,8 @@ import pytest
 from botocore.exceptions import ClientError
 
 from flanops.pipelines.errors import FlanopsError
-from flanops.infra.serving import MAX_PAYLOAD_BYTES, fetch_model_data, runtime_client, serving, summarize_remotely
+from flanops.infra.endpoint_client import runtime_client, summarize_remotely
+from flanops.infra.serving import MAX_PAYLOAD_BYTES, fetch_model_data, serving
 
 # Mirrors the real handler's contract: RequestError carries the status; str() is the message.
 STAND_IN_HANDLER = '''
