@@ -93,7 +93,7 @@ def run_task(task: dict) -> dict:
 
 
 def serve() -> int:
-    from stepkit.modeling import configure_runtime
+    from stepkit.threads import configure_runtime
 
     configure_runtime()   # threads only: no parallel region runs before the forks
     protocol = os.fdopen(os.dup(1), "w", buffering=1)

@@ -29,12 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepkit import catalog
+from stepkit.archive import extract_safely, find_model_root
 from stepkit.catalog import GIB, Budget, CatalogEntry
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir
 from stepkit.errors import StepError, first_line, run_step
-from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, extract_safely, find_model_root,
-                              load_model_and_tokenizer, read_model_card, save_model)
+from stepkit.modelcard import read_model_card
+from stepkit.modelcheck import check_model_dir
+from stepkit.modeling import count_parameters, load_model_and_tokenizer, save_model
 from stepkit.s3 import download_keys, prefix_keys, relative_key, s3_errors, split_s3_uri
+from stepkit.threads import configure_runtime
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 RUNTIME_BASELINE_GIB = 1.0  # python + torch + transformers before any weights exist

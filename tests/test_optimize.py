@@ -10,9 +10,11 @@ from conftest import run_step
 from flanops.steps import optimize
 from flanops.steps import select_model
 from stepkit import catalog
+from stepkit.archive import MODEL_ARCHIVE
 from stepkit.contract import SKIPPED_MARKER, skipped_reason
 from stepkit.errors import run_step as run_main
-from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
+from stepkit.modeling import save_model
+from stepkit.packaging import package_model
 
 TINY_DIMS = catalog.T5Dims(d_model=32, d_ff=48, d_kv=8, num_heads=2, num_layers=1, num_decoder_layers=1, vocab_size=384)
 

@@ -15,8 +15,10 @@ from flanops.steps import evaluate
 from flanops.steps import optimize
 from flanops.steps import select_model
 from stepkit import catalog
+from stepkit.archive import MODEL_ARCHIVE
 from stepkit.errors import run_step as run_main
-from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
+from stepkit.modeling import save_model
+from stepkit.packaging import package_model
 from stepkit.records import write_jsonl
 
 

@@ -9,8 +9,8 @@ import contextlib
 from pathlib import Path
 from typing import Iterator
 
+from .archive import path_inside
 from .errors import StepError
-from .modeling import path_inside
 
 
 def split_s3_uri(uri: str, flag: str) -> tuple[str, str]:
