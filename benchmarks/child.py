@@ -20,31 +20,15 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import traceback
-from pathlib import Path
 
 import torch   # imported once in the server; every forked task inherits it
 import transformers.models.t5.modeling_t5  # noqa: F401 - the same
 
+from .rss import current_rss_bytes, peak_rss_bytes
+
 READY = "ready"
-
-
-def current_rss_bytes() -> int:
-    """Resident memory now (Linux /proc), else the peak so far."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, KiB on Linux
 
 
 def generate(task: dict) -> dict:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -32,27 +31,13 @@ import torch
 from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTQuantizer
 from optimum.onnxruntime.configuration import AutoQuantizationConfig
 from optimum.onnxruntime.constants import ONNX_DECODER_NAME, ONNX_DECODER_WITH_PAST_NAME, ONNX_ENCODER_NAME
+from rss import current_rss_bytes, peak_rss_bytes  # benchmarks/rss.py, beside this script (standard library only)
 
 CPU = "CPUExecutionProvider"
 EXPORTED = "onnx"       # optimum's float32 export (removed once quantized)
 QUANTIZED = "int8"      # what is timed: the quantized ONNX files and the configs
 PR_SET_PDEATHSIG = 1   # prctl option: a signal for this process when its parent ends
 VERSIONS = ("transformers", "optimum", "optimum-onnx", "onnxruntime", "onnx", "torch")
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
 
 
 def onnx_files(folder: Path) -> dict[str, int]:

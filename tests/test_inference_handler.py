@@ -34,7 +34,6 @@ from flanops.steps import inference
 from conftest import STEPS
 from stepkit.archive import MODEL_ARCHIVE, extract_safely
 from stepkit.generation import summarize
-from stepkit.modelcard import read_model_card
 from stepkit.packaging import package_model
 from stepkit.records import read_split
 

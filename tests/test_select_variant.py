@@ -132,7 +132,7 @@ def _data(folder: Path) -> Path:
     return folder
 
 
-def test_evaluate_selects_packages_and_reports_the_winner(tmp_path, capsys, steps_on_sys_path):
+def test_evaluate_selects_packages_and_reports_the_winner(tmp_path, capsys):
     finetuned = _save(BIG, tmp_path / "finetuned", "lora")
     small = _save(SMALL, tmp_path / "small-src", "distillation")
     uploaded = tmp_path / "distilled"  # the variant as a Processing job receives a TrainingStep's model
