@@ -26,6 +26,7 @@ import traceback
 import torch   # imported once in the server; every forked task inherits it
 import transformers.models.t5.modeling_t5  # noqa: F401 - the same
 
+from .forked import in_forked_process
 from .rss import current_rss_bytes, peak_rss_bytes
 
 READY = "ready"
@@ -87,20 +88,7 @@ def serve() -> int:
         if not line.strip():
             continue
         task = json.loads(line)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # the task's own process
-            os.close(read_end)
-            with os.fdopen(write_end, "w") as out:
-                out.write(json.dumps(run_task(task)))
-            os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end) as inp:
-            report = inp.read()
-        _, status = os.waitpid(pid, 0)
-        if not report:
-            report = json.dumps({"error": f"the task's process ended without a report (wait status {status})"})
-        print(report, file=protocol)
+        print(json.dumps(in_forked_process(lambda: run_task(task))), file=protocol)
     return 0
 
 

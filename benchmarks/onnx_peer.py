@@ -31,7 +31,8 @@ import torch
 from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTQuantizer
 from optimum.onnxruntime.configuration import AutoQuantizationConfig
 from optimum.onnxruntime.constants import ONNX_DECODER_NAME, ONNX_DECODER_WITH_PAST_NAME, ONNX_ENCODER_NAME
-from rss import current_rss_bytes, peak_rss_bytes  # benchmarks/rss.py, beside this script (standard library only)
+from forked import in_forked_process  # benchmarks/forked.py and rss.py, beside this script (standard library only)
+from rss import current_rss_bytes, peak_rss_bytes
 
 CPU = "CPUExecutionProvider"
 EXPORTED = "onnx"       # optimum's float32 export (removed once quantized)
@@ -106,25 +107,6 @@ def peak_rss(command: dict) -> dict:
 FORKED = {"export": export, "peak_rss": peak_rss}
 
 
-def in_own_process(task, command: dict) -> dict:
-    """``task(command)`` in a forked process: its memory and any crash stay its own."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        die_with_parent()
-        with os.fdopen(write_end, "w") as out:
-            out.write(json.dumps(answer(task, command)))
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as inp:
-        report = inp.read()
-    _, status = os.waitpid(pid, 0)
-    if not report:
-        return {"error": f"the forked process ended without a report (wait status {status})"}
-    return json.loads(report)
-
-
 def die_with_parent() -> None:
     """Linux: end this forked process when the peer process ends (a run stopped early leaves no export behind)."""
     try:
@@ -182,7 +164,7 @@ def serve() -> int:
             if timer.models:
                 report = {"error": f"bug: {op} after load (a fork would inherit the loaded models)"}
             else:
-                report = in_own_process(FORKED[op], command)
+                report = in_forked_process(lambda: answer(FORKED[op], command), in_child=die_with_parent)
         else:
             report = answer(getattr(timer, op), command)
         print(json.dumps(report), file=protocol)
