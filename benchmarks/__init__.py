@@ -73,7 +73,7 @@ def preset(mode: str, models: tuple[ModelSpec, ...], sections: tuple[str, ...]) 
 
 def run(settings: BenchSettings, out: Path, progress: Progress = print, command: str | None = None) -> dict:
     """Run the chosen sections and write results.json, BENCHMARKS.md and charts into ``out``."""
-    from stepkit.modeling import configure_runtime
+    from stepkit.threads import configure_runtime
     from . import report
     from .subjects import Workspace
 

@@ -20,31 +20,16 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import sys
 import traceback
-from pathlib import Path
 
 import torch   # imported once in the server; every forked task inherits it
 import transformers.models.t5.modeling_t5  # noqa: F401 - the same
 
+from .forked import in_forked_process
+from .rss import current_rss_bytes, peak_rss_bytes
+
 READY = "ready"
-
-
-def current_rss_bytes() -> int:
-    """Resident memory now (Linux /proc), else the peak so far."""
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024   # bytes on macOS, KiB on Linux
 
 
 def generate(task: dict) -> dict:
@@ -93,7 +78,7 @@ def run_task(task: dict) -> dict:
 
 
 def serve() -> int:
-    from stepkit.modeling import configure_runtime
+    from stepkit.threads import configure_runtime
 
     configure_runtime()   # threads only: no parallel region runs before the forks
     protocol = os.fdopen(os.dup(1), "w", buffering=1)
@@ -103,20 +88,7 @@ def serve() -> int:
         if not line.strip():
             continue
         task = json.loads(line)
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:   # the task's own process
-            os.close(read_end)
-            with os.fdopen(write_end, "w") as out:
-                out.write(json.dumps(run_task(task)))
-            os._exit(0)
-        os.close(write_end)
-        with os.fdopen(read_end) as inp:
-            report = inp.read()
-        _, status = os.waitpid(pid, 0)
-        if not report:
-            report = json.dumps({"error": f"the task's process ended without a report (wait status {status})"})
-        print(report, file=protocol)
+        print(json.dumps(in_forked_process(lambda: run_task(task))), file=protocol)
     return 0
 
 

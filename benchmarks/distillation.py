@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import gc
 
-from stepkit.cost import generate_fixed, size_on_disk
+from stepkit.cost import size_on_disk
 from stepkit.distillation import (DEFAULT_DECODER_FRACTION, DEFAULT_ENCODER_FRACTION, layers_to_keep,
                                           shrink_teacher, student_layer_count)
 from stepkit.modeling import count_parameters, load_model_and_tokenizer
-from .harness import BenchSettings, Progress, SectionResult, interleaved, quantity, ratio, size_ratio, spread, target
-from .subjects import Workspace, fixed_inputs
+from .harness import BenchSettings, Progress, SectionResult, quantity, ratio, size_ratio, spread, target
+from .subjects import Workspace, batch1_latency
 
 TITLE = "Distillation"
 DEFAULT = "default"
@@ -64,11 +64,7 @@ def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> Se
                            "layers": {"encoder": len(encoder), "decoder": len(decoder)},
                            "kept_blocks": {"encoder": encoder, "decoder": decoder},
                            "weights_bytes": quantity(size_on_disk(folder)["weights_bytes"], "bytes")}
-        single = fixed_inputs(tokenizer, settings.input_tokens, 1)
-        with torch.inference_mode():
-            latency = interleaved({name: (lambda m=model: generate_fixed(m, single, settings.new_tokens))
-                                   for name, model in models.items()},
-                                  settings.warmup, settings.repeats, progress, f"{label} batch 1")
+        latency = batch1_latency(models, tokenizer, settings, progress, label)
         ratios = {}
         for name in models:
             sides[name]["latency_batch1"] = spread(latency[name], "ms")

@@ -26,6 +26,8 @@ from flanops.pipelines.errors import FlanopsError
 from stepkit.catalog import T5Dims
 from stepkit.cost import percentile
 
+from .rss import maxrss_bytes
+
 Progress = Callable[[str], None]
 
 
@@ -269,8 +271,7 @@ def run_script(script: Path, args: list[str], progress: Progress, label: str) ->
     process.stdout.close()
     if process.returncode != 0:
         raise RuntimeError(f"{label}: {script.name} exited {process.returncode}:\n" + "\n".join(tail))
-    peak = usage.ru_maxrss if sys.platform == "darwin" else usage.ru_maxrss * 1024   # bytes on macOS, KiB on Linux
-    return {"peak_rss_bytes": peak, "seconds": time.perf_counter() - started}
+    return {"peak_rss_bytes": maxrss_bytes(usage.ru_maxrss), "seconds": time.perf_counter() - started}
 
 
 # ----------------------------------------------------------------------------- the machine

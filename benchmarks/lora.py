@@ -106,7 +106,7 @@ def finetune_peak(settings: BenchSettings, workspace, progress: Progress) -> tup
     """Peak RSS of ``python steps/finetune_lora.py`` with its defaults on the LoRA model (a figure and its target)."""
     from flanops.pipelines.config import steps_dir
     from stepkit.catalog import GIB
-    from stepkit.modeling import read_model_card
+    from stepkit.modelcard import read_model_card
 
     spec = settings.lora_model
     model_dir = workspace.fp32(spec, settings.seed)

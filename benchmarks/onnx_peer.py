@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import sys
@@ -32,27 +31,14 @@ import torch
 from optimum.onnxruntime import ORTModelForSeq2SeqLM, ORTQuantizer
 from optimum.onnxruntime.configuration import AutoQuantizationConfig
 from optimum.onnxruntime.constants import ONNX_DECODER_NAME, ONNX_DECODER_WITH_PAST_NAME, ONNX_ENCODER_NAME
+from forked import in_forked_process  # benchmarks/forked.py and rss.py, beside this script (standard library only)
+from rss import current_rss_bytes, peak_rss_bytes
 
 CPU = "CPUExecutionProvider"
 EXPORTED = "onnx"       # optimum's float32 export (removed once quantized)
 QUANTIZED = "int8"      # what is timed: the quantized ONNX files and the configs
 PR_SET_PDEATHSIG = 1   # prctl option: a signal for this process when its parent ends
 VERSIONS = ("transformers", "optimum", "optimum-onnx", "onnxruntime", "onnx", "torch")
-
-
-def peak_rss_bytes() -> int:
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
-def current_rss_bytes() -> int:
-    try:
-        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return peak_rss_bytes()
 
 
 def onnx_files(folder: Path) -> dict[str, int]:
@@ -121,25 +107,6 @@ def peak_rss(command: dict) -> dict:
 FORKED = {"export": export, "peak_rss": peak_rss}
 
 
-def in_own_process(task, command: dict) -> dict:
-    """``task(command)`` in a forked process: its memory and any crash stay its own."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        os.close(read_end)
-        die_with_parent()
-        with os.fdopen(write_end, "w") as out:
-            out.write(json.dumps(answer(task, command)))
-        os._exit(0)
-    os.close(write_end)
-    with os.fdopen(read_end) as inp:
-        report = inp.read()
-    _, status = os.waitpid(pid, 0)
-    if not report:
-        return {"error": f"the forked process ended without a report (wait status {status})"}
-    return json.loads(report)
-
-
 def die_with_parent() -> None:
     """Linux: end this forked process when the peer process ends (a run stopped early leaves no export behind)."""
     try:
@@ -197,7 +164,7 @@ def serve() -> int:
             if timer.models:
                 report = {"error": f"bug: {op} after load (a fork would inherit the loaded models)"}
             else:
-                report = in_own_process(FORKED[op], command)
+                report = in_forked_process(lambda: answer(FORKED[op], command), in_child=die_with_parent)
         else:
             report = answer(getattr(timer, op), command)
         print(json.dumps(report), file=protocol)

@@ -130,8 +130,8 @@ def onnx_instruction_set() -> str:
 
 
 def portable_copy(source: Path, into: Path) -> Path:
-    """``source`` as transformers 4.x reads it: configs through stepkit.modeling.portable_config, the rest linked."""
-    from stepkit.modeling import portable_config
+    """``source`` as transformers 4.x reads it: configs through stepkit.packaging.portable_config, the rest linked."""
+    from stepkit.packaging import portable_config
 
     into.mkdir(parents=True)
     for path in source.iterdir():

@@ -11,12 +11,11 @@ from __future__ import annotations
 import copy
 import gc
 
-from stepkit.cost import generate_fixed
 from stepkit.modeling import count_parameters, load_model_and_tokenizer
 from stepkit.pruning import (HONESTY_NOTE, check_structured_amount, choose_units, prune_structured,
                                      prune_unstructured, sparsity, weight_scores, weights_size)
-from .harness import BenchSettings, Progress, SectionResult, interleaved, quantity, ratio, size_ratio, spread
-from .subjects import Workspace, fixed_inputs
+from .harness import BenchSettings, Progress, SectionResult, quantity, ratio, size_ratio, spread
+from .subjects import Workspace, batch1_latency
 
 TITLE = "Pruning"
 TARGET = "ffn"   # prune.py's default target
@@ -28,8 +27,6 @@ def structured_name(amount: float) -> str:
 
 
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
-    import torch
-
     runs = []
     for index, spec in enumerate(settings.models):
         label = f"pruning {spec.name}"
@@ -47,11 +44,7 @@ def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> Se
             folders[name] = workspace.save(model, spec, name, {"method": "prune", "pruning": {
                 "method": "structured", "target": TARGET, "amount": amount, "importance": "weight"}})
             details[name] = {"removed_per_layer": remove, "d_ff": model.config.d_ff}
-        single = fixed_inputs(tokenizer, settings.input_tokens, 1)
-        with torch.inference_mode():
-            latency = interleaved({n: (lambda m=m: generate_fixed(m, single, settings.new_tokens))
-                                   for n, m in models.items()},
-                                  settings.warmup, settings.repeats, progress, f"{label} batch 1")
+        latency = batch1_latency(models, tokenizer, settings, progress, label)
         variants = {}
         for name, model in models.items():
             variants[name] = {"parameters": quantity(count_parameters(model), "parameters"),

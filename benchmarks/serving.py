@@ -1,14 +1,14 @@
 """Serving: the variant the pipeline registers by default (ct2-int8) through the local endpoint, alone and under load.
 
 The first model's ct2-int8 (steps/quantize.py, the pipeline's default quantize method) is
-packaged as the pipeline packages it (stepkit.modeling.package_model: a model.tar.gz with
+packaged as the pipeline packages it (stepkit.packaging.package_model: a model.tar.gz with
 code/inference.py) and served on a loopback port by ``flanops.infra.serving.serving``, the code
 ``flanops serve`` runs. Every request generates exactly ``new_tokens`` tokens
 (min_new_tokens = max_new_tokens) from a dialogue of a pool of distinct ones.
 
   Alone: each dialogue of the pool sent by itself (one client): its answer alone.
   Overhead: per-request latency of ``POST /invocations`` (one keep-alive HTTP connection) vs
-    ``stepkit.modeling.summarize`` (tokenize → generate → decode) on the same loaded model, the
+    ``stepkit.generation.summarize`` (tokenize → generate → decode) on the same loaded model, the
     same dialogues and generation parameters, at batch 1, interleaved.
   Load: 1, 8 (and more) concurrent clients (threads, one keep-alive connection each), each level
     a bounded loop: clients send the pool's dialogues in turn until the level's time is up and
@@ -27,7 +27,8 @@ import time
 from urllib.parse import urlsplit
 
 from stepkit.cost import percentile
-from stepkit.modeling import package_model, summarize
+from stepkit.generation import summarize
+from stepkit.packaging import package_model
 from .harness import BenchSettings, Progress, SectionResult, interleaved, quantity, ratio, spread, target
 from .subjects import Workspace, dialogues
 
@@ -193,7 +194,7 @@ def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> Se
         "model": spec.card(), "variant": VARIANT, "artifact_bytes": quantity(archive.stat().st_size, "bytes"),
         "parameters": parameters, "dialogues": pool, "served": runtime,
         "client": "http.client keep-alive connection to POST /invocations on 127.0.0.1 (threads of this process)",
-        "bare": "stepkit.modeling.summarize on the endpoint's loaded model (tokenize, generate, decode)",
+        "bare": "stepkit.generation.summarize on the endpoint's loaded model (tokenize, generate, decode)",
         "latency": {side: {**spread(samples, "ms"), **{f"p{p}": round(percentile(samples, p), 3) for p in (50, 95, 99)}}
                     for side, samples in (("endpoint", endpoint), ("bare", bare))},
         "overhead": {"ratio": overhead, "percent": quantity(overhead_percent, "%")},

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from stepkit.catalog import build_random_model
-from stepkit.cost import encode_prompts
+from stepkit.cost import encode_prompts, generate_fixed
 from stepkit.modeling import save_model
-from .harness import ModelSpec
+from .harness import BenchSettings, ModelSpec, Progress, interleaved
 
 TOKENIZER_DIALOGUES = 300
 DATA_SEED = 11   # any seed: the texts only give the tokenizer and the prompts their words
@@ -54,6 +54,17 @@ def fixed_inputs(tokenizer, length: int, batch: int = 1):
         raise RuntimeError(f"bug: prompts of {length} tokens expected, got shape {tuple(inputs['input_ids'].shape)}")
     return inputs
 
+
+def batch1_latency(models: dict[str, Any], tokenizer, settings: BenchSettings, progress: Progress,
+                   label: str) -> dict[str, list[float]]:
+    """Each model's fixed-length generation from one fixed-length prompt, timed in interleaved rounds."""
+    import torch
+
+    single = fixed_inputs(tokenizer, settings.input_tokens, 1)
+    with torch.inference_mode():
+        return interleaved({name: (lambda m=model: generate_fixed(m, single, settings.new_tokens))
+                            for name, model in models.items()},
+                           settings.warmup, settings.repeats, progress, f"{label} batch 1")
 
 class Workspace:
     """A scratch folder of saved models (removed at the end of the run), the shared tokenizer, and what

@@ -57,7 +57,7 @@ def fetch_model_data(source: str | Path, session, workdir: Path) -> Path:
     An S3 URI may name the tarball or a prefix that holds ``model.tar.gz``.
     """
     from stepkit.errors import StepError
-    from stepkit.modeling import MODEL_ARCHIVE, extract_safely
+    from stepkit.archive import MODEL_ARCHIVE, extract_safely
 
     text = str(source)
     if text.startswith("s3://"):

@@ -436,7 +436,7 @@ class LocalExecutor:
             self.run_process(name, command, code_dir, env, sandbox, entry, record)
         output_path = arguments["OutputDataConfig"]["S3OutputPath"].rstrip("/")
         artifact = sandbox / "model.tar.gz"
-        from stepkit.modeling import pack_folder   # /opt/ml/model as is, as SageMaker tars it: reproducible bytes
+        from stepkit.archive import pack_folder   # /opt/ml/model as is, as SageMaker tars it: reproducible bytes
 
         pack_folder(model_dir, artifact)
         bucket, key = split_s3_uri(f"{output_path}/{job_name}/output/model.tar.gz")

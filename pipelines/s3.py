@@ -1,7 +1,10 @@
-"""S3 URIs and transfers for the client side (the step scripts ship alone, with their own)."""
+"""S3 URIs and transfers for the client side (prefix downloads are stepkit.s3's, which the step scripts ship with)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+from stepkit.errors import StepError
+from stepkit.s3 import download_keys, prefix_keys
 
 from .errors import FlanopsError
 from .failures import StepFailed
@@ -26,26 +29,18 @@ def parse_s3_uri(uri: str) -> tuple[str, str]:
 
 
 def download_prefix(s3, uri: str, target: Path) -> int:
-    """S3Prefix semantics: the object itself (kept by its name) or every object below the prefix."""
+    """S3Prefix semantics: the object itself (kept by its name) or every object below the prefix, as the
+    step scripts download (stepkit.s3); a key that would land outside ``target`` fails the step."""
     bucket, key = split_s3_uri(uri)
-    prefix = key.rstrip("/")
+    folder, keys = prefix_keys(s3, bucket, key.rstrip("/"))
     target.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        for obj in page.get("Contents", []):
-            if obj["Key"] == prefix:
-                relative = prefix.rsplit("/", 1)[-1]
-            elif obj["Key"].startswith(prefix + "/") or not prefix:
-                relative = obj["Key"][len(prefix):].lstrip("/")
-            else:
-                continue   # a sibling that merely shares the prefix text (data vs data2)
-            destination = target / relative
-            destination.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, obj["Key"], str(destination))
-            count += 1
-    if count == 0:
+    if not keys:
         raise StepFailed(f"nothing in S3 at {uri}")
-    return count
+    try:
+        download_keys(s3, bucket, keys, folder, target, uri)
+    except StepError as err:
+        raise StepFailed(str(err)) from None
+    return len(keys)
 
 
 def upload_folder(s3, folder: Path, uri: str, extra_args: dict | None = None) -> int:

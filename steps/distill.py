@@ -42,9 +42,11 @@ from stepkit.distillation import (DEFAULT_DECODER_FRACTION, DEFAULT_ENCODER_FRAC
                                   check_settings, compare_to_teacher, distillation_loss_function, layers_to_keep,
                                   shrink_teacher, student_layer_count)
 from stepkit.errors import StepError, first_line, run_step
-from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
-                              read_model_card, save_model)
+from stepkit.modelcard import read_model_card
+from stepkit.modelcheck import check_model_dir
+from stepkit.modeling import count_parameters, load_model_and_tokenizer, save_model
 from stepkit.records import read_split
+from stepkit.threads import configure_runtime
 from stepkit.training import (TrainSettings, add_training_arguments, encode_records, resolve_bf16, train_seq2seq,
                               train_settings, write_curve)
 

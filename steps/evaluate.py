@@ -48,14 +48,19 @@ import sys
 import time
 from pathlib import Path
 
+from stepkit.archive import MODEL_ARCHIVE
 from stepkit.contract import (atomic_output_dir, env_path, path_help, require_output_dir, require_path,
                               skipped_reason)
 from stepkit.cost import CostSettings, flops_per_generated_token, measure_speed, settings_dict, size_on_disk
 from stepkit.errors import StepError, run_step
+from stepkit.generation import summarize
 from stepkit.metrics import ROUGE_TYPES, best_constant_output, fact_accuracy, repetition, rouge, rouge_per_example
-from stepkit.modeling import (MODEL_ARCHIVE, check_model_dir, configure_runtime, count_parameters,
-                              load_model_and_tokenizer, package_model, read_model_card, summarize)
+from stepkit.modelcard import read_model_card
+from stepkit.modelcheck import check_model_dir
+from stepkit.modeling import count_parameters, load_model_and_tokenizer
+from stepkit.packaging import package_model
 from stepkit.records import read_split, write_jsonl
+from stepkit.threads import configure_runtime
 from stepkit.wheels import DEFAULT_SERVING_PYTHON, NO_WHEEL_FLAG, check_python_version
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)

@@ -33,9 +33,11 @@ from stepkit.catalog import T5Dims
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
-from stepkit.modeling import (check_model_dir, configure_runtime, load_model_and_tokenizer, read_model_card,
-                              save_model)
+from stepkit.modelcard import read_model_card
+from stepkit.modelcheck import check_model_dir
+from stepkit.modeling import load_model_and_tokenizer, save_model
 from stepkit.records import read_split
+from stepkit.threads import configure_runtime
 from stepkit.training import (TrainSettings, add_training_arguments, encode_records, evaluation_loss,
                               memory_available_to, plan_memory, resolve_bf16, train_seq2seq, train_settings, write_curve)
 

@@ -1,13 +1,13 @@
 """The endpoint's inference handler: ``model_fn``, ``input_fn``, ``predict_fn``, ``output_fn``.
 
-Every ``model.tar.gz`` that flanops packages (``stepkit.modeling.package_model``) carries this file
+Every ``model.tar.gz`` that flanops packages (``stepkit.packaging.package_model``) carries this file
 as ``code/inference.py``, with ``code/stepkit/`` beside it. The SageMaker Hugging Face inference
 toolkit (``sagemaker-huggingface-inference-toolkit``, in the Hugging Face inference images) puts
 ``code/`` on ``sys.path``, calls ``model_fn(model_dir)`` once, then per request
 ``input_fn(body, content_type)`` → ``predict_fn(data, model)`` → ``output_fn(prediction, accept)``.
 None takes the toolkit's optional trailing ``context`` argument. Every model variant (fp32, bf16,
 CTranslate2 int8, pruned, distilled) loads through ``stepkit.modeling.load_model_and_tokenizer`` and generates
-through ``stepkit.modeling.summarize``, with the prompt template the model was trained and
+through ``stepkit.generation.summarize``, with the prompt template the model was trained and
 evaluated with; by default with the evaluation's settings (greedy, 64 new tokens).
 
 Request (``application/json``)::
@@ -70,7 +70,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from stepkit.batching import Batcher, Refused
-from stepkit.modeling import load_model_and_tokenizer, summarize
+from stepkit.generation import summarize
+from stepkit.modeling import load_model_and_tokenizer
 from stepkit.quiet import quiet_known_noise
 from stepkit.records import json_reason
 from stepkit.threads import inference_threads

@@ -80,10 +80,17 @@ def write_skipped_output(step, variant: str, method: str, reason: str, step_argv
     print(f"skipped {variant}: {reason}; wrote {SKIPPED_MARKER} to {output_dir}")
 
 
+def branch_script(variant: str):
+    """distill.py, quantize.py or prune.py beside this script, under the one name it has in this process:
+    its bare name when this runs as a script (the folder is sys.path[0], as in the job's container), else
+    this package's (``flanops.steps.quantize`` when flanops imports ``flanops.steps.optimize``)."""
+    return importlib.import_module(f"{__package__}.{variant}" if __package__ else variant)
+
+
 def main(argv: list[str] | None = None) -> int:
     own, step_argv = split_argv(list(sys.argv[1:] if argv is None else argv))
     args = parse_args(own)
-    step = importlib.import_module(args.variant)  # distill.py, quantize.py or prune.py beside this script
+    step = branch_script(args.variant)
     reason = skip_reason(args.variant, args.method)
     if reason:
         write_skipped_output(step, args.variant, args.method, reason, step_argv)

@@ -38,6 +38,7 @@ from stepkit.errors import StepError, first_line, run_step
 from stepkit.metrics import fact_values, mentions
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
 from stepkit.records import DATA_CARD, SPLITS, iter_jsonl, json_problem, read_text, split_path, write_jsonl
+from stepkit.s3 import download_keys, prefix_keys, s3_errors, split_s3_uri
 from stepkit.synthetic import generate_splits, unseen_in_train
 
 SYNTHETIC = "synthetic"
@@ -442,39 +443,17 @@ def local_units(path: Path) -> tuple[list[Unit], list[str]]:
 def s3_units(uri: str) -> tuple[list[Unit], list[str]]:
     """Download ``s3://bucket/prefix`` (one object or everything below it) and read it as a folder."""
     import boto3
-    from botocore.exceptions import BotoCoreError, ClientError
 
-    bucket, _, prefix = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise StepError(f"--input {uri}: expected s3://bucket/prefix")
-    client = boto3.client("s3")  # region and endpoint come from the environment
+    label = f"--input {uri}"
+    bucket, prefix = split_s3_uri(uri, "--input")
     with tempfile.TemporaryDirectory(prefix="prepare-data-s3-") as tmp:
         local = Path(tmp)
-        try:
-            keys = [obj["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                    for obj in page.get("Contents", [])]
-            if prefix in keys:  # the prefix names one object
-                folder, keys = prefix.rpartition("/")[0], [prefix]
-            else:  # a folder: "raw" must not match "raw-old/..."
-                folder = prefix.rstrip("/")
-                keys = [key for key in keys if not key.endswith("/") and (not folder or key.startswith(folder + "/"))]
+        with s3_errors(label, bucket):
+            client = boto3.client("s3")  # region and endpoint come from the environment
+            folder, keys = prefix_keys(client, bucket, prefix)
             if not keys:
-                raise StepError(f"--input {uri}: no objects under this prefix; check the bucket and prefix")
-            for key in keys:
-                relative = key[len(folder) + 1:] if folder else key
-                if ".." in Path(relative).parts:
-                    raise StepError(f"--input {uri}: object key {key!r} leaves the prefix ('..'); refusing to download it")
-                target = local / relative
-                target.parent.mkdir(parents=True, exist_ok=True)
-                client.download_file(bucket, key, str(target))
-        except ClientError as err:
-            error = err.response.get("Error", {})
-            if error.get("Code") == "NoSuchBucket":
-                raise StepError(f"--input {uri}: bucket {bucket!r} does not exist; check its name, and the account "
-                                "and region your AWS credentials point at") from None
-            raise StepError(f"--input {uri}: S3 refused ({error.get('Code')}: {error.get('Message')})") from None
-        except BotoCoreError as err:
-            raise StepError(f"--input {uri}: cannot reach S3 ({err})") from None
+                raise StepError(f"{label}: no objects under this prefix; check the bucket and prefix")
+            download_keys(client, bucket, keys, folder, local, label)
         print(f"downloaded {len(keys)} object(s) from {uri}")
         try:
             units, names = local_units(local)

@@ -31,12 +31,14 @@ from pathlib import Path
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir, require_path
 from stepkit.errors import StepError, run_step
 from stepkit.lora import LoraSettings, add_lora_arguments, attach_lora
-from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
-                              read_model_card, save_model, write_model_card)
+from stepkit.modelcard import read_model_card, write_model_card
+from stepkit.modelcheck import check_model_dir
+from stepkit.modeling import count_parameters, load_model_and_tokenizer, save_model
 from stepkit.pruning import (HONESTY_NOTE, IMPORTANCE, STRUCTURED_TARGETS, UNSTRUCTURED_SCOPES, activation_scores,
                              check_structured_amount, choose_units, prune_structured, prune_unstructured,
                              reapply_masks, sparsity, structured_units, weight_scores, weights_size)
 from stepkit.records import read_split
+from stepkit.threads import configure_runtime
 from stepkit.training import TrainSettings, check_data_limits, encode_records, evaluation_loss, train_seq2seq
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)

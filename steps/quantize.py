@@ -34,8 +34,10 @@ from stepkit.contract import atomic_output_dir, env_path, path_help, require_out
 from stepkit.ctranslate import METHODS as CT2_METHODS
 from stepkit.ctranslate import RUNTIME_DIR
 from stepkit.errors import StepError, run_step
-from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, load_model_and_tokenizer,
-                              read_model_card, save_model, write_model_card)
+from stepkit.modelcard import read_model_card, write_model_card
+from stepkit.modelcheck import check_model_dir
+from stepkit.modeling import count_parameters, load_model_and_tokenizer, save_model
+from stepkit.threads import configure_runtime
 
 MODEL_ENV = ("SM_CHANNEL_MODEL",)
 DATA_ENV = ("SM_CHANNEL_DATA", "SM_CHANNEL_TRAIN")

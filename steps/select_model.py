@@ -29,11 +29,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stepkit import catalog
+from stepkit.archive import extract_safely, find_model_root
 from stepkit.catalog import GIB, Budget, CatalogEntry
 from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir
 from stepkit.errors import StepError, first_line, run_step
-from stepkit.modeling import (check_model_dir, configure_runtime, count_parameters, extract_safely, find_model_root,
-                              load_model_and_tokenizer, path_inside, read_model_card, save_model)
+from stepkit.modelcard import read_model_card
+from stepkit.modelcheck import check_model_dir
+from stepkit.modeling import count_parameters, load_model_and_tokenizer, save_model
+from stepkit.s3 import download_keys, prefix_keys, relative_key, s3_errors, split_s3_uri
+from stepkit.threads import configure_runtime
 
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
 RUNTIME_BASELINE_GIB = 1.0  # python + torch + transformers before any weights exist
@@ -139,7 +143,7 @@ def resolve_source(model: str, random_weights: bool, flag: str = "--model") -> S
     ``flag`` is how errors name the value (flanops checks a config's BaseModelId with this too).
     """
     if model.startswith("s3://"):
-        parse_s3_uri(model)
+        split_s3_uri(model, flag)
         source = Source("s3", model)
     elif (entry := catalog.lookup(model)) is not None:
         if entry is catalog.TINY:
@@ -333,47 +337,27 @@ def _load_folder(folder: Path, source: Source, dtype: str):
 # ---------------------------------------------------------------- S3 and archives
 
 
-def parse_s3_uri(uri: str) -> tuple[str, str]:
-    bucket, _, key = uri[len("s3://"):].partition("/")
-    if not bucket:
-        raise StepError(f"--model {uri}: no bucket; write s3://bucket/prefix/")
-    return bucket, key
-
-
 def download_s3(uri: str, work_dir: Path) -> Path:
     """Fetch a model folder, a prefix holding model.tar.gz, or a tarball; return the local folder."""
     import boto3
-    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
-    bucket, key = parse_s3_uri(uri)
+    label = f"--model {uri}"
+    bucket, key = split_s3_uri(uri, "--model")
     local = work_dir / "s3"
-    try:
+    with s3_errors(label, bucket):
         s3 = boto3.client("s3")
         if key.endswith(ARCHIVE_SUFFIXES):
             return _download_archive(s3, bucket, key, local, uri)
-        prefix = key if key.endswith("/") or not key else key + "/"
-        keys = [obj["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                for obj in page.get("Contents", []) if not obj["Key"].endswith("/")]
+        folder, keys = prefix_keys(s3, bucket, key)
         if not keys:
-            raise StepError(f"--model {uri}: no objects under s3://{bucket}/{prefix}; check the prefix "
+            raise StepError(f"{label}: no objects under s3://{bucket}/{key}; check the prefix "
                             "(it should hold config.json, weights and tokenizer files, or model.tar.gz)")
-        names = {k[len(prefix):] for k in keys}
+        names = {relative_key(k, folder) for k in keys}
         if "config.json" not in names and "model.tar.gz" in names:
-            return _download_archive(s3, bucket, prefix + "model.tar.gz", local, uri)
-        print(f"downloading {len(keys)} objects from s3://{bucket}/{prefix}")
-        for object_key in keys:
-            target = path_inside(local, object_key[len(prefix):], f"--model {uri}: object {object_key!r}")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            s3.download_file(bucket, object_key, str(target))
+            return _download_archive(s3, bucket, f"{folder}/model.tar.gz".lstrip("/"), local, uri)
+        print(f"downloading {len(keys)} objects from s3://{bucket}/{key}")
+        download_keys(s3, bucket, keys, folder, local, label)
         return local
-    except NoCredentialsError:
-        raise StepError(f"--model {uri}: no AWS credentials found; configure credentials for the account "
-                        "that holds the bucket") from None
-    except ClientError as err:
-        error = err.response.get("Error", {})
-        raise StepError(f"--model {uri}: S3 refused the request ({error.get('Code')}: {error.get('Message')})") from None
-    except BotoCoreError as err:
-        raise StepError(f"--model {uri}: cannot reach S3 ({err})") from None
 
 
 def _download_archive(s3, bucket: str, key: str, local: Path, uri: str) -> Path:

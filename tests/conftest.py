@@ -45,13 +45,6 @@ AWS_VARIABLES = ("AWS_REGION", "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_DEFAULT
                  "AWS_SHARED_CREDENTIALS_FILE", "SAGEMAKER_USER_CONFIG_OVERRIDE")
 
 
-@pytest.fixture
-def steps_on_sys_path(monkeypatch):
-    """The step scripts' folder on sys.path, as in their container, for a script run in-process that imports a
-    sibling script by its bare name (optimize.py imports distill.py, quantize.py or prune.py)."""
-    monkeypatch.syspath_prepend(str(STEPS))
-
-
 def run_step(script: str, *args: str, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``steps/<script>`` as its own process, the way SageMaker and a user run it."""
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}

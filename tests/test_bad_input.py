@@ -31,8 +31,10 @@ from test_model_archive import TINY_DIMS
 
 from flanops.steps import select_model
 from stepkit import catalog
+from stepkit.archive import MODEL_ARCHIVE
 from stepkit.contract import COMPLETE_MARKER
-from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
+from stepkit.modeling import save_model
+from stepkit.packaging import package_model
 from stepkit.records import DATA_CARD, SPLITS
 
 CORPUS = Path(__file__).resolve().parent / "bad_inputs"

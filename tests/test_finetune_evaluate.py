@@ -70,7 +70,8 @@ def test_evaluation_reports_facts_and_prints_a_table(chain):
 def _sample_facts(chain) -> tuple[str, dict[str, list[tuple[str, bool]]]]:
     from flanops.pipelines.endpoint_commands import SAMPLE
     from stepkit.metrics import stated_facts
-    from stepkit.modeling import load_model_and_tokenizer, summarize
+    from stepkit.generation import summarize
+    from stepkit.modeling import load_model_and_tokenizer
 
     model, tokenizer = load_model_and_tokenizer(chain["tuned"])
     summary = summarize(model, tokenizer, [SAMPLE["dialogue"]])[0]

@@ -32,7 +32,9 @@ import pytest
 
 from flanops.steps import inference
 from conftest import STEPS
-from stepkit.modeling import MODEL_ARCHIVE, extract_safely, package_model, read_model_card, summarize
+from stepkit.archive import MODEL_ARCHIVE, extract_safely
+from stepkit.generation import summarize
+from stepkit.packaging import package_model
 from stepkit.records import read_split
 
 TOOLKIT_TRANSFORMERS = "4.51.3"

@@ -62,7 +62,8 @@ def over_limit_requests() -> list[tuple[str, dict, bytes | None, int]]:
 @pytest.fixture(scope="module")
 def endpoint(tmp_path_factory):
     """(url, server pid) of `flanops serve --model-data model.tar.gz` (flanops.infra.endpoint_client.serve_in_subprocess)."""
-    from stepkit.modeling import package_model, save_model
+    from stepkit.modeling import save_model
+    from stepkit.packaging import package_model
     from stepkit.synthetic import generate_splits
     from stepkit.tiny import build_tiny_model, train_tokenizer
 

@@ -15,10 +15,12 @@ import pytest
 from conftest import STEPS, run_step
 
 from flanops.steps import select_model
-from stepkit import catalog, modeling
+from stepkit import archive, catalog
+from stepkit.archive import MODEL_ARCHIVE, pack_folder
 from stepkit.errors import StepError
-from stepkit.modeling import (MODEL_ARCHIVE, check_model_dir, load_model_and_tokenizer, pack_folder, package_model,
-                              save_model)
+from stepkit.modelcheck import check_model_dir
+from stepkit.modeling import load_model_and_tokenizer, save_model
+from stepkit.packaging import package_model
 
 TINY_DIMS = catalog.T5Dims(d_model=32, d_ff=48, d_kv=8, num_heads=2, num_layers=1, num_decoder_layers=1, vocab_size=384)
 
@@ -117,8 +119,8 @@ def test_pack_folder_keeps_everything_as_a_training_job_output(model_dir, tmp_pa
 
 def test_extraction_happens_once_per_tarball(packed, monkeypatch):
     calls = []
-    real = modeling.extract_safely
-    monkeypatch.setattr(modeling, "extract_safely", lambda *a, **k: (calls.append(a), real(*a, **k)))
+    real = archive.extract_safely
+    monkeypatch.setattr(archive, "extract_safely", lambda *a, **k: (calls.append(a), real(*a, **k)))
     first = check_model_dir(packed)
     load_model_and_tokenizer(packed)  # what prune.py does after its own check
     assert check_model_dir(packed) == first

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,9 +11,11 @@ from conftest import run_step
 from flanops.steps import optimize
 from flanops.steps import select_model
 from stepkit import catalog
+from stepkit.archive import MODEL_ARCHIVE
 from stepkit.contract import SKIPPED_MARKER, skipped_reason
 from stepkit.errors import run_step as run_main
-from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
+from stepkit.modeling import save_model
+from stepkit.packaging import package_model
 
 TINY_DIMS = catalog.T5Dims(d_model=32, d_ff=48, d_kv=8, num_heads=2, num_layers=1, num_decoder_layers=1, vocab_size=384)
 
@@ -26,7 +29,7 @@ def model_dir(tmp_path_factory) -> Path:
 
 
 @pytest.mark.parametrize("variant, method", [("prune", "quantize"), ("distill", "none"), ("quantize", "prune")])
-def test_branch_not_chosen_writes_only_the_marker(tmp_path, capsys, variant, method, steps_on_sys_path):
+def test_branch_not_chosen_writes_only_the_marker(tmp_path, capsys, variant, method):
     out = tmp_path / variant
     # The step's own arguments are passed through untouched; a skipped branch reads only --output-dir.
     argv = ["--variant", variant, "--method", method, "--", "--model-dir", str(tmp_path / "absent"),
@@ -40,13 +43,13 @@ def test_branch_not_chosen_writes_only_the_marker(tmp_path, capsys, variant, met
     assert line.startswith(f"skipped {variant}:") and str(out) in line
 
 
-def test_skipped_output_defaults_to_the_steps_own_output_folder(tmp_path, monkeypatch, steps_on_sys_path):
+def test_skipped_output_defaults_to_the_steps_own_output_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("SM_MODEL_DIR", str(tmp_path / "sm-model"))  # where a TrainingStep's model goes
     assert run_main(optimize.main, ["--variant", "distill", "--method", "quantize", "--"]) == 0
     assert (tmp_path / "sm-model" / SKIPPED_MARKER).is_file()
 
 
-def test_skipped_marker_is_found_inside_model_tar_gz(tmp_path, steps_on_sys_path):
+def test_skipped_marker_is_found_inside_model_tar_gz(tmp_path):
     out = tmp_path / "skipped"
     assert run_main(optimize.main, ["--variant", "prune", "--method", "none", "--", "--output-dir", str(out)]) == 0
     uploaded = tmp_path / "uploaded"  # a TrainingStep's output, as the next job receives it
@@ -73,13 +76,15 @@ def test_chosen_branch_runs_the_step(model_dir, tmp_path):
     assert json.loads((out / "model_card.json").read_text())["quantization"]["method"] == "fp16"
 
 
-def test_auto_runs_every_branch(model_dir, tmp_path, capsys, steps_on_sys_path):
+def test_auto_runs_every_branch(model_dir, tmp_path, capsys):
     out = tmp_path / "quantized"  # in process (the subprocess case is above): quick
     argv = ["--variant", "quantize", "--method", "auto", "--", "--model-dir", str(model_dir), "--method", "bf16",
             "--output-dir", str(out)]
     assert run_main(optimize.main, argv) == 0
     assert "running quantize (--method auto)" in capsys.readouterr().out
     assert json.loads((out / "model_card.json").read_text())["quantization"]["method"] == "bf16"
+    # in process, the branch is this package's quantize.py, not a second copy under its bare name
+    assert "flanops.steps.quantize" in sys.modules and "quantize" not in sys.modules
 
 
 @pytest.mark.parametrize("argv, message", [

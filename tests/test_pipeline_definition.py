@@ -959,7 +959,7 @@ def test_without_a_reachable_index_the_runtime_wheel_is_left_out_with_a_warning(
 
 
 def test_a_ct2_artifact_without_its_wheel_installs_the_runtime_from_the_index(tmp_path):
-    from stepkit.modeling import package_model
+    from stepkit.packaging import package_model
     from stepkit.wheels import runtime_version
 
     folder = tmp_path / "ct2"

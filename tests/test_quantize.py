@@ -31,9 +31,11 @@ MIN_SAME_SUMMARIES = 0.6   # measured on the tiny model: 77-85% of summaries wor
 RELOAD_SCRIPT = r"""
 import json, sys
 sys.path.insert(0, sys.argv[1])
+from stepkit.generation import summarize
 from stepkit.metrics import rouge
-from stepkit.modeling import configure_runtime, load_model_and_tokenizer, summarize
+from stepkit.modeling import load_model_and_tokenizer
 from stepkit.records import read_split
+from stepkit.threads import configure_runtime
 
 configure_runtime()
 data_dir, examples, folders = sys.argv[2], int(sys.argv[3]), sys.argv[4:]

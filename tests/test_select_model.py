@@ -16,7 +16,8 @@ from flanops.steps import select_model
 from stepkit import catalog
 from stepkit.errors import StepError
 from stepkit.errors import run_step as run_main
-from stepkit.modeling import load_model_and_tokenizer, read_model_card, save_model
+from stepkit.modelcard import read_model_card
+from stepkit.modeling import load_model_and_tokenizer, save_model
 
 # Published fp32 checkpoint sizes of google/flan-t5-* on the Hugging Face Hub (model.safetensors,
 # or the sum of its shards), in bytes as the Hub rounds them. An independent check of the formula.

@@ -15,8 +15,10 @@ from flanops.steps import evaluate
 from flanops.steps import optimize
 from flanops.steps import select_model
 from stepkit import catalog
+from stepkit.archive import MODEL_ARCHIVE
 from stepkit.errors import run_step as run_main
-from stepkit.modeling import MODEL_ARCHIVE, package_model, save_model
+from stepkit.modeling import save_model
+from stepkit.packaging import package_model
 from stepkit.records import write_jsonl
 
 
@@ -130,7 +132,7 @@ def _data(folder: Path) -> Path:
     return folder
 
 
-def test_evaluate_selects_packages_and_reports_the_winner(tmp_path, capsys, steps_on_sys_path):
+def test_evaluate_selects_packages_and_reports_the_winner(tmp_path, capsys):
     finetuned = _save(BIG, tmp_path / "finetuned", "lora")
     small = _save(SMALL, tmp_path / "small-src", "distillation")
     uploaded = tmp_path / "distilled"  # the variant as a Processing job receives a TrainingStep's model

@@ -303,3 +303,29 @@ def test_invented_names_are_never_evaluation_names_in_either_style():
         assert not {name.lower() for name in names} & evaluation, style
     with pytest.raises(ValueError, match="unknown name style 'runes'"):
         invented_name(rng, "runes")
+
+
+# ---------------------------------------------------------------- s3 (select_model.py's and prepare_data.py's downloads)
+
+
+def test_s3_prefix_names_one_object_or_a_folder_and_downloads_stay_inside(tmp_path, fake_aws_credentials):
+    import boto3
+    from moto import mock_aws
+    from stepkit.s3 import download_keys, prefix_keys, split_s3_uri
+
+    with mock_aws():
+        s3 = boto3.client("s3")
+        s3.create_bucket(Bucket="raw")
+        for key in ("data/a.jsonl", "data/sub/b.jsonl", "data/", "data2/c.jsonl", "one.jsonl"):
+            s3.put_object(Bucket="raw", Key=key, Body=key.encode())
+        folder = ("data", ["data/a.jsonl", "data/sub/b.jsonl"])   # not data2/, not the folder marker data/
+        assert prefix_keys(s3, "raw", "data") == folder and prefix_keys(s3, "raw", "data/") == folder
+        assert prefix_keys(s3, "raw", "one.jsonl") == ("", ["one.jsonl"])
+        download_keys(s3, "raw", *reversed(folder), tmp_path / "got", "--input s3://raw/data")
+        assert (tmp_path / "got" / "sub" / "b.jsonl").read_text() == "data/sub/b.jsonl"
+        s3.put_object(Bucket="raw", Key="/etc/evil", Body=b"x")
+        with pytest.raises(StepError, match="object key '/etc/evil' would be written outside.*leaves the prefix"):
+            download_keys(s3, "raw", ["one.jsonl", "/etc/evil"], "", tmp_path / "none", "--input s3://raw")
+        assert not (tmp_path / "none").exists()   # checked before anything was downloaded
+    with pytest.raises(StepError, match=r"^--model s3://: no bucket; write s3://bucket/prefix/$"):
+        split_s3_uri("s3://", "--model")

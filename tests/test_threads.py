@@ -76,7 +76,7 @@ def test_every_core_busy_leaves_training_one_thread():
 def test_steps_use_the_policy(tmp_path):
     """configure_runtime sets torch (and OMP_NUM_THREADS, which accelerate reads) to the policy's count."""
     script = ("import os, sys; sys.path.insert(0, sys.argv[1]); import torch\n"
-              "from stepkit.modeling import configure_runtime\n"
+              "from stepkit.threads import configure_runtime\n"
               "print(configure_runtime(1_000_000), torch.get_num_threads(), os.environ['OMP_NUM_THREADS'])\n"
               "print(configure_runtime(), torch.get_num_threads())")
     result = subprocess.run([sys.executable, "-c", script, str(STEPS)], capture_output=True, text=True, timeout=120,

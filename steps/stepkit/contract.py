@@ -14,8 +14,8 @@ import uuid
 from pathlib import Path
 from typing import Iterator
 
+from .archive import MODEL_ARCHIVE, extract_model_archive
 from .errors import StepError, storage_problem
-from .modeling import MODEL_ARCHIVE, extract_model_archive
 
 COMPLETE_MARKER = "_SUCCESS"
 SKIPPED_MARKER = "SKIPPED.json"  # an optimization branch that was not chosen (optimize.py): no model inside

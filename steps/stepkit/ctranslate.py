@@ -7,7 +7,7 @@ LM head included. A ``ct2-int8`` model folder is a normal flanops model folder (
 ``config.json``, ``generation_config.json``, tokenizer, ``model_card.json``) whose weights are
 ``ctranslate2/`` (``model.bin``, ``config.json``, ``shared_vocabulary.json``) instead of
 safetensors; :func:`load` returns a model object whose ``generate`` takes the arguments of
-transformers' ``generate`` that flanops uses, so ``stepkit.modeling.summarize`` and
+transformers' ``generate`` that flanops uses, so ``stepkit.generation.summarize`` and
 ``stepkit.cost`` treat every variant alike.
 
 Generation settings map one to one (``num_beams`` → ``beam_size``, ``max_new_tokens`` →

@@ -126,3 +126,19 @@ def free_cores(before: tuple[int, int, int], after: tuple[int, int, int], cores:
     busy = total - (after[0] - before[0])
     others = max(0, busy - (after[2] - before[2])) / (total / cores)   # in cores
     return max(1, min(usable, int(usable - others + 0.3)))   # a core only a third busy still counts as free
+
+
+def configure_runtime(parameters: int | None = None) -> int:
+    """torch's intra-op threads: the idle cores we were given for training (``parameters`` None), or as many
+    as ``threads.inference_threads`` gives a model of that size for generating; plain log lines. Returns the count.
+
+    transformers 5 draws a progress bar per file loaded or saved; in job logs that is noise.
+    """
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    threads = inference_threads(parameters) if parameters is not None else training_threads()
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)   # else accelerate resets torch to every core under torchrun
+    transformers_logging.disable_progress_bar()
+    return threads
