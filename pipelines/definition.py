@@ -10,33 +10,25 @@ SKIPPED marker and ends at once (``steps/optimize.py``), so ``auto`` runs all th
 parallel and Evaluate picks the variant to register. Evaluate writes ``evaluation.json``
 (read by the gate through a PropertyFile) and the chosen model as ``model.tar.gz``.
 
-Code locations are content-addressed (``<pipeline>/code/<sha256>/…``) so that an unchanged
-pipeline yields a byte-identical definition. The step scripts share one bundle (they share
-stepkit), so changing any of them changes every job's arguments and so its cache key.
+Code locations are content-addressed (``code_locations``) so that an unchanged pipeline yields a
+byte-identical definition, and a built definition is remembered by what it is made of (``remembered``).
 
 SageMaker SDK v3 makes boto3 clients when imported: everything here imports it lazily, after
 the caller has chosen the AWS (embedded or real) and the region.
 """
 from __future__ import annotations
 
-import gzip
-import hashlib
-import io
 import json
-import re
-import tarfile
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-from .config import PipelineConfig, steps_dir
-from .s3 import split_s3_uri
+from .code_locations import content_address, image_python, upload_code, upload_serving_wheel
+from .config import PipelineConfig
+from .remembered import definition_key, definitions_dir, remember_definition, remembered_definition
 from .tables import GATE, STEPS, GateCondition
 
 PROCESSING = "/opt/ml/processing"       # SageMaker's processing container contract
 CHECKPOINTS = "/opt/ml/checkpoints"     # a training job's checkpoint folder, synced with its CheckpointConfig S3Uri
-CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location
-CODE_INPUTS = {"code", "entrypoint", "aux", "sm_drivers"}   # job inputs that carry code, not data
 EVALUATION_REPORT = "EvaluationReport"
 # The SDK's defaults config, given directly: no telemetry calls to the internet. (Pointing
 # SAGEMAKER_USER_CONFIG_OVERRIDE at a file instead re-validates it per session: 4x slower builds.)
@@ -74,143 +66,6 @@ class StepNames:
 
 
 NAMES = StepNames()
-
-
-# ----------------------------------------------------------------------------- code bundle
-def is_bytecode(relative_path: str) -> bool:
-    """A compiled file: written by whichever Python ran the code, so it differs between machines and venvs."""
-    return "__pycache__" in relative_path.split("/") or relative_path.endswith((".pyc", ".pyo"))
-
-
-def code_bundle(folder: Path | None = None) -> tuple[bytes, str]:
-    """``sourcedir.tar.gz`` of the step scripts, byte-for-byte the same for the same files.
-
-    Sorted names, zero mtimes/owners and a zero gzip timestamp: the SDK's own packaging stamps
-    the time, which would change the definition (and miss every cache) on each build.
-    """
-    folder = folder or steps_dir()
-    files = sorted(p for p in folder.rglob("*") if p.is_file() and not is_bytecode(p.relative_to(folder).as_posix()))
-    raw = io.BytesIO()
-    with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in files:
-            info = tarfile.TarInfo(path.relative_to(folder).as_posix())
-            data = path.read_bytes()
-            info.size, info.mode, info.mtime = len(data), 0o644, 0
-            tar.addfile(info, io.BytesIO(data))
-    packed = io.BytesIO()
-    with gzip.GzipFile(fileobj=packed, mode="wb", mtime=0, filename="") as gz:
-        gz.write(raw.getvalue())
-    body = packed.getvalue()
-    return body, hashlib.sha256(body).hexdigest()
-
-
-def upload_code(s3, bucket: str, pipeline_name: str) -> str:
-    """Upload the step scripts once per content; returns the ``sourcedir.tar.gz`` S3 URI."""
-    body, digest = code_bundle()
-    key = f"{pipeline_name}/{CODE_PREFIX}/{digest}/sourcedir.tar.gz"
-    put_if_absent(s3, bucket, key, body)
-    return f"s3://{bucket}/{key}"
-
-
-def upload_serving_wheel(s3, bucket: str, pipeline_name: str, serving_python: str) -> str | None:
-    """Stage the serving runtime's wheel (stepkit/wheels.py) under a content key; returns its folder's S3 URI.
-
-    Fetched here, on the client, so that the Evaluate job packs it into model.tar.gz without
-    network access of its own (a job in a VPC or with network isolation has none). None, with a
-    warning, where it cannot be fetched (no package index reachable and none cached).
-    """
-    from stepkit.errors import StepError
-    from stepkit.wheels import runtime_wheel
-
-    try:
-        wheel = runtime_wheel(serving_python)
-    except StepError as err:
-        print(f"warning: {err}. A ct2-int8 model will be packaged without it and its endpoint will install "
-              "CTranslate2 from the package index when it starts: it cannot serve in a network-isolated stage "
-              "(the shipped staging and prod) until you run again where the index is reachable")
-        return None
-    body = wheel.read_bytes()
-    key = f"{pipeline_name}/{CODE_PREFIX}/{hashlib.sha256(body).hexdigest()}/wheels"
-    put_if_absent(s3, bucket, f"{key}/{wheel.name}", body)
-    return f"s3://{bucket}/{key}"
-
-
-def image_python(image_uri: str) -> str:
-    """``…huggingface-pytorch-inference:2.6.0-transformers4.51.3-cpu-py312-ubuntu22.04`` → ``3.12``."""
-    found = re.search(r"-py(\d)(\d+)-", image_uri)
-    if not found:
-        raise ValueError(f"cannot tell the Python version of image {image_uri}: expected a '-pyXY-' tag")
-    return f"{found.group(1)}.{found.group(2)}"
-
-
-def put_if_absent(s3, bucket: str, key: str, body: bytes | Callable[[], bytes]) -> None:
-    """Upload ``body`` (or what calling it returns: read only when needed) unless ``key`` exists."""
-    from botocore.exceptions import ClientError
-
-    try:
-        s3.head_object(Bucket=bucket, Key=key)
-    except ClientError as err:
-        if err.response.get("Error", {}).get("Code") not in ("404", "NoSuchKey", "NotFound"):
-            raise
-        s3.put_object(Bucket=bucket, Key=key, Body=body() if callable(body) else body)
-
-
-def content_address(definition: dict, s3, pipeline_name: str) -> dict:
-    """Move code the SDK uploaded under per-build names (timestamps, job names) to content keys.
-
-    v3's ModelTrainer uploads its driver scripts (``sm_drivers``) and FrameworkProcessor its
-    ``install_requirements.py`` (``aux``) under a fresh job name on every build. The copies go
-    to ``<pipeline>/code/<sha256 of the files>/<name>`` and the definition points there.
-    """
-    for step in iter_steps(definition["Steps"]):
-        arguments = step.get("Arguments", {})
-        for item in arguments.get("ProcessingInputs", []):
-            if item.get("InputName") in CODE_INPUTS and "S3Input" in item:
-                item["S3Input"]["S3Uri"] = relocate(s3, item["S3Input"]["S3Uri"], pipeline_name, item["InputName"])
-        for channel in arguments.get("InputDataConfig", []):
-            source = channel.get("DataSource", {}).get("S3DataSource")
-            if channel.get("ChannelName") in CODE_INPUTS and source:
-                source["S3Uri"] = relocate(s3, source["S3Uri"], pipeline_name, channel["ChannelName"])
-    return definition
-
-
-def relocate(s3, uri: Any, pipeline_name: str, name: str) -> Any:
-    if not isinstance(uri, str):
-        return uri
-    bucket, key = split_s3_uri(uri)
-    if key.startswith(f"{pipeline_name}/{CODE_PREFIX}/"):
-        return uri   # already content-addressed (our bundle, the SDK's hashed runproc.sh)
-    prefix = key.rstrip("/")
-    objects = []
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        objects += [obj["Key"] for obj in page.get("Contents", [])]
-    if not objects:
-        raise RuntimeError(f"the SDK uploaded nothing to {uri} for the {name!r} input")
-    single_object = objects == [prefix]
-    base = prefix.rsplit("/", 1)[0] if single_object else prefix
-    # The SDK uploads its drivers' folder with the __pycache__ of the venv it is installed in: left out, the
-    # same SDK version gives the same code location (and definition) on every machine.
-    relatives = {obj: obj[len(base):].lstrip("/") for obj in sorted(objects)}
-    files = {relative: s3.get_object(Bucket=bucket, Key=obj)["Body"].read()
-             for obj, relative in relatives.items() if single_object or not is_bytecode(relative)}
-    digest = hashlib.sha256()
-    for relative, body in sorted(files.items()):
-        digest.update(relative.encode() + b"\0" + hashlib.sha256(body).digest())
-    target = f"{pipeline_name}/{CODE_PREFIX}/{digest.hexdigest()}/{name}"
-    for relative, body in files.items():
-        put_if_absent(s3, bucket, f"{target}/{relative}", body)
-    if single_object:
-        return f"s3://{bucket}/{target}/{next(iter(files))}"
-    return f"s3://{bucket}/{target}" + ("/" if uri.endswith("/") else "")
-
-
-def iter_steps(steps: list[dict]):
-    """Every step, including those inside ConditionStep branches."""
-    for step in steps:
-        yield step
-        if step.get("Type") == "Condition":
-            yield from iter_steps(step["Arguments"].get("IfSteps", []))
-            yield from iter_steps(step["Arguments"].get("ElseSteps", []))
 
 
 # ----------------------------------------------------------------------------- the pipeline
@@ -545,65 +400,3 @@ def build_definition(config: PipelineConfig, role_arn: str, default_bucket: str,
     remember_definition(definition_key(config, role_arn, default_bucket, session.region_name), text, s3,
                         default_bucket, config.pipeline_name)
     return text
-
-
-# ----------------------------------------------------------------------------- remembered definitions
-def definition_key(config: PipelineConfig, role_arn: str, bucket: str, region: str) -> str:
-    """What a definition is made of: the config, the target, the step code, this module and the SDK's version."""
-    from importlib.metadata import version
-
-    from stepkit.wheels import cache_dir, runtime_version
-
-    digest = hashlib.sha256()
-    settings = {"pipeline_name": config.pipeline_name, "parameters": config.parameter_values(), "steps": config.steps,
-                "images": config.images.model_dump(), "security": config.security.model_dump(),
-                "cache_expire_after": config.cache_expire_after, "max_retries": config.max_retries}
-    made_of = {"config": settings, "role": role_arn, "bucket": bucket,
-               "region": region, "code": code_bundle()[1], "sagemaker": version("sagemaker"),
-               "runtime": runtime_version(),
-               # a definition built while no wheel could be fetched has none: not the one to reuse once it can
-               "wheels": sorted(path.name for path in cache_dir().glob("*/*.whl")),
-               "builder": [hashlib.sha256(Path(__file__).with_name(name).read_bytes()).hexdigest()
-                           for name in ("definition.py", "config.py", "tables.py")]}
-    digest.update(json.dumps(made_of, sort_keys=True, default=str).encode())
-    return digest.hexdigest()
-
-
-def definitions_dir() -> Path:
-    from .home import flanops_home
-
-    return flanops_home() / "definitions"
-
-
-def remember_definition(key: str, text: str, s3, bucket: str, pipeline_name: str) -> None:
-    """Keep ``text`` and a copy of every code object it points to (content-addressed, so each is kept once)."""
-    from .files import write_bytes_atomic, write_json_atomic
-
-    objects_dir = definitions_dir() / "objects"
-    objects_dir.mkdir(parents=True, exist_ok=True)
-    objects = {}
-    for prefix in sorted(set(re.findall(rf"s3://{re.escape(bucket)}/({re.escape(pipeline_name)}/{CODE_PREFIX}/[^\"]+)",
-                                        text))):
-        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                body = s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
-                digest = hashlib.sha256(body).hexdigest()
-                if not (objects_dir / digest).is_file():
-                    write_bytes_atomic(objects_dir / digest, body)
-                objects[item["Key"]] = digest
-    write_json_atomic(definitions_dir() / f"{key}.json", {"definition": text, "bucket": bucket, "objects": objects})
-
-
-def remembered_definition(key: str, s3, bucket: str) -> str | None:
-    """The remembered definition for ``key``, its code objects put back where missing; None if there is none."""
-    path = definitions_dir() / f"{key}.json"
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-        copies = {name: definitions_dir() / "objects" / digest for name, digest in entry["objects"].items()}
-    except (OSError, ValueError, KeyError, AttributeError):
-        return None
-    if entry.get("bucket") != bucket or not all(copy.is_file() for copy in copies.values()):
-        return None
-    for name, copy in copies.items():
-        put_if_absent(s3, bucket, name, copy.read_bytes)
-    return entry["definition"]

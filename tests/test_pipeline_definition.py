@@ -24,7 +24,9 @@ from conftest import mocked_aws
 from flanops.pipelines import cli
 from flanops.pipelines import definition as definition_module
 from flanops.pipelines.config import ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
-from flanops.pipelines.definition import CODE_INPUTS, EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition, iter_steps
+from flanops.pipelines import code_locations, remembered
+from flanops.pipelines.code_locations import CODE_INPUTS, iter_steps
+from flanops.pipelines.definition import EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition
 from flanops.pipelines.expressions import json_path
 from flanops.pipelines.tables import STEPS
 
@@ -712,7 +714,7 @@ def test_a_row_added_to_the_gate_table_reaches_every_place_that_shows_the_gate(a
 
 # ----------------------------------------------------------------------------- stability
 def test_building_twice_gives_the_same_bytes(aws, text):
-    shutil.rmtree(definition_module.definitions_dir())   # the SDK builds it again, not the remembered copy
+    shutil.rmtree(remembered.definitions_dir())   # the SDK builds it again, not the remembered copy
     assert aws.build() == text
 
 
@@ -739,7 +741,7 @@ def test_an_unchanged_definition_is_remembered_and_its_code_put_back_where_missi
 
 
 def test_an_edit_of_the_step_or_gate_table_is_not_answered_from_the_remembered_definition(monkeypatch):
-    from flanops.pipelines.definition import definition_key
+    from flanops.pipelines.remembered import definition_key
 
     config = load_config()
     key = definition_key(config, ROLE_ARN, BUCKET, REGION)
@@ -752,10 +754,10 @@ def test_an_edit_of_the_step_or_gate_table_is_not_answered_from_the_remembered_d
 def test_a_changed_step_script_changes_the_code_locations(aws, text, definition, tmp_path, monkeypatch):
     config = load_config()   # before the patch: load_config imports the step scripts to check settings
     copy = tmp_path / "steps"
-    shutil.copytree(definition_module.steps_dir(), copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(code_locations.steps_dir(), copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     with (copy / "evaluate.py").open("a", encoding="utf-8") as handle:
         handle.write("# one more line\n")
-    monkeypatch.setattr(definition_module, "steps_dir", lambda: copy)
+    monkeypatch.setattr(code_locations, "steps_dir", lambda: copy)
     changed_text = aws.build(config)
     before, after = code_uris(definition), code_uris(json.loads(changed_text))
     assert before.keys() == after.keys() and before[NAMES.evaluate].keys() >= {"code"}
@@ -997,7 +999,7 @@ def test_the_sdks_bytecode_is_left_out_of_a_code_location():
             for key, body in {"job-1/sm_drivers/driver.py": b"print('hi')\n",
                               "job-1/sm_drivers/__pycache__/driver.cpython-311.pyc": bytecode}.items():
                 s3.put_object(Bucket="code-bucket", Key=key, Body=body)
-            located.append(definition_module.relocate(s3, "s3://code-bucket/job-1/sm_drivers", "p", "sm_drivers"))
+            located.append(code_locations.relocate(s3, "s3://code-bucket/job-1/sm_drivers", "p", "sm_drivers"))
         assert located[0] == located[1]
         copied = [item["Key"] for item in s3.list_objects_v2(Bucket="code-bucket", Prefix="p/code/")["Contents"]]
         assert copied == [located[0].removeprefix("s3://code-bucket/") + "/driver.py"]

@@ -22,7 +22,8 @@ from test_pipeline_definition import OPERATIONS, request_problems
 from conftest import mocked_aws
 from flanops.pipelines import cli, targets
 from flanops.pipelines.config import ConfigError, config_dir, load_config
-from flanops.pipelines.definition import NAMES, build_definition, iter_steps
+from flanops.pipelines.code_locations import iter_steps
+from flanops.pipelines.definition import NAMES, build_definition
 from flanops.pipelines.errors import FlanopsError
 from flanops.infra.buckets import PUBLIC_ACCESS_BLOCK, ensure_bucket, lock_down
 from flanops.infra.pipeline_role import pipeline_policy, pipeline_role_template, policy_name, resolve_pseudo
