@@ -3,8 +3,9 @@
 Each example is one scenario (topic + intent) filled with slots: two speaker names, a day, a
 time, an amount, an item or place. Dialogues vary in length (small talk, clarifications,
 a rejected first offer as a distractor value). Summaries come in several phrasings, all kept as
-references; the first, the scenario's house style, is the ``summary`` a fine-tune learns. ``facts`` lists the slot values the summary states, so an
-evaluation can check whether a model got the speakers and values right, not just the template.
+references; the first, the scenario's house style, is the ``summary`` a fine-tune learns.
+``facts`` lists the slot values the summary states, so an evaluation can check whether a model
+got the speakers and values right, not just the template.
 
 Held out, so that stating a fact means copying it from the dialogue (see HoldOut): train's
 names, surnames, restaurants and cities are invented words while validation and test use real
