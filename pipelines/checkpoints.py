@@ -14,6 +14,10 @@ import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from stepkit.errors import StepError
+from stepkit.s3 import download_keys, prefix_keys, relative_key
+
+from .failures import StepFailed
 from .s3 import split_s3_uri
 
 DEFAULT_LOCAL_PATH = "/opt/ml/checkpoints"   # SageMaker's LocalPath when the config gives none
@@ -32,16 +36,16 @@ class CheckpointSync:
     def restore(self) -> int:
         """Copy every object below the S3 location into the folder; returns how many."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        count = 0
-        for page in self.s3.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix + "/"):
-            for item in page.get("Contents", []):
-                destination = self.folder / item["Key"][len(self.prefix) + 1:]
-                destination.parent.mkdir(parents=True, exist_ok=True)
-                self.s3.download_file(self.bucket, item["Key"], str(destination))
-                stat = destination.stat()
-                self.uploaded[destination.relative_to(self.folder).as_posix()] = (stat.st_size, stat.st_mtime_ns)
-                count += 1
-        return count
+        folder, keys = prefix_keys(self.s3, self.bucket, self.prefix + "/")
+        try:
+            download_keys(self.s3, self.bucket, keys, folder, self.folder, self.uri)
+        except StepError as err:   # a key that would land outside the folder
+            raise StepFailed(str(err)) from None
+        for key in keys:
+            relative = relative_key(key, folder)
+            stat = (self.folder / relative).stat()
+            self.uploaded[relative] = (stat.st_size, stat.st_mtime_ns)
+        return len(keys)
 
     def upload_changed(self) -> int:
         """Upload the files that are new or changed since their last upload; returns how many."""

@@ -585,8 +585,6 @@ def copy_is_intact(copy: dict | None) -> bool:
 
 
 def restore_copy(s3, copy: dict, uri: str, extra_args: dict | None = None) -> None:
-    from .s3 import split_s3_uri
-
     path = Path(copy["path"])
     if path.is_file():
         bucket, key = split_s3_uri(uri)
