@@ -27,7 +27,8 @@ CONTAINER_OUTPUT = "/opt/ml/processing/output/data"
 def run(settings: BenchSettings, workspace: Workspace, progress: Progress) -> SectionResult:
     from flanops.pipelines.pipeline_commands import definition_for
     from flanops.pipelines.targets import TargetChoice, open_target
-    from flanops.pipelines.config import load_config, steps_dir
+    from flanops.pipelines.config import load_config
+    from flanops.pipelines.step_scripts import steps_dir
     from flanops.pipelines.definition import NAMES
     from flanops.pipelines.home import flanops_home
     from flanops.pipelines.expressions import Context, format_value

@@ -87,7 +87,8 @@ class BenchSettings:
 
 def cloud_finetune() -> dict[str, Any]:
     """The LoRA settings of configs/cloud.yaml's fine-tune: its parameters, else finetune_lora.py's defaults."""
-    from flanops.pipelines.config import import_step, load_config
+    from flanops.pipelines.config import load_config
+    from flanops.pipelines.step_scripts import import_step
 
     config = load_config("cloud")
     defaults = import_step("finetune_lora").build_parser()

@@ -104,7 +104,7 @@ def longest_examples(workspace, train: int, validation: int) -> Path:
 
 def finetune_peak(settings: BenchSettings, workspace, progress: Progress) -> tuple[dict, dict]:
     """Peak RSS of ``python steps/finetune_lora.py`` with its defaults on the LoRA model (a figure and its target)."""
-    from flanops.pipelines.config import steps_dir
+    from flanops.pipelines.step_scripts import steps_dir
     from stepkit.catalog import GIB
     from stepkit.modelcard import read_model_card
 

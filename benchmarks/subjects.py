@@ -105,7 +105,7 @@ class Workspace:
             return self.fp32(spec, seed)
 
         def make() -> Path:
-            from flanops.pipelines.config import import_step
+            from flanops.pipelines.step_scripts import import_step
 
             folder = self.root / spec.name / method
             shutil.rmtree(folder, ignore_errors=True)

@@ -122,7 +122,7 @@ def charts(facts) -> dict[str, bytes]:
 
 def definition_graph(definition: dict) -> bytes:
     """A pipeline definition's graph (steps not run yet) as PNG bytes."""
-    from .local import StepGraph
+    from .stepgraph import StepGraph
     from .report import graph_chart
 
     graph = StepGraph.of(definition)

@@ -15,7 +15,7 @@ import tarfile
 from pathlib import Path
 from typing import Any, Callable
 
-from .config import steps_dir
+from .step_scripts import steps_dir
 from .s3 import split_s3_uri
 
 CODE_PREFIX = "code"                     # <pipeline>/code/<sha256>/… holds every code location

@@ -17,9 +17,7 @@ A config has these parts:
 """
 from __future__ import annotations
 
-import contextlib
 import difflib
-import io
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -35,6 +33,8 @@ from stepkit.errors import StepError
 from flanops.infra.stages import KMS_KEY_PATTERN, Vpc, pattern_hint
 
 from .errors import FlanopsError
+from .step_scripts import (import_step, refused_setting, settings_problem, settings_to_flags, step_flags,
+                           wired_flag_default)
 from .tables import STEPS
 
 OPTIMIZATION_METHODS = ("none", "distill", "quantize", "prune", "auto")
@@ -166,42 +166,6 @@ class PipelineConfig:
 
     def parameter_values(self) -> dict[str, Any]:
         return self.parameters.model_dump()
-
-
-def settings_to_flags(settings: dict[str, Any], known: set[str] = frozenset()) -> list[str]:
-    """Settings as flags: ``true`` gives the bare flag; ``false`` gives ``--no-<name>`` where the script has
-    one (``gradient_checkpointing: false``), else nothing (the flag's default is off)."""
-    flags: list[str] = []
-    for name, value in settings.items():
-        flag = "--" + name.replace("_", "-")
-        if value is True:
-            flags.append(flag)
-        elif value is False and f"no_{name}" in known:
-            flags.append("--no-" + name.replace("_", "-"))
-        elif value is False or value is None:
-            continue
-        else:
-            flags += [flag, str(value)]
-    return flags
-
-
-def steps_dir() -> Path:
-    """The step scripts as installed with the package: the folder each job gets as its source_dir."""
-    return Path(str(resources.files("flanops.steps")))
-
-
-def import_step(script: str):
-    """A step script as a module: ``flanops.steps.<script>``; its ``stepkit`` is the installed top-level one."""
-    import importlib
-
-    return importlib.import_module(f"flanops.steps.{script}")
-
-
-def wired_flag_default(parameter: str) -> Any:
-    """The default of a parameter that feeds a step script's flag: that flag's own default in the script."""
-    section, flag = next((step.section, flag) for step in STEPS.values() for flag in step.passed
-                         if step.parameter_of(flag) == parameter)
-    return import_step(STEPS[section].script).build_parser().get_default(flag)
 
 
 def config_dir() -> Path:
@@ -380,60 +344,12 @@ def check_step_settings(config: PipelineConfig, text: str | None = None) -> None
                               f"steps.{section} ({script}.py): {problem}")
 
 
-def refused_setting(step, name: str) -> str | None:
-    """Why a config may not set flag ``name`` of ``step``'s script (None: it may)."""
-    if name in step.wired():
-        parameter = step.parameter_of(name)
-        source = step.passed.get(name, "the job's container")
-        return (f"set by the pipeline itself, from {source}" +
-                (f"; set it with --param {parameter}=… (or parameters.{parameter})" if parameter else "; remove it"))
-    if name in step.refused:
-        return f"not a setting of the pipeline's {step.name} job: {step.refused[name]}; remove it"
-    return None
-
-
 def setting_origin(config: PipelineConfig, name: str, overridden: set[str], text: str | None) -> str:
     """Where a step setting was given: ``--param steps.x.y`` or ``configs/x.yaml line 4: steps.x.y``."""
     if name in overridden:
         return f"--param {name}"
     line = yaml_line(text, name.split(".")) if text else None
     return f"{config.label}{f' line {line}' if line else ''}: {name}"
-
-
-def step_flags(section: str) -> set[str]:
-    """The long flags of a section's script, as settings (``--max-steps`` → ``max_steps``); ``help`` is none."""
-    parser = import_step(STEPS[section].script).build_parser()
-    # argparse has no public list of a parser's actions; _actions has been the one place since Python 3.2.
-    return {option[2:].replace("-", "_") for action in parser._actions for option in action.option_strings
-            if option.startswith("--") and option != "--help"}
-
-
-def settings_problem(section: str, flags: list[str]) -> str | None:
-    """What the step script says about ``flags``, or None if it accepts them.
-
-    First its argparse parser, then its ``check_flags`` (the checks that need no file: a
-    temperature, a pruning amount, a LoRA rank), so a value that would stop the job hours into
-    a run stops the config now. Folders the pipeline wires get a stand-in: check_flags only
-    looks at whether they are given.
-    """
-    module = import_step(STEPS[section].script)
-    captured = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(captured):
-            args = module.parse_args(flags)
-    except SystemExit:
-        lines = [line for line in captured.getvalue().splitlines() if "error:" in line]
-        message = lines[-1].split("error:", 1)[1].strip() if lines else captured.getvalue().strip()
-        return message.replace("unrecognized arguments", "unknown setting(s)")
-    for name in STEPS[section].wired():
-        if name.endswith("_dir") and getattr(args, name, None) is None:
-            setattr(args, name, f"<{name} from the pipeline>")
-    try:
-        if hasattr(module, "check_flags"):
-            module.check_flags(args)
-    except StepError as err:
-        return str(err)
-    return None
 
 
 def error_context(error: dict, text: str | None) -> str:

@@ -11,8 +11,8 @@ callers find it there and reuse it. A file lock keeps concurrent callers from st
         boto3.client("s3").list_buckets()
 
 From a shell: ``eval "$(flanops local env)"`` then ``aws s3 ls``; ``flanops local status|stop``
-to inspect or stop the server. ``python -m flanops.pipelines.embedded serve`` is the server process
-itself, which :func:`ensure_server` launches.
+to inspect or stop the server. ``python -m flanops.pipelines.embedded_server serve`` is the server
+process itself (embedded_server.py), which :func:`ensure_server` launches.
 
 State lives only as long as the server process. ``stop_server()``, a reboot or a crash
 loses every bucket, pipeline and model package. moto 5.2.5 has no snapshot or restore.
@@ -32,7 +32,6 @@ This module therefore does not pretend to persist anything across a restart.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime as dt
 import functools
@@ -67,9 +66,9 @@ moto serves every region; this default only names one for clients."""
 _FAKE_ACCESS_KEY_ID = "testing"
 _FAKE_SECRET_ACCESS_KEY = "testing"  # nosec B105 # moto's dummy key; embedded AWS takes any
 _HOST = "127.0.0.1"
-_LAUNCHER_MODULE = "flanops.pipelines.embedded"  # also how stop_server recognises its process in /proc
+_LAUNCHER_MODULE = "flanops.pipelines.embedded_server"  # also how stop_server recognises its process in /proc
 # a server started by flanops before the flanops.pipelines layout: still ours to reuse or stop, not to orphan
-_EARLIER_LAUNCHER_MODULES = ("flanops.embedded",)
+_EARLIER_LAUNCHER_MODULES = ("flanops.embedded", "flanops.pipelines.embedded")
 _START_TIMEOUT_S = 30.0  # moto imports in 1-3 s; a loaded 2-core CI machine can be much slower
 _HEALTH_TIMEOUT_S = 2.0
 _STOP_TIMEOUT_S = 10.0
@@ -463,54 +462,5 @@ def _tail(path: Path, lines: int = 20) -> str:
         return f"(cannot read the log: {error})"
 
 
-# ---------------------------------------------------------------------------------------------
-# The server process itself, and a small command line.
-
-
-def _serve(host: str, ready_file: Path) -> int:
-    """Run moto until SIGTERM or SIGINT. Port 0 lets the OS choose a free port, and the
-    server binds it itself, so no other program can take it between choosing and binding.
-    The port is reported through ``ready_file``."""
-    import threading
-
-    from moto.server import ThreadedMotoServer
-
-    stop = threading.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
-
-    server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
-    server.start()
-    port = server.get_host_and_port()[1]
-    os.environ["MOTO_PORT"] = str(port)  # moto builds some callback URLs (Lambda) from it
-
-    write_text_atomic(ready_file, f"{port}\n")
-    print(f"moto listening on http://{host}:{port} (pid {os.getpid()})", flush=True)
-
-    while not stop.wait(1.0):  # a timeout so that the main thread runs the signal handler promptly
-        pass
-    print("moto stopping", flush=True)
-    server.stop()
-    return 0
-
-
 def _shell_quote(value: str) -> str:
     return "'" + value.replace("'", "'\"'\"'") + "'"
-
-
-def main(argv: list[str] | None = None) -> int:
-    """The server process that :func:`ensure_server` launches detached; users go through ``flanops local``.
-
-    Its command line keeps the ``serve`` word: ``_is_server_process`` recognises the server by it, also
-    one that an earlier flanops started."""
-    parser = argparse.ArgumentParser(prog="python -m flanops.pipelines.embedded",
-                                     description="internal: run the embedded AWS (moto) server in the foreground "
-                                                 "(flanops local status|stop|env manage it)", allow_abbrev=False)
-    parser.add_argument("command", choices=("serve",))
-    parser.add_argument("--host", default=_HOST)
-    parser.add_argument("--ready-file", type=Path, required=True)
-    args = parser.parse_args(argv)
-    return _serve(args.host, args.ready_file)
-
-if __name__ == "__main__":
-    sys.exit(main())

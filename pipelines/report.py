@@ -18,7 +18,7 @@ from stepkit.metrics import mention_spans, stated_facts, unexplained_runs
 
 from .errors import FlanopsError
 from .files import write_text_atomic
-from .local import StepGraph
+from .stepgraph import StepGraph
 from .runfacts import FINETUNED, RunFacts, Variant, collect, run_definition
 from .tables import GATE
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from .definition import EVALUATION_REPORT, NAMES
 from .errors import FlanopsError
-from .local import StepGraph
+from .stepgraph import StepGraph
 from .records import load_execution
 from .s3 import split_s3_uri
 

@@ -33,7 +33,7 @@ def _server_pids_under(home: Path) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
         except OSError:
             continue
-        if "flanops.pipelines.embedded serve" in cmdline and str(home) in cmdline:
+        if "flanops.pipelines.embedded_server serve" in cmdline and str(home) in cmdline:
             pids.append(int(entry.name))
     return pids
 

@@ -123,7 +123,8 @@ def test_step_scripts_import_only_stepkit_of_ours():
 
 ONE_NAME_PROBE = """
 import importlib, json, pkgutil, sys
-from flanops.pipelines.config import load_config, step_flags
+from flanops.pipelines.config import load_config
+from flanops.pipelines.step_scripts import step_flags
 from flanops.pipelines.tables import STEPS
 load_config("quick")                      # the config checks import select_model.py for BaseModelId
 for section in STEPS:

@@ -23,7 +23,8 @@ from botocore.validate import ParamValidator
 from conftest import mocked_aws
 from flanops.pipelines import cli
 from flanops.pipelines import definition as definition_module
-from flanops.pipelines.config import ConfigError, Parameters, config_dir, import_step, load_config, shipped_configs
+from flanops.pipelines.config import ConfigError, Parameters, config_dir, load_config, shipped_configs
+from flanops.pipelines.step_scripts import import_step
 from flanops.pipelines import code_locations, remembered
 from flanops.pipelines.code_locations import CODE_INPUTS, iter_steps
 from flanops.pipelines.definition import EVALUATION_REPORT, GATE, GATE_PATHS, NAMES, build_definition
@@ -656,7 +657,7 @@ def test_a_row_added_to_the_gate_table_reaches_every_place_that_shows_the_gate(a
     from flanops.pipelines.runfacts import gate_facts
     from flanops.pipelines.tables import GateCondition
     from flanops.pipelines.expressions import Context, evaluate_condition
-    from flanops.pipelines.local import StepGraph
+    from flanops.pipelines.stepgraph import StepGraph
     from flanops.pipelines.report import page_context, templates
     from flanops.pipelines.runfacts import RunFacts
 
@@ -841,7 +842,7 @@ def test_a_step_setting_in_a_config_file_must_be_exactly_a_flag(tmp_path):
 @pytest.mark.smoke
 def test_the_step_table_names_real_flags_and_the_definition_wires_exactly_them(steps):
     """Every flag STEPS lists is a flag of its script, and each step of the definition passes what it lists."""
-    from flanops.pipelines.config import step_flags
+    from flanops.pipelines.step_scripts import step_flags
     from flanops.pipelines.definition import wired_arguments
 
     for section, step in STEPS.items():

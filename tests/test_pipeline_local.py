@@ -28,7 +28,7 @@ from flanops.pipelines.definition import NAMES
 from flanops.pipelines.embedded import server_status
 from flanops.pipelines.expressions import Context
 from flanops.pipelines.failures import StepFailed
-from flanops.pipelines.local import LocalExecutor
+from flanops.pipelines.jobs import JobRunner
 
 PIPELINE = "flanops-quick"          # configs/quick.yaml
 GROUP = "flanops-quick"             # its ModelPackageGroupName
@@ -452,16 +452,14 @@ def test_a_killed_launcher_job_neither_hangs_the_executor_nor_leaves_its_workers
     sandbox = tmp_path / "run" / "jobs" / "Job"
     sandbox.mkdir(parents=True)
     lines: list[str] = []
-    executor = LocalExecutor(SimpleNamespace(client=lambda name: None, region_name="us-east-1"), "p",
-                             {"Steps": []}, tmp_path / "home", tmp_path / "run", echo=lines.append)
+    jobs = JobRunner(SimpleNamespace(client=lambda name: None, region_name="us-east-1"), echo=lines.append)
     entry: dict = {"StepName": "Job", "Metadata": {}}
-    record = {"ExecutionId": "x", "Steps": [entry]}
     outcome: dict = {}
 
     def job():
         try:
-            executor.run_process("Job", [sys.executable, "-u", str(script)], tmp_path, dict(os.environ), sandbox,
-                                 entry, record)
+            jobs.run_process("Job", [sys.executable, "-u", str(script)], tmp_path, dict(os.environ), sandbox,
+                             entry, started=lambda: None)
         except StepFailed as failure:
             outcome["failure"] = str(failure)
 
