@@ -20,22 +20,27 @@ def endpoints_dir() -> Path:
     return flanops_home() / "endpoints"
 
 
-def endpoint_record(name: str) -> Path:
-    return endpoints_dir() / f"{name}.json"
+def endpoint_record(name: str, pid: int) -> Path:
+    """One announcement per serving process, so that a short-lived server of the same endpoint (the sample
+    invocation after ``flanops run``) never removes a long-running ``flanops serve``'s."""
+    return endpoints_dir() / f"{name}@{pid}.json"
 
 
 def running_endpoints() -> dict[str, dict]:
-    """Local endpoints being served on this machine, by name (records of dead servers are dropped)."""
-    found = {}
+    """Local endpoints being served on this machine, by name; of two servers of one name, the later started
+    (records of dead servers are dropped)."""
+    found: dict[str, dict] = {}
     for path in sorted(endpoints_dir().glob("*.json")) if endpoints_dir().is_dir() else []:
         try:
             record = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             continue
-        if process_alive(int(record.get("pid", 0))):
-            found[record["endpoint_name"]] = record
-        else:
+        if not process_alive(int(record.get("pid", 0))):
             path.unlink(missing_ok=True)
+            continue
+        earlier = found.get(record["endpoint_name"])
+        if earlier is None or record.get("started", 0) >= earlier.get("started", 0):
+            found[record["endpoint_name"]] = record
     return found
 
 @contextlib.contextmanager

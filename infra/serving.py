@@ -407,9 +407,9 @@ def serving(model_data: str | Path, session, endpoint_name: str, host: str = "12
         record_path = None
         try:
             if record is not None:
-                record_path = endpoint_record(endpoint_name)
+                record_path = endpoint_record(endpoint_name, os.getpid())
                 write_json_atomic(record_path, {**record, "endpoint_name": endpoint_name, "url": server.url,
-                                                "pid": os.getpid()})
+                                                "pid": os.getpid(), "started": time.time()})
             yield server
         finally:
             server.shutdown()

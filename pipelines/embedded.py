@@ -83,6 +83,9 @@ _UNSET_VARIABLES = (
     "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS",  # when true, botocore ignores AWS_ENDPOINT_URL, our endpoint
 )
 _SERVICE_ENDPOINT_PREFIX = "AWS_ENDPOINT_URL_"  # AWS_ENDPOINT_URL_S3 etc. would take precedence over ours
+# `flanops run` starts its executions with a client token that begins so: it runs their executor itself,
+# so embedded AWS (embedded_api.py) starts none.
+OWN_EXECUTOR_TOKEN = "flanops-run-"
 
 
 class EmbeddedAwsError(FlanopsError):

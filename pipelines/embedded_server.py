@@ -14,6 +14,7 @@ from pathlib import Path
 
 from moto.server import ThreadedMotoServer
 
+from . import embedded_api
 from .files import write_text_atomic
 
 
@@ -25,6 +26,7 @@ def serve(host: str, ready_file: Path) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
 
+    embedded_api.install()   # pipeline executions and endpoint invocations answered from what ran here
     server = ThreadedMotoServer(ip_address=host, port=0, verbose=False)
     server.start()
     port = server.get_host_and_port()[1]

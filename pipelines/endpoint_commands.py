@@ -3,6 +3,7 @@ invoke, and the deploy and sample invocation that follow a successful local run.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import threading
@@ -13,7 +14,8 @@ from flanops.infra.deploy import deploy as deploy_stack
 from flanops.infra.deploy import deployed, describe_package, resolve_package
 from flanops.infra.deploy import destroy as destroy_stack
 from flanops.infra.deploy import dry_run as write_dry_run
-from flanops.infra.endpoint_client import running_endpoints, runtime_client, serve_in_subprocess, summarize_remotely
+from flanops.infra.endpoint_client import (endpoint_record, running_endpoints, runtime_client, serve_in_subprocess,
+                                          summarize_remotely)
 from flanops.infra.serving import DataCapture, serving
 from flanops.infra.stages import load_stage
 from stepkit.metrics import stated_facts
@@ -122,12 +124,18 @@ def serve(config: PipelineConfig, target: TargetChoice = LOCAL, stage: str | Non
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     with serving(source, session, endpoint_name, host=host, port=port, record=record,
                  capture=capture) as server:
+        # boto3 needs a region and keys to sign even for a local URL: moto's dummies, nothing is sent to AWS
         print(f"endpoint {endpoint_name} is serving at {server.url} (GET /ping, POST /invocations, "
               f"POST /endpoints/{endpoint_name}/invocations); Ctrl-C stops it\n"
               f"try it: flanops invoke \"#Person1#: ... #Person2#: ...\"\n"
-              f"or boto3: boto3.client('sagemaker-runtime', endpoint_url='{server.url}')"
+              f"or boto3: boto3.client('sagemaker-runtime', endpoint_url='{server.url}', "
+              f"region_name='{session.region_name}', aws_access_key_id='testing', aws_secret_access_key='testing')"
               f".invoke_endpoint(EndpointName='{endpoint_name}', ContentType='application/json', "
-              "Body='{\"inputs\": \"...\"}')", flush=True)
+              "Body='{\"inputs\": \"...\"}')\n"
+              "or any AWS client on embedded AWS (eval \"$(flanops local env)\"): "
+              f"aws sagemaker-runtime invoke-endpoint --endpoint-name {endpoint_name} ...", flush=True)
+        if not (model_data or model_package):
+            watch_stage(session, package_group(config), stage or "staging", package_arn, endpoint_name, stop)
         try:
             while not stop.wait(1.0):
                 pass
@@ -135,6 +143,28 @@ def serve(config: PipelineConfig, target: TargetChoice = LOCAL, stage: str | Non
             pass
     print(f"endpoint {endpoint_name} stopped")
     return 0
+
+
+def watch_stage(session, group: str, stage: str, served_arn: str | None, endpoint_name: str, stop: threading.Event,
+                every_seconds: float = 5.0) -> None:
+    """While a stage's endpoint is served here: when the stage is redeployed, say once that this server still
+    serves the earlier package, here and in its announcement (``flanops invoke`` repeats it)."""
+    def watch() -> None:
+        while not stop.wait(every_seconds):
+            try:
+                current = deployed(session, stage, group)
+            except Exception:   # embedded AWS stopped: nothing to compare with, the model still serves
+                continue
+            if current and current.model_package_arn and current.model_package_arn != served_arn:
+                print(f"stage {stage} was redeployed with {current.model_package_arn}; this server still serves "
+                      f"{served_arn}: restart it (Ctrl-C, then flanops serve --stage {stage}) to serve the new one",
+                      flush=True)
+                path = endpoint_record(endpoint_name, os.getpid())
+                announcement = json.loads(path.read_text(encoding="utf-8"))
+                write_json_atomic(path, {**announcement, "superseded_by": current.model_package_arn})
+                return
+
+    threading.Thread(target=watch, name=f"watch-{stage}", daemon=True).start()
 
 
 def model_to_serve(session, group: str, stage: str | None, model_package: str | None, model_data: str | None,
@@ -185,6 +215,9 @@ def invoke(config: PipelineConfig, text: str, target: TargetChoice = LOCAL, endp
             raise FlanopsError(f"several local endpoints are being served ({', '.join(endpoints)}); pick one "
                                "with --endpoint NAME")
         record = endpoints[endpoint or next(iter(endpoints))]
+        if record.get("superseded_by"):
+            print(f"warning: {record['endpoint_name']} serves {record.get('model_package_arn')}, but its stage was "
+                  f"redeployed with {record['superseded_by']}; restart flanops serve to serve that", file=sys.stderr)
         name, client = record["endpoint_name"], runtime_client(record["url"], record["region"])
     print(summarize_remotely(client, name, [text], parameters)[0])
     return 0

@@ -7,6 +7,7 @@ import json
 import os
 import sys
 import time
+import uuid
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,7 @@ from flanops.infra.template import lint_template, write_template
 from .config import PipelineConfig, gate_warnings
 from .definition import build_definition
 from .endpoint_commands import deploy_and_try
+from .embedded import OWN_EXECUTOR_TOKEN
 from .errors import FlanopsError
 from .failures import known_failure
 from .home import flanops_home
@@ -88,7 +90,7 @@ def run(config: PipelineConfig, target: TargetChoice = LOCAL, output_dir: Path |
     if resume and not target.local:
         return retry_on_sagemaker(config, target, resume)
     if resume:
-        code, run_dir = resume_local(config, target, resume)
+        code, run_dir = resume_local(config.pipeline_name, target, resume)
     else:
         definition_text = definition_for(config, target)
         upsert_pipeline(config, target, definition_text)
@@ -166,8 +168,11 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
             target.session, arn, sagemaker_run_dir(output_dir, arn))), f"flanops report --aws {arn}")
         return code, None
     run_dir = prepare_run_dir(output_dir)
+    # the token tells embedded AWS that this process runs the execution (embedded_api starts none)
     arn = sagemaker.start_pipeline_execution(PipelineName=config.pipeline_name,
-                                             PipelineParameters=execution_parameters(config))["PipelineExecutionArn"]
+                                             PipelineParameters=execution_parameters(config),
+                                             ClientRequestToken=OWN_EXECUTOR_TOKEN + uuid.uuid4().hex,
+                                             )["PipelineExecutionArn"]
     print(f"execution {arn}\nrun folder {run_dir}")
     executor = LocalExecutor(target.session, config.pipeline_name, json.loads(definition_text), flanops_home(),
                              run_dir, job_env=target.job_env)
@@ -175,8 +180,9 @@ def start_execution(config: PipelineConfig, target: Target, definition_text: str
     return summarize_execution(record, run_dir), run_dir
 
 
-def resume_local(config: PipelineConfig, target: Target, execution: str) -> tuple[int, Path]:
-    record = load_execution(flanops_home(), config.pipeline_name, execution)
+def resume_local(pipeline_name: str, target: Target, execution: str) -> tuple[int, Path]:
+    """Rerun a failed or stopped local execution from its failed step (``flanops run --resume``, RetryPipelineExecution)."""
+    record = load_execution(flanops_home(), pipeline_name, execution)
     mark_orphaned(record)
     if record["PipelineExecutionStatus"] == "Succeeded":
         raise FlanopsError(f"execution {record['ExecutionId']} succeeded; there is nothing to resume")
@@ -187,7 +193,7 @@ def resume_local(config: PipelineConfig, target: Target, execution: str) -> tupl
     run_dir = Path(record["RunDir"])
     definition_text = (run_dir / "definition.json").read_text(encoding="utf-8")
     print(f"resuming {record['PipelineExecutionArn']}\nrun folder {run_dir}")
-    executor = LocalExecutor(target.session, config.pipeline_name, json.loads(definition_text), flanops_home(),
+    executor = LocalExecutor(target.session, pipeline_name, json.loads(definition_text), flanops_home(),
                              run_dir, job_env=target.job_env)
     return summarize_execution(executor.resume(record), run_dir), run_dir
 

@@ -13,6 +13,11 @@ def utcnow() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+def pipeline_of(execution_arn: str) -> str:
+    """arn:aws:sagemaker:<region>:<account>:pipeline/<name>/execution/<id> → <name>."""
+    return execution_arn.split(":pipeline/", 1)[-1].split("/execution/", 1)[0]
+
+
 def records_dir(home: Path, pipeline_name: str) -> Path:
     return home / "executions" / pipeline_name
 

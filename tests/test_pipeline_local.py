@@ -625,6 +625,27 @@ def test_approve_deploy_serve_and_invoke_as_the_readme_shows(flanops, quick_run)
         bad = flanops("invoke", "x", "--num-beams", "1000")
         assert bad.returncode == 2 and "num_beams" in bad.stderr, bad.stderr
         assert process.poll() is None, "a bad request took the server down"
+
+        # the boto3 line it prints works on a machine with no AWS configuration at all
+        snippet = next(line for line in log_path.read_text(encoding="utf-8").splitlines()
+                       if line.startswith("or boto3: "))[len("or boto3: "):]
+        bare = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        bare["HOME"] = str(flanops.root / "no-aws-config")
+        printed = subprocess.run([sys.executable, "-c", f"import boto3, json\nreply = {snippet}\n"
+                                  "print(json.loads(reply['Body'].read())[0]['generated_text'])"],
+                                 env=bare, capture_output=True, text=True, timeout=300)
+        assert printed.returncode == 0 and printed.stdout.strip(), printed.stderr
+        # embedded AWS's runtime API reaches the endpoint served here
+        through_embedded = flanops.session().client("sagemaker-runtime").invoke_endpoint(
+            EndpointName=endpoint_name, ContentType="application/json", Body=json.dumps({"inputs": dialogue}))
+        assert json.loads(through_embedded["Body"].read())[0]["generated_text"] == \
+            quick_run.summary["deployment"]["sample"]["summary"]
+        # a second server of the same endpoint (as the sample invocation after a run) leaves this one announced
+        second, _, second_log = start_serving(flanops, "--stage", "staging")
+        assert stop_serving(second) == 0, second_log.read_text()
+        again = flanops("invoke", dialogue)
+        assert again.returncode == 0 and again.stdout.strip() == quick_run.summary["deployment"]["sample"]["summary"], \
+            again.stderr
     finally:
         code = stop_serving(process)
     assert code == 0, log_path.read_text()

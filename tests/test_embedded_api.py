@@ -1,0 +1,222 @@
+"""The SageMaker API on embedded AWS tells what the local executor did (pipelines/embedded_api.py).
+
+A notebook-style script that uses only the SageMaker SDK (``Pipeline.upsert``, ``start``, ``wait``,
+``describe``, ``list_steps``) runs against embedded AWS in a process of its own, as a user's would;
+its statuses and steps must be those that ``flanops executions`` / ``flanops steps`` print from
+the executor's records. The runtime API forwards ``InvokeEndpoint`` to the endpoint served here.
+"""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import pytest
+from botocore.exceptions import ClientError
+
+from conftest import own_flanops_home
+
+PIPELINE = "sdk-check"
+
+SDK_SCRIPT = textwrap.dedent('''
+    import json, sys
+    import boto3
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.core.workflow.conditions import ConditionGreaterThanOrEqualTo
+    from sagemaker.core.workflow.parameters import ParameterInteger
+    from sagemaker.mlops.workflow.condition_step import ConditionStep
+    from sagemaker.mlops.workflow.fail_step import FailStep
+    from sagemaker.mlops.workflow.pipeline import Pipeline
+    from botocore.exceptions import WaiterError
+
+    session = Session(boto_session=boto3.Session())
+    score = ParameterInteger(name="Score", default_value=5)
+    too_low = FailStep(name="TooLow", error_message="the score is below 3")
+    gate = ConditionStep(name="Gate", conditions=[ConditionGreaterThanOrEqualTo(left=score, right=3)],
+                         if_steps=[], else_steps=[too_low])
+    pipeline = Pipeline(name="sdk-check", parameters=[score], steps=[gate], sagemaker_session=session)
+    pipeline.upsert(role_arn="arn:aws:iam::123456789012:role/sdk-check")
+    seen = {}
+    for value in (5, 1):
+        execution = pipeline.start(parameters={"Score": value})
+        try:
+            execution.wait(delay=1, max_attempts=120)
+            waited = "success"
+        except WaiterError as err:
+            waited = "failure" if "terminal failure state" in str(err) else f"timeout: {err}"
+        described = execution.describe()
+        seen[value] = {"arn": execution.arn, "waited": waited,
+                       "status": described["PipelineExecutionStatus"], "reason": described.get("FailureReason"),
+                       "steps": [[s["StepName"], s["StepStatus"], s.get("FailureReason"), s.get("Metadata")]
+                                 for s in execution.list_steps()]}
+    print(json.dumps(seen))
+''')
+
+
+@pytest.fixture(scope="module")
+def embedded(tmp_path_factory):
+    """A FLANOPS_HOME of its own with embedded AWS running; yields the environment `flanops local env` exports."""
+    root = tmp_path_factory.mktemp("embedded-api")
+    with own_flanops_home(root / "home") as env:
+        exported = subprocess.run([sys.executable, "-m", "flanops.pipelines.cli", "local", "env"], env=env,
+                                  capture_output=True, text=True, timeout=120, check=True).stdout
+        for line in exported.splitlines():
+            if line.startswith("export "):
+                name, _, value = line[len("export "):].partition("=")
+                env[name] = shlex.split(value)[0] if value else ""
+        env["SAGEMAKER_VALIDATE_ROLE"] = "false"
+        yield root, env
+
+
+def flanops(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "flanops.pipelines.cli", *args, "--param",
+                           f"pipeline_name={PIPELINE}"], env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def sdk_run(embedded):
+    root, env = embedded
+    script = root / "sdk_check.py"
+    script.write_text(SDK_SCRIPT, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+
+
+def test_the_sdk_waits_for_and_describes_what_ran(sdk_run):
+    passed, failed = sdk_run[5], sdk_run[1]
+    assert (passed["waited"], passed["status"], passed["reason"]) == ("success", "Succeeded", None)
+    assert passed["steps"] == [["Gate", "Succeeded", None, {"Condition": {"Outcome": "True"}}]]
+    assert (failed["waited"], failed["status"], failed["reason"]) == ("failure", "Failed", "the score is below 3")
+    # the latest-started step first, as SageMaker lists them
+    assert failed["steps"] == [["TooLow", "Failed", "the score is below 3", {"Fail": {"ErrorMessage": "the score is below 3"}}],
+                               ["Gate", "Succeeded", None, {"Condition": {"Outcome": "False"}}]]
+
+
+def test_flanops_prints_the_statuses_and_steps_the_api_gives(embedded, sdk_run):
+    _, env = embedded
+    listed = flanops(env, "executions")
+    assert listed.returncode == 0, listed.stderr
+    rows = {line.split()[0]: line.split()[1] for line in listed.stdout.splitlines()[1:]}
+    assert rows == {run["arn"].rsplit("/", 1)[-1]: run["status"] for run in sdk_run.values()}
+    for run in sdk_run.values():
+        steps = flanops(env, "steps", run["arn"].rsplit("/", 1)[-1])
+        assert steps.returncode == 0, steps.stderr
+        printed = [line.split()[:2] for line in steps.stdout.splitlines()[1:]]
+        assert sorted(printed) == sorted([name, status] for name, status, _, _ in run["steps"])
+
+
+def test_boto3_lists_executions_with_their_failure_and_refuses_what_cannot_be(embedded, sdk_run):
+    _, env = embedded
+    sagemaker = boto3.Session(region_name=env["AWS_DEFAULT_REGION"], aws_access_key_id="testing",
+                              aws_secret_access_key="testing").client("sagemaker", endpoint_url=env["AWS_ENDPOINT_URL"])
+    summaries = sagemaker.list_pipeline_executions(PipelineName=PIPELINE)["PipelineExecutionSummaries"]
+    by_arn = {s["PipelineExecutionArn"]: s for s in summaries}
+    assert by_arn[sdk_run[1]["arn"]]["PipelineExecutionStatus"] == "Failed"
+    assert by_arn[sdk_run[1]["arn"]]["PipelineExecutionFailureReason"] == "the score is below 3"
+    assert "PipelineExecutionFailureReason" not in by_arn[sdk_run[5]["arn"]]
+    ascending = sagemaker.list_pipeline_execution_steps(PipelineExecutionArn=sdk_run[1]["arn"], SortOrder="Ascending")
+    assert [s["StepName"] for s in ascending["PipelineExecutionSteps"]] == ["Gate", "TooLow"]
+    with pytest.raises(ClientError, match="is Succeeded; only a Failed execution can be retried"):
+        sagemaker.retry_pipeline_execution(PipelineExecutionArn=sdk_run[5]["arn"])
+    with pytest.raises(ClientError, match="is Failed; only an Executing execution can be stopped"):
+        sagemaker.stop_pipeline_execution(PipelineExecutionArn=sdk_run[1]["arn"])
+
+
+@pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed (it is not a dependency)")
+def test_the_aws_cli_lists_an_executions_steps(embedded, sdk_run):
+    _, env = embedded
+    done = subprocess.run(["aws", "sagemaker", "list-pipeline-execution-steps", "--pipeline-execution-arn",
+                           sdk_run[1]["arn"]], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    steps = json.loads(done.stdout)["PipelineExecutionSteps"]
+    assert [(s["StepName"], s["StepStatus"]) for s in steps] == [("TooLow", "Failed"), ("Gate", "Succeeded")]
+
+
+# ----------------------------------------------------------------------------- the runtime API
+class StubEndpoint(http.server.BaseHTTPRequestHandler):
+    """Answers as the local endpoint server does: a summary, or a ModelError for a bad request."""
+
+    def do_POST(self):   # noqa: N802 (http.server's name)
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if json.loads(body).get("inputs") == "break":
+            reply, status, error_type = json.dumps({"message": "bad input", "OriginalStatusCode": 400}), 424, "ModelError"
+        else:
+            reply, status, error_type = json.dumps([{"generated_text": f"{self.path} {self.headers['Accept']}"}]), 200, None
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        if error_type:
+            self.send_header("x-amzn-ErrorType", error_type)
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply.encode())
+
+    def log_message(self, *args):
+        pass
+
+
+def test_invoke_endpoint_on_embedded_aws_reaches_the_endpoint_served_here(embedded):
+    root, env = embedded
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), StubEndpoint)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    announcement = Path(env["FLANOPS_HOME"]) / "endpoints" / f"stub@{os.getpid()}.json"
+    announcement.parent.mkdir(parents=True, exist_ok=True)
+    announcement.write_text(json.dumps({"endpoint_name": "stub", "url": f"http://127.0.0.1:{server.server_port}",
+                                        "pid": os.getpid(), "region": "us-east-1"}), encoding="utf-8")
+    runtime = boto3.Session(region_name=env["AWS_DEFAULT_REGION"], aws_access_key_id="testing",
+                            aws_secret_access_key="testing").client("sagemaker-runtime",
+                                                                    endpoint_url=env["AWS_ENDPOINT_URL"])
+    try:
+        reply = runtime.invoke_endpoint(EndpointName="stub", ContentType="application/json", Accept="application/json",
+                                        Body=json.dumps({"inputs": "hello"}))
+        assert json.loads(reply["Body"].read()) == [{"generated_text": "/endpoints/stub/invocations application/json"}]
+        assert reply["ContentType"] == "application/json"
+        with pytest.raises(runtime.exceptions.ModelError, match="bad input"):
+            runtime.invoke_endpoint(EndpointName="stub", ContentType="application/json", Body=json.dumps({"inputs": "break"}))
+        with pytest.raises(ClientError, match=r"Endpoint nowhere is not being served on this machine.*flanops serve.*stub"):
+            runtime.invoke_endpoint(EndpointName="nowhere", ContentType="application/json", Body=b"{}")
+    finally:
+        server.shutdown()
+        announcement.unlink(missing_ok=True)
+
+
+@pytest.mark.smoke
+def test_a_served_stage_that_is_redeployed_says_it_serves_the_earlier_package(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace
+
+    from flanops.infra.endpoint_client import endpoint_record
+    from flanops.pipelines import endpoint_commands
+
+    monkeypatch.setenv("FLANOPS_HOME", str(tmp_path))
+    announcement = endpoint_record("ep", os.getpid())
+    announcement.parent.mkdir(parents=True)
+    announcement.write_text(json.dumps({"endpoint_name": "ep", "url": "http://127.0.0.1:1", "pid": os.getpid(),
+                                        "region": "us-east-1", "model_package_arn": "arn:package/1"}), encoding="utf-8")
+    deployments = iter(["arn:package/1", "arn:package/2"])
+    monkeypatch.setattr(endpoint_commands, "deployed",
+                        lambda session, stage, group: SimpleNamespace(model_package_arn=next(deployments, "arn:package/2")))
+    stop = threading.Event()
+    endpoint_commands.watch_stage(None, "group", "staging", "arn:package/1", "ep", stop, every_seconds=0.01)
+    deadline = time.monotonic() + 30
+    while "superseded_by" not in json.loads(announcement.read_text(encoding="utf-8")) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    stop.set()
+    assert json.loads(announcement.read_text(encoding="utf-8"))["superseded_by"] == "arn:package/2"
+    assert "stage staging was redeployed with arn:package/2; this server still serves arn:package/1" in \
+        capsys.readouterr().out
+
+    monkeypatch.setattr(endpoint_commands, "summarize_remotely", lambda client, name, texts, parameters: ["a summary"])
+    assert endpoint_commands.invoke(SimpleNamespace(), "hello") == 0
+    printed = capsys.readouterr()
+    assert printed.out.strip() == "a summary"
+    assert "serves arn:package/1, but its stage was redeployed with arn:package/2" in printed.err
