@@ -21,23 +21,21 @@ test keep their split; anything else is pooled and split with ``--seed``.
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
-import math
 import random
 import re
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from stepkit.contract import COMPLETE_MARKER, atomic_output_dir, env_path, path_help, require_output_dir
+from stepkit.columns import to_record
+from stepkit.contract import atomic_output_dir, env_path, path_help, require_output_dir
+from stepkit.datafiles import FORMATS, Row, data_files, read_rows
 from stepkit.errors import StepError, first_line, run_step
-from stepkit.metrics import fact_values, mentions
-from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
-from stepkit.records import DATA_CARD, SPLITS, iter_jsonl, json_problem, read_text, split_path, write_jsonl
+from stepkit.lengths import length_report, token_counter
+from stepkit.prompt import PROMPT_TEMPLATE
+from stepkit.records import DATA_CARD, SPLITS, split_path, write_jsonl
 from stepkit.s3 import download_keys, prefix_keys, s3_errors, split_s3_uri
 from stepkit.synthetic import generate_splits, unseen_in_train
 
@@ -47,19 +45,12 @@ OUTPUT_ENV = ("SM_OUTPUT_DATA_DIR",)
 # Generated in well under a second; enough for a tiny model to learn the task offline.
 SYNTHETIC_SIZES = {"train": 2000, "validation": 200, "test": 200}
 HELD_OUT_FRACTION = 0.1  # share of the rows for validation and for test when they must be carved out
-FORMATS = {".jsonl": "JSON Lines", ".json": "JSON", ".csv": "CSV", ".parquet": "Parquet"}
-# Leading bytes of compressed or archive files that are sometimes saved under a data file's extension.
-PACKED_FORMATS = {b"\x1f\x8b": "a gzip-compressed file", b"PK\x03\x04": "a ZIP archive (or an Excel workbook)",
-                  b"BZh": "a bzip2-compressed file", b"\xfd7zXZ\x00": "an xz-compressed file"}
 SPLIT_ALIASES = {
     "train": "train", "training": "train",
     "validation": "validation", "valid": "validation", "val": "validation", "dev": "validation",
     "test": "test", "testing": "test",
 }
-PERCENTILES = (50, 90, 95, 99)
-APPROX_TOKEN = re.compile(r"\w+|[^\w\s]")  # a word or one punctuation mark
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")  # "name" or "namespace/name"
-NUMBERED_SUMMARY = re.compile(r"summary_?(\d+)")  # DialogSum test: summary1, summary2, summary3
 
 
 # --- command line -------------------------------------------------------------------------
@@ -137,16 +128,7 @@ def check_flags_fit_input(args: argparse.Namespace) -> None:
         )
 
 
-# --- reading rows ------------------------------------------------------------------------
-
-@dataclass
-class Row:
-    """One input row before it becomes a record, with where it came from for error messages."""
-
-    where: str        # "path:line", "path row N" ...
-    fallback_id: str  # when the source has neither an id nor a fname column
-    fields: dict
-
+# --- units: a file's or a dataset split's records -----------------------------------------
 
 @dataclass
 class Unit:
@@ -163,189 +145,6 @@ def split_named_by(name: str) -> str | None:
     words = re.split(r"[^a-z]+", name.lower())
     found = {SPLIT_ALIASES[word] for word in words if word in SPLIT_ALIASES}
     return found.pop() if len(found) == 1 else None
-
-
-def check_content_matches_extension(path: Path) -> None:
-    """Catch e.g. JSON saved as .csv up front, before a parser reports something confusing."""
-    with open(path, "rb") as head_file:
-        head = head_file.read(64).lstrip()
-    suffix = path.suffix.lower()
-    packed = next((kind for magic, kind in PACKED_FORMATS.items() if head.startswith(magic)), None)
-    if packed:  # a text reader would only see "not UTF-8"
-        raise StepError(f"{path}: looks like {packed}, not {FORMATS[suffix]}; unpack it and pass the "
-                        f"{', '.join(FORMATS)} file(s) inside (a folder of them works too)")
-    looks_like = "Parquet" if head.startswith(b"PAR1") else "JSON" if head[:1] in (b"{", b"[") else None
-    hint = "; rename the file to match its content or convert it"
-    if suffix == ".parquet" and looks_like != "Parquet":
-        seems = f", it looks like {looks_like}" if looks_like else ""
-        raise StepError(f"{path}: not a Parquet file (no PAR1 header){seems}{hint}")
-    if suffix != ".parquet" and looks_like == "Parquet":
-        raise StepError(f"{path}: looks like a Parquet file, not {FORMATS[suffix]}{hint}")
-    if suffix == ".csv" and looks_like == "JSON":
-        raise StepError(f"{path}: looks like JSON, not CSV{hint}")
-
-
-def read_jsonl_rows(path: Path) -> list[Row]:
-    return [Row(f"{path}:{number}", f"{path.stem}-{number}", row) for number, row in iter_jsonl(path)]
-
-
-def read_json_rows(path: Path) -> list[Row]:
-    text = read_text(path)
-    if not text.lstrip().startswith("["):
-        return read_jsonl_rows(path)  # .json is often JSON Lines too (the Hugging Face convention)
-    try:
-        items = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise StepError(f"{path}:{err.lineno}: {json_problem(err)}; the file must hold one JSON array of objects, "
-                        "or one JSON object per line") from None
-    rows = []
-    for number, item in enumerate(items, start=1):
-        if not isinstance(item, dict):
-            raise StepError(f"{path}: item {number} of the array is {type(item).__name__}, expected a JSON object")
-        rows.append(Row(f"{path} item {number}", f"{path.stem}-{number}", item))
-    return rows
-
-
-def read_csv_rows(path: Path) -> list[Row]:
-    reader = csv.reader(io.StringIO(read_text(path), newline=""), strict=True)
-    header: list[str] | None = None
-    rows: list[Row] = []
-    end_line = 0
-    try:
-        for values in reader:
-            start_line, end_line = end_line + 1, reader.line_num  # a quoted value can span lines
-            if not values:
-                continue
-            if header is None:
-                header = values
-                continue
-            if len(values) != len(header):
-                raise StepError(
-                    f"{path}:{start_line}: {len(values)} values but the header has {len(header)} columns; "
-                    "is a value with a comma, quote or line break missing its quotes?"
-                )
-            rows.append(Row(f"{path}:{start_line}", f"{path.stem}-{start_line}", dict(zip(header, values))))
-    except csv.Error as err:
-        raise StepError(f"{path}:{reader.line_num}: cannot parse as CSV ({err}); is a quote left open, or the file "
-                        "truncated?") from None
-    return rows
-
-
-def read_parquet_rows(path: Path) -> list[Row]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except (pa.ArrowException, OSError) as err:
-        raise StepError(f"{path}: cannot read as Parquet ({first_line(err)}); is it truncated or corrupted? "
-                        "Copy or export it again") from None
-    rows = enumerate(table.to_pylist(), start=1)
-    return [Row(f"{path} row {number}", f"{path.stem}-{number}", row) for number, row in rows]
-
-
-READERS: dict[str, Callable[[Path], list[Row]]] = {
-    ".jsonl": read_jsonl_rows, ".json": read_json_rows, ".csv": read_csv_rows, ".parquet": read_parquet_rows,
-}
-
-
-def read_rows(path: Path) -> list[Row]:
-    suffix = path.suffix.lower()
-    if suffix not in READERS:
-        raise StepError(f"{path}: unsupported file type '{suffix or '(no extension)'}'; use {', '.join(FORMATS)}")
-    try:
-        if path.stat().st_size == 0:
-            raise StepError(f"{path}: empty file (0 bytes); was it written or copied completely? Pass a file with "
-                            "one dialogue per record")
-        check_content_matches_extension(path)
-        rows = READERS[suffix](path)
-    except OSError as err:  # unreadable (permissions, a broken link ...)
-        raise StepError(f"{path}: cannot read it ({err.strerror or err})") from None
-    if not rows:
-        raise StepError(f"{path}: no records in the file (only blank lines or a header?)")
-    return rows
-
-
-# --- rows → records ----------------------------------------------------------------------
-
-def text_value(value: object, column: str, where: str) -> str:
-    if value is None or (isinstance(value, str) and not value.strip()):
-        raise StepError(f"{where}: blank {column}; every example needs a non-empty {column}")
-    if not isinstance(value, str):
-        raise StepError(f"{where}: {column} must be text, got {type(value).__name__}")
-    return value.strip()
-
-
-def json_value(value: object) -> object:
-    """Extra columns are kept as they are when JSON can hold them (Parquet dates etc. become text)."""
-    try:
-        json.dumps(value)
-    except (TypeError, ValueError):
-        return str(value)
-    return value
-
-
-def to_record(row: Row) -> dict:
-    fields = row.fields
-    numbered = sorted((int(m.group(1)), name) for name in fields if (m := NUMBERED_SUMMARY.fullmatch(str(name))))
-    summary_columns = (["summary"] if "summary" in fields else []) + [name for _, name in numbered]
-    missing = (["dialogue"] if "dialogue" not in fields else []) + ([] if summary_columns else ["summary (or summary1..N)"])
-    if missing:
-        found = ", ".join(map(str, fields)) or "none"
-        raise StepError(f"{row.where}: missing column(s) {', '.join(missing)}; found: {found}. Name the columns "
-                        "dialogue and summary (summary1..N for several references; id or fname optional)")
-
-    dialogue = text_value(fields["dialogue"], "dialogue", row.where)
-    first = text_value(fields[summary_columns[0]], summary_columns[0], row.where)
-    listed = fields.get("references")
-    if isinstance(listed, list) and listed:  # our own output format read back: all references, summary first
-        references = [text_value(value, "references", row.where) for value in listed]
-        if references[0] != first:
-            references.insert(0, first)
-    else:  # later reference columns may be blank (CSV rows with fewer references); identical ones are kept
-        later = (fields[name] for name in summary_columns[1:])
-        references = [first] + [value.strip() for value in later if isinstance(value, str) and value.strip()]
-
-    id_column = next((name for name in ("id", "fname") if name in fields), None)
-    if id_column is None:
-        record_id = row.fallback_id
-    elif isinstance(fields[id_column], int) and not isinstance(fields[id_column], bool):
-        record_id = str(fields[id_column])
-    else:
-        record_id = text_value(fields[id_column], id_column, row.where)
-
-    consumed = {"dialogue", "references", id_column, *summary_columns}
-    extras = {name: json_value(value) for name, value in fields.items() if name not in consumed}
-    if extras.get("facts") is None:
-        extras.pop("facts", None)   # null: this example records no facts (Parquet and CSV give every row the column)
-    else:
-        check_facts(extras["facts"], dialogue, row.where)
-    return {"id": record_id, "dialogue": dialogue, "summary": references[0], "references": references, **extras}
-
-
-FACTS_EXAMPLE = '{"speakers": ["Ann", "Bob"], "day": "Tuesday", "time": "2 pm"}'
-
-
-def check_facts(facts: object, dialogue: str, where: str) -> None:
-    """``facts`` maps each slot to a value as text (or a list of them, e.g. speakers) that the dialogue states.
-
-    Checked here, before anything trains: a fact the dialogue lacks would count every summary wrong.
-    """
-    if not isinstance(facts, dict) or not facts:
-        given = "an empty mapping" if isinstance(facts, dict) else f"{type(facts).__name__} {facts!r:.60}"
-        raise StepError(f"{where}: facts must map each slot to its value, e.g. {FACTS_EXAMPLE}; got {given}. Fix it, "
-                        "or leave facts out (or null) for an example that records none")
-    for slot, value in facts.items():
-        values = fact_values(value)
-        if not slot.strip() or not values or not all(isinstance(v, str) and v.strip() for v in values):
-            raise StepError(f"{where}: facts.{slot or '(empty name)'} is {json.dumps(value)[:60]}: each slot needs a "
-                            "value as non-empty text as the dialogue says it (or a list of them, e.g. speakers), as "
-                            f"in {FACTS_EXAMPLE}")
-        missing = [v for v in values if not mentions(dialogue, v)]
-        if missing:
-            raise StepError(f"{where}: facts.{slot} {missing[0]!r} is not in the dialogue; a fact must be written as "
-                            "the dialogue states it (check its spelling and form, e.g. '2 pm' not '14:00'), or remove "
-                            "the slot")
 
 
 def make_unit(label: str, split: str | None, rows: list[Row]) -> Unit:
@@ -414,22 +213,6 @@ def overlap_with_train(splits: dict[str, list[dict]]) -> dict[str, int]:
 
 
 # --- sources -----------------------------------------------------------------------------
-
-def data_files(folder: Path) -> list[Path]:
-    candidates = sorted(
-        path for path in folder.rglob("*")
-        if path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        and path.name not in (DATA_CARD, COMPLETE_MARKER)  # a prepared folder can be read back
-    )
-    files = [path for path in candidates if path.suffix.lower() in FORMATS]
-    skipped = [str(path.relative_to(folder)) for path in candidates if path not in files]
-    if skipped:
-        print(f"note: skipping {len(skipped)} file(s) that are not {', '.join(FORMATS)}: {', '.join(skipped[:5])}")
-    if not files:
-        raise StepError(f"{folder}: no {', '.join(FORMATS)} files in this folder")
-    return files
-
 
 def local_units(path: Path) -> tuple[list[Unit], list[str]]:
     """Units for a file or every data file under a folder, and their names relative to it."""
@@ -531,72 +314,6 @@ def assign_splits(units: list[Unit], fractions: dict[str, float], seed: int, sou
         splits["train"] = shuffled
         how += f"; {' and '.join(missing)} carved out of train with seed {seed}"
     return splits, how
-
-
-# --- token lengths -----------------------------------------------------------------------
-
-@dataclass
-class TokenCounter:
-    name: str
-    unit: str
-    approximate: bool
-    count: Callable[[list[str]], list[int]]
-
-
-def token_counter(tokenizer_name: str | None, revision: str = "main") -> TokenCounter:
-    if not tokenizer_name:
-        # The model's own tokenizer may not exist yet (offline it is trained later), so count approximately.
-        return TokenCounter(
-            f"regex {APPROX_TOKEN.pattern}",
-            "approximate tokens (words and punctuation marks; subword tokenizers give more)",
-            True,
-            lambda texts: [len(APPROX_TOKEN.findall(text)) for text in texts],
-        )
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_name, revision=revision)
-    except (OSError, ValueError) as err:
-        raise StepError(
-            f"--tokenizer {tokenizer_name}: cannot load it ({first_line(err)}); give a local tokenizer folder, or a Hub id "
-            "where the Hub is reachable, or leave --tokenizer out for an approximate count"
-        ) from None
-    return TokenCounter(
-        tokenizer_name,
-        "tokens of this tokenizer, special tokens included",
-        False,
-        lambda texts: [len(ids) for ids in tokenizer(texts, verbose=False)["input_ids"]],
-    )
-
-
-def percentiles(values: list[int]) -> dict[str, int]:
-    """Nearest-rank percentiles: each one is a length that actually occurs."""
-    ordered = sorted(values)
-    stats = {f"p{p}": ordered[max(0, math.ceil(p / 100 * len(ordered)) - 1)] for p in PERCENTILES}
-    stats["max"] = ordered[-1]
-    return stats
-
-
-def length_report(splits: dict[str, list[dict]], counter: TokenCounter, max_source: int, max_target: int) -> dict:
-    """Token-length percentiles per split, and how many examples the length limits cut (warned, never silent)."""
-    report: dict = {"token_lengths": {}, "truncated": {}}
-    for split in SPLITS:
-        lengths = {
-            "source": counter.count([format_prompt(record["dialogue"]) for record in splits[split]]),
-            "target": counter.count([record["summary"] for record in splits[split]]),
-        }
-        report["token_lengths"][split] = {side: percentiles(values) for side, values in lengths.items()}
-        report["truncated"][split] = {}
-        for side, limit in (("source", max_source), ("target", max_target)):
-            cut = sum(n > limit for n in lengths[side])
-            report["truncated"][split][side] = cut
-            if cut:
-                approximate = " (approximate count)" if counter.approximate else ""
-                longest = max(range(len(lengths[side])), key=lengths[side].__getitem__)
-                print(f"warning: {cut} of {len(splits[split])} {split} {side}s are longer than --max-{side}-length "
-                      f"{limit}{approximate} and will be truncated (longest: id {splits[split][longest]['id']!r}, "
-                      f"{lengths[side][longest]:,} tokens)", file=sys.stderr)
-    return report
 
 
 # --- main --------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from stepkit.errors import run_step as run_main
 from stepkit.modeling import save_model
 from stepkit.packaging import package_model
 from stepkit.records import write_jsonl
+from stepkit.selection import select_variant
 
 
 def _result(rouge_l: float, p95: float, weights: int, facts: float | None = None, repeating: float = 0.0) -> dict:
@@ -33,7 +34,7 @@ def _rows(selection: dict) -> dict:
 
 
 def test_fastest_model_within_the_allowed_drop_wins():
-    selection = evaluate.select_variant({
+    selection = select_variant({
         "finetuned": _result(0.50, 40.0, 1000),
         "quantized": _result(0.48, 25.0, 300),   # drop 0.02: eligible, fastest eligible
         "pruned": _result(0.40, 10.0, 500),      # fastest overall, but drop 0.10 > 0.05
@@ -54,30 +55,30 @@ def test_fastest_model_within_the_allowed_drop_wins():
 
 
 def test_a_drop_of_exactly_the_limit_is_eligible_and_a_better_variant_has_a_negative_drop():
-    selection = evaluate.select_variant({"finetuned": _result(0.5, 40.0, 1000), "at-limit": _result(0.45, 30.0, 500),
-                                         "better": _result(0.52, 35.0, 500)}, max_drop=0.05)
+    selection = select_variant({"finetuned": _result(0.5, 40.0, 1000), "at-limit": _result(0.45, 30.0, 500),
+                                "better": _result(0.52, 35.0, 500)}, max_drop=0.05)
     rows = _rows(selection)
     assert rows["at-limit"]["eligible"] and selection["variant"] == "at-limit"
     assert rows["better"]["rougeL_drop"] == -0.02 and rows["better"]["eligible"]
 
 
 def test_latency_ties_go_to_smaller_weights():
-    selection = evaluate.select_variant({"finetuned": _result(0.5, 40.0, 1000), "big": _result(0.5, 20.0, 800),
-                                         "small": _result(0.5, 20.0, 200)}, max_drop=0.0)
+    selection = select_variant({"finetuned": _result(0.5, 40.0, 1000), "big": _result(0.5, 20.0, 800),
+                                "small": _result(0.5, 20.0, 200)}, max_drop=0.0)
     assert selection["variant"] == "small"
     assert "larger weights" in _rows(selection)["big"]["why"]
 
 
 def test_the_finetuned_model_wins_when_no_variant_is_good_enough():
-    selection = evaluate.select_variant({"finetuned": _result(0.5, 40.0, 1000), "pruned": _result(0.3, 5.0, 100)},
-                                        max_drop=0.05)
+    selection = select_variant({"finetuned": _result(0.5, 40.0, 1000), "pruned": _result(0.3, 5.0, 100)},
+                               max_drop=0.05)
     assert selection["variant"] == "finetuned"
     assert "the only eligible model" in _rows(selection)["finetuned"]["why"]
 
 
 def test_a_variant_that_repeats_itself_or_loses_facts_is_never_chosen():
     """The fastest variants are within the ROUGE-L drop, but one babbles and one gets the facts wrong."""
-    selection = evaluate.select_variant({
+    selection = select_variant({
         "finetuned": _result(0.60, 40.0, 1000, facts=0.90),
         "babbling": _result(0.59, 10.0, 300, facts=0.90, repeating=0.30),   # "to discusssss…" in 30% of summaries
         "forgetful": _result(0.59, 15.0, 300, facts=0.70),                   # 20 points fewer with every fact right
@@ -93,13 +94,13 @@ def test_a_variant_that_repeats_itself_or_loses_facts_is_never_chosen():
     assert rows["forgetful"]["facts_all_right_drop"] == 0.2 and rows["good"]["facts_all_right_drop"] == 0.02
     assert "repeating themselves" in selection["rule"] and selection["max_repetition_rate"] == 0.02
     # without the bounds (their defaults) the babbling variant would have won: the bounds are what stop it
-    assert evaluate.select_variant({"finetuned": _result(0.60, 40.0, 1000, facts=0.9),
-                                    "babbling": _result(0.59, 10.0, 300, facts=0.9, repeating=0.3)},
-                                   max_drop=0.05)["variant"] == "babbling"
+    assert select_variant({"finetuned": _result(0.60, 40.0, 1000, facts=0.9),
+                           "babbling": _result(0.59, 10.0, 300, facts=0.9, repeating=0.3)},
+                          max_drop=0.05)["variant"] == "babbling"
 
 
 def test_a_variant_failing_several_bounds_names_each_and_a_babbling_reference_is_left_for_the_gate():
-    selection = evaluate.select_variant({
+    selection = select_variant({
         "finetuned": _result(0.60, 40.0, 1000, facts=0.9, repeating=0.5),
         "bad": _result(0.40, 10.0, 300, facts=0.1, repeating=0.5),
     }, max_drop=0.05, max_fact_drop=0.05, max_repetition=0.02)
