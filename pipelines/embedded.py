@@ -85,7 +85,7 @@ _UNSET_VARIABLES = (
 _SERVICE_ENDPOINT_PREFIX = "AWS_ENDPOINT_URL_"  # AWS_ENDPOINT_URL_S3 etc. would take precedence over ours
 # `flanops run` starts its executions with a client token that begins so: it runs their executor itself,
 # so embedded AWS (embedded_api.py) starts none.
-OWN_EXECUTOR_TOKEN = "flanops-run-"
+OWN_EXECUTOR_TOKEN = "flanops-run-"  # nosec B105 # a marker in a client token, not a secret
 
 
 class EmbeddedAwsError(FlanopsError):

@@ -119,7 +119,8 @@ EXECUTIONS: Executions | None = None
 
 
 def executions() -> Executions:
-    assert EXECUTIONS is not None, "embedded_api.install() was not called"
+    if EXECUTIONS is None:
+        raise RuntimeError("embedded_api.install() was not called in this process")
     return EXECUTIONS
 
 

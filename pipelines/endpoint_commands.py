@@ -153,7 +153,7 @@ def watch_stage(session, group: str, stage: str, served_arn: str | None, endpoin
         while not stop.wait(every_seconds):
             try:
                 current = deployed(session, stage, group)
-            except Exception:   # embedded AWS stopped: nothing to compare with, the model still serves
+            except Exception:  # nosec B112 # embedded AWS stopped: nothing to compare with, the model still serves
                 continue
             if current and current.model_package_arn and current.model_package_arn != served_arn:
                 print(f"stage {stage} was redeployed with {current.model_package_arn}; this server still serves "

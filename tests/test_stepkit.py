@@ -14,8 +14,8 @@ from stepkit.errors import StepError
 from stepkit.metrics import best_constant_output, fact_accuracy, rouge
 from stepkit.prompt import PROMPT_TEMPLATE, format_prompt
 from stepkit.pretraining import corpus_pairs
-from stepkit.synthetic import (CITIES, FIRST_NAMES, NAME_STYLES, SURNAMES, generate_splits, invented_name,
-                               unseen_in_train)
+from stepkit.scenarios import CITIES, FIRST_NAMES, SURNAMES
+from stepkit.synthetic import NAME_STYLES, generate_splits, invented_name, unseen_in_train
 from stepkit.tiny import span_corrupt, train_tokenizer
 from stepkit.catalog import CATALOG, GIB, T5Dims
 from stepkit.training import (MAX_EVAL_BATCH_SIZE, Encoded, TrainSettings, activation_bytes, encode_pairs,

@@ -21,7 +21,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from . import synthetic
+from . import scenarios, synthetic
 
 def random_time(rng: random.Random) -> str:
     hour = rng.randint(1, 12)
@@ -40,17 +40,17 @@ def invented_slots(rng: random.Random, names: str = "letters") -> dict[str, str]
     name1, name2 = synthetic.invented_name(rng, names), synthetic.invented_name(rng, names)
     while name2 == name1:
         name2 = synthetic.invented_name(rng, names)
-    day = rng.choice(synthetic.DAYS)
+    day = rng.choice(scenarios.DAYS)
     slots = {
         "name1": name1, "name2": name2, "surname": synthetic.invented_name(rng, names), "day": day,
-        "time": random_time(rng), "amount": random_amount(rng), "count": rng.choice(synthetic.COUNTS),
-        "place": synthetic.invented_place(rng, names), "item": rng.choice(synthetic.ITEMS),
-        "city": synthetic.invented_name(rng, names), "subject": rng.choice(synthetic.SUBJECTS),
-        "repair": rng.choice(synthetic.REPAIRS), "ailment": rng.choice(synthetic.AILMENTS),
-        "project": rng.choice(synthetic.PROJECTS),
+        "time": random_time(rng), "amount": random_amount(rng), "count": rng.choice(scenarios.COUNTS),
+        "place": synthetic.invented_place(rng, names), "item": rng.choice(scenarios.ITEMS),
+        "city": synthetic.invented_name(rng, names), "subject": rng.choice(scenarios.SUBJECTS),
+        "repair": rng.choice(scenarios.REPAIRS), "ailment": rng.choice(scenarios.AILMENTS),
+        "project": rng.choice(scenarios.PROJECTS),
     }
     if rng.random() < 0.4:
-        slots["other_day"] = rng.choice([d for d in synthetic.DAYS if d != day])
+        slots["other_day"] = rng.choice([d for d in scenarios.DAYS if d != day])
     return slots
 
 
@@ -88,8 +88,8 @@ def message(slots: dict[str, str], rng: random.Random) -> str:
     return f"From: {slots['name1']}\nTo: {slots['name2']}\n\nHi {slots['name2']},\n{body}\n\n{slots['name1']}"
 
 
-def conversation(slots: dict[str, str], rng: random.Random) -> tuple[str, synthetic.Scenario]:
-    scenario = rng.choice(synthetic.SCENARIOS)
+def conversation(slots: dict[str, str], rng: random.Random) -> tuple[str, scenarios.Scenario]:
+    scenario = rng.choice(scenarios.SCENARIOS)
     if scenario.speakers == ("name1",):
         slots = {**slots, "name1": slots["surname"]}
     dialogue, _summaries = synthetic.render(scenario, slots, rng)  # the summaries are never used
@@ -114,7 +114,7 @@ CORRUPT_PROMPT = "Write the missing spans.\n\n{text}\n\nSpans:"
 QUESTION_PROMPT = "Answer the question about the text.\n\n{text}\n\nQuestion: {question}\n\nAnswer:"
 
 
-def questions(slots: dict[str, str], scenario: synthetic.Scenario | None) -> list[tuple[str, str]]:
+def questions(slots: dict[str, str], scenario: scenarios.Scenario | None) -> list[tuple[str, str]]:
     """Extractive questions whose answers the text states, found by their context."""
     if scenario is None:   # a message: the sender and the addressee are known
         return [("Who wrote the message?", slots["name1"]), ("Who is the message for?", slots["name2"])]
