@@ -183,6 +183,8 @@ def run_function(jobs: JobRunner, name: str, job_name: str, arguments: dict, san
     flags = container_flags(specification.get("ContainerArguments", []))
     check_runtime(name, flags)
     jobs.fresh_sandbox(sandbox)
+    # first in the step's metadata, as SageMaker lists it: the SDK's result reader takes the first entry
+    entry["Metadata"]["TrainingJob"] = {"Arn": jobs.job_arn("training-job", job_name)}
     workspace = stage_workspace(jobs, name, arguments, flags, sandbox)
     failure = jobs.sandbox_path(sandbox, f"{CONTAINER_ROOT}/output/failure")
     failure.parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,7 @@ def run_function(jobs: JobRunner, name: str, job_name: str, arguments: dict, san
     results = arguments["OutputDataConfig"]["S3OutputPath"]
     download_prefix(jobs.s3, results, sandbox / RESULTS)
     arn = record_job(jobs, name, job_name, arguments)
-    entry["Metadata"]["TrainingJob"] = {"Arn": arn}
+    entry["Metadata"]["TrainingJob"]["Arn"] = arn
     return {**arguments, "TrainingJobName": job_name, "TrainingJobArn": arn, "TrainingJobStatus": "Completed"}
 
 

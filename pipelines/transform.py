@@ -94,6 +94,8 @@ def run_transform(jobs: JobRunner, name: str, job_name: str, arguments: dict, sa
     """One transform job, as jobs.py runs a processing job; returns its properties (DescribeTransformJob)."""
     settings = transform_settings(name, arguments)
     jobs.fresh_sandbox(sandbox)
+    arn = jobs.job_arn("transform-job", job_name)
+    entry["Metadata"]["TransformJob"] = {"Arn": arn}   # first, as SageMaker lists a step's metadata
     model_dir, model_environment = stage_model(jobs, name, arguments["ModelName"], sandbox)
     inputs, outputs = sandbox / TRANSFORM_INPUT, sandbox / TRANSFORM_OUTPUT
     download_prefix(jobs.s3, arguments["TransformInput"]["DataSource"]["S3DataSource"]["S3Uri"], inputs)
@@ -105,8 +107,6 @@ def run_transform(jobs: JobRunner, name: str, job_name: str, arguments: dict, sa
     jobs.run_process(name, [sys.executable, "-u", "-m", "flanops.pipelines.transform", str(spec)], sandbox, env,
                      sandbox, entry, started)
     upload_folder(jobs.s3, outputs, arguments["TransformOutput"]["S3OutputPath"], output_encryption(arguments))
-    arn = jobs.job_arn("transform-job", job_name)
-    entry["Metadata"]["TransformJob"] = {"Arn": arn}
     return {**arguments, "TransformJobName": job_name, "TransformJobArn": arn, "TransformJobStatus": "Completed"}
 
 
