@@ -178,7 +178,8 @@ def stage_workspace(jobs: JobRunner, name: str, arguments: dict, flags: dict[str
 def run_function(jobs: JobRunner, name: str, job_name: str, arguments: dict, sandbox: Path, entry: dict,
                  started: Callable[[], None]) -> dict:
     """One function step's job; returns its properties (DescribeTrainingJob)."""
-    job_name = job_name.lower()   # moto's job names are case-sensitive and the SDK reads the name from the lower-case ARN
+    # the SDK reads the job's name from its ARN, which is lower case, and moto's job names are case-sensitive
+    job_name = job_name.lower()
     specification = arguments["AlgorithmSpecification"]
     flags = container_flags(specification.get("ContainerArguments", []))
     check_runtime(name, flags)

@@ -107,15 +107,16 @@ def definition(aws: Aws, name: str, steps: list, parameters: list | None = None)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)   # "Popping out 'ModelName'…": SageMaker names it
-        pipeline = Pipeline(name=name, steps=steps, parameters=parameters or [], sagemaker_session=pipeline_session(aws))
+        pipeline = Pipeline(name=name, steps=steps, parameters=parameters or [],
+                            sagemaker_session=pipeline_session(aws))
         return json.loads(pipeline.definition())
 
 
 def execute(aws: Aws, pipeline: str, document: dict, execution_id: str, parameters: dict | None = None,
             home: Path | None = None) -> tuple[dict, list[str]]:
     lines: list[str] = []
-    executor = LocalExecutor(aws.session, pipeline, document, home or aws.root / "home", aws.root / "runs" / execution_id,
-                             echo=lines.append, job_env=aws.job_env)
+    executor = LocalExecutor(aws.session, pipeline, document, home or aws.root / "home",
+                             aws.root / "runs" / execution_id, echo=lines.append, job_env=aws.job_env)
     arn = f"arn:aws:sagemaker:us-east-1:123456789012:pipeline/{pipeline}/execution/{execution_id}"
     return executor.start(parameters or {}, arn), lines
 
@@ -203,8 +204,8 @@ def test_a_model_step_creates_the_model_and_a_transform_answers_every_line_throu
     properties = record["Properties"]["CreateModel"]
     described = aws.session.client("sagemaker").describe_model(ModelName=properties["ModelName"])
     assert described["ModelArn"] == properties["ModelArn"] == steps["CreateModel"]["Metadata"]["Model"]["Arn"]
-    assert described["PrimaryContainer"]["ModelDataUrl"] == echo_model and described["PrimaryContainer"]["Image"] == IMAGE
-    assert described["PrimaryContainer"]["Environment"] == {"ECHO_SUFFIX": "!"}
+    assert described["PrimaryContainer"] == {"Image": IMAGE, "ModelDataUrl": echo_model,
+                                             "Environment": {"ECHO_SUFFIX": "!"}}
     assert described["ExecutionRoleArn"] == ROLE
 
     # one request per line, answers assembled one a line, in <input>.out under S3OutputPath
@@ -249,8 +250,8 @@ def test_a_transform_of_an_existing_model_sends_whole_gzipped_objects_and_is_reu
 
 @pytest.mark.parametrize("execution, line, says", [
     ("crash", "crash", "Transform: the job failed (exit code 3); log: "),
-    ("bug", "bug", "Transform: the job failed (exit code 1): error: in.jsonl record 2: the model answered 500: the model "
-                   "handler failed: KeyError: 'a bug in the handler'; log: "),
+    ("bug", "bug", "Transform: the job failed (exit code 1): error: in.jsonl record 2: the model answered 500: "
+                   "the model handler failed: KeyError: 'a bug in the handler'; log: "),
 ], ids=["crash", "bug"])
 def test_a_handler_that_fails_fails_the_step_with_its_log_and_the_executor_carries_on(aws, echo_model, execution,
                                                                                       line, says):
@@ -367,8 +368,8 @@ def test_step_functions_run_through_the_sdks_invoker_and_their_returns_read_back
     assert function_result(aws, record, "Add") == {"sum": 6, "terms": [2, 4]}
     assert function_result(aws, record, "Scale") == [60, "sagemaker_remote_function_workspace"]
     results = record["Properties"]["Add"]["OutputDataConfig"]["S3OutputPath"]
-    assert results == (f"s3://{BUCKET}/kinds-functions/Add/{add_arguments[add_arguments.index('--func_step_s3_dir') + 1]}"
-                       "/functions1/results")
+    build_time = add_arguments[add_arguments.index("--func_step_s3_dir") + 1]
+    assert results == f"s3://{BUCKET}/kinds-functions/Add/{build_time}/functions1/results"
 
     # where the definition's JsonGet on Add's return reads: {"Result": …} at Join([S3OutputPath, "results.json"])
     json_get = steps["Check"]["Arguments"]["Conditions"][0]["LeftValue"]["Std:JsonGet"]
@@ -398,7 +399,8 @@ def test_a_function_that_raises_fails_its_step_with_the_exception_where_the_sdk_
     assert record["FailureReason"] == failed["FailureReason"]
     assert "ZeroDivisionError: division by zero" in log.read_text()   # the traceback, in the job's log
     # the invoker serialized the exception where the SDK's RemoteExecutor looks: <base>/<execution>/<step>/exception
-    error = deserialize_exception_from_s3(Session(aws.session), f"s3://{BUCKET}/kinds-failing/failing1/Divide/exception")
+    error = deserialize_exception_from_s3(Session(aws.session),
+                                          f"s3://{BUCKET}/kinds-failing/failing1/Divide/exception")
     assert isinstance(error, ZeroDivisionError)
     assert not [key for key in aws.keys("kinds-failing/Divide/") if "/failing1/" in key]   # no results
 
@@ -408,8 +410,8 @@ def test_a_function_that_raises_fails_its_step_with_the_exception_where_the_sdk_
      "needs flanops-no-such-package==9.9, which this Python does not have; the container would pip-install them, "
      "the local executor does not change your environment: pip install flanops-no-such-package==9.9"),
     ("too-new", "pip3 install -q 'packaging<1'", "needs packaging<1 (installed: "),
-    ("not-pip", "apt-get install -y graphviz", "the pre-execution command 'apt-get install -y graphviz' would run on this machine, "
-     "not in a container; the local executor runs only pip installs of what this Python already has"),
+    ("not-pip", "apt-get install -y graphviz", "the pre-execution command 'apt-get install -y graphviz' would run "
+     "on this machine, not in a container; the local executor runs only pip installs of what this Python already has"),
 ], ids=["missing", "too-new", "not-pip"])
 def test_setup_a_container_would_install_is_refused_in_one_line_unless_already_here(aws, execution, command, says):
     from sagemaker.mlops.workflow.function_step import step
