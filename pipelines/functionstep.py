@@ -47,6 +47,7 @@ from typing import Callable
 
 from packaging.requirements import InvalidRequirement
 
+from .expressions import format_value
 from .failures import StepFailed
 from .jobs import CONTAINER_ROOT, JobRunner, requirements_refusal, unmet_requirements
 from .s3 import download_prefix
@@ -112,6 +113,9 @@ def check_setup(name: str, workspace: Path, flags: dict[str, list[str]]) -> None
     dependencies = settings.get("dependency_file")
     if dependencies:
         path = workspace / dependencies
+        if not path.is_file():
+            raise StepFailed(f"{name}: the function step's dependencies file {dependencies} is not among its staged "
+                             f"inputs ({SETUP_CHANNEL})")
         if path.suffix in (".yml", ".yaml"):
             raise StepFailed(f"{name}: the function step's dependencies are a conda environment ({dependencies}); "
                              "the local executor does not create environments: run it with this Python's packages")
@@ -180,8 +184,9 @@ def run_function(jobs: JobRunner, name: str, job_name: str, arguments: dict, san
     """One function step's job; returns its properties (DescribeTrainingJob)."""
     # the SDK reads the job's name from its ARN, which is lower case, and moto's job names are case-sensitive
     job_name = job_name.lower()
-    specification = arguments["AlgorithmSpecification"]
-    flags = container_flags(specification.get("ContainerArguments", []))
+    container_arguments = [format_value(value) for value in arguments["AlgorithmSpecification"].get(
+        "ContainerArguments", [])]
+    flags = container_flags(container_arguments)
     check_runtime(name, flags)
     jobs.fresh_sandbox(sandbox)
     # first in the step's metadata, as SageMaker lists it: the SDK's result reader takes the first entry
@@ -192,7 +197,7 @@ def run_function(jobs: JobRunner, name: str, job_name: str, arguments: dict, san
     jobs.sandbox_path(sandbox, f"{CONTAINER_ROOT}/model").mkdir(parents=True, exist_ok=True)
     env = jobs.container_env(sandbox, job_name, arguments.get("Environment", {}))
     env.update(TRAINING_JOB_NAME=job_name, SM_MODEL_DIR=str(jobs.sandbox_path(sandbox, f"{CONTAINER_ROOT}/model")))
-    command = [sys.executable, "-u", "-c", INVOKER, str(failure), *specification.get("ContainerArguments", [])]
+    command = [sys.executable, "-u", "-c", INVOKER, str(failure), *container_arguments]
     try:
         jobs.run_process(name, command, workspace, env, sandbox, entry, started)
     except StepFailed:

@@ -459,3 +459,19 @@ def test_a_cached_function_step_reuses_the_earlier_return_and_the_sdk_still_read
     assert steps_of(third)["Stamp"]["CacheHitResult"] is not None
     assert any("restored 1 output(s) to S3" in line for line in lines), lines
     assert function_result(aws, third, "Stamp") == value
+
+
+def test_the_function_step_contract_is_the_installed_sdks(monkeypatch):
+    """functionstep.py names the SDK's paths without importing the SDK into the executor: they must agree."""
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")   # the SDK makes a boto3 client as it is imported
+    from sagemaker.core.remote_function import job
+    from sagemaker.core.remote_function.core import stored_function
+
+    from flanops.pipelines import functionstep
+
+    assert functionstep.ENTRYPOINT == job.JOBS_CONTAINER_ENTRYPOINT
+    assert functionstep.WORKSPACE == job.JOB_REMOTE_FUNCTION_WORKSPACE
+    assert functionstep.SETUP_CHANNEL == job.SCRIPT_AND_DEPENDENCIES_CHANNEL_NAME
+    assert functionstep.PRE_EXECUTION_SCRIPT == job.PRE_EXECUTION_SCRIPT_NAME
+    assert stored_function.RESULTS_FOLDER == "results" and stored_function.JSON_RESULTS_FILE == "results.json"
+    assert "python -m sagemaker.core.remote_function.invoke_function" in job.ENTRYPOINT_SCRIPT
