@@ -12,7 +12,6 @@ from __future__ import annotations
 import gzip
 import json
 import tarfile
-import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -220,7 +219,6 @@ def test_a_model_step_creates_the_model_and_a_transform_answers_every_line_throu
     assert steps["Transform"]["Metadata"]["Pid"] > 0   # a process of its own
     log = (aws.root / "runs" / "transform1" / "jobs" / "Transform" / "job.log").read_text()
     assert "a.jsonl -> a.jsonl.out" in log and "sub/b.jsonl -> sub/b.jsonl.out" in log
-
 
 
 def test_a_transform_of_an_existing_model_sends_whole_gzipped_objects_and_is_reused_from_the_cache(aws, echo_model,
