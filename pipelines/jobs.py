@@ -42,10 +42,17 @@ from .s3 import download_prefix, split_s3_uri, upload_folder
 CONTAINER_ROOT = "/opt/ml"
 
 
+def job_name(pipeline_name: str, step_name: str, execution_id: str) -> str:
+    """The name of a step's job (or model) in an execution: unique per step and execution, and one that
+    SageMaker accepts (letters, digits and hyphens, at most 63)."""
+    return re.sub(r"[^a-zA-Z0-9-]+", "-", f"{pipeline_name}-{step_name}-{execution_id}")[:63].strip("-")
+
+
 def output_encryption(arguments: dict) -> dict | None:
     """The upload arguments that encrypt a job's outputs with its KMS key, as SageMaker does; None without one."""
     key = (arguments.get("ProcessingOutputConfig", {}).get("KmsKeyId")
-           or arguments.get("OutputDataConfig", {}).get("KmsKeyId"))
+           or arguments.get("OutputDataConfig", {}).get("KmsKeyId")
+           or arguments.get("TransformOutput", {}).get("KmsKeyId"))
     return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key} if key else None
 
 
@@ -58,8 +65,13 @@ def extract_archives(folder: Path) -> None:
 
 def missing_requirements(requirements: Path) -> list[str]:
     """Requirements a job would pip-install in its container; here they must already be installed."""
+    return unmet_requirements(requirements.read_text(encoding="utf-8").splitlines())
+
+
+def unmet_requirements(lines: list[str]) -> list[str]:
+    """The requirement specifiers (one a line, ``#`` comments) that this Python's packages do not meet."""
     missing = []
-    for line in requirements.read_text(encoding="utf-8").splitlines():
+    for line in lines:
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
@@ -72,6 +84,13 @@ def missing_requirements(requirements: Path) -> list[str]:
         if requirement.specifier and not requirement.specifier.contains(installed, prereleases=True):
             missing.append(f"{line} (installed: {installed})")
     return missing
+
+
+def requirements_refusal(name: str, what: str, missing: list[str]) -> StepFailed:
+    """The one line that refuses a job whose container would pip-install what this Python lacks."""
+    return StepFailed(f"{name}: {what} needs {', '.join(missing)}, which this Python does not have; the container "
+                      "would pip-install them, the local executor does not change your environment: "
+                      f"pip install {' '.join(shlex.quote(m.split(' (')[0]) for m in missing)}")
 
 
 @dataclass
@@ -144,9 +163,7 @@ class JobRunner:
         if requirements.is_file():
             missing = missing_requirements(requirements)
             if missing:
-                raise StepFailed(f"{name}: the job's requirements.txt needs {', '.join(missing)}, which this "
-                                 "Python does not have; the container would pip-install them, the local executor "
-                                 f"does not change your environment: pip install {' '.join(shlex.quote(m.split(' (')[0]) for m in missing)}")
+                raise requirements_refusal(name, "the job's requirements.txt", missing)
 
     def run_training(self, name, job_name, arguments, sandbox, entry, started: Callable[[], None]) -> dict:
         self.fresh_sandbox(sandbox)

@@ -2,12 +2,14 @@
 
 The executor keeps no list of steps of its own: it reads the definition JSON (stepgraph.py orders
 its steps, condition branches included), resolves parameters, ``Get``, ``Std:Join``,
-``Std:JsonGet`` and conditions (expressions.py), and runs each job the way SageMaker would run it
-(jobs.py: the container contract in a sandbox). Condition, Fail and RegisterModel steps run too
-(the model package lands in the registry). Steps with caching enabled reuse an earlier run's
-outputs when their resolved arguments are unchanged (stepcache.py). Jobs run one at a time:
-branches that SageMaker runs in parallel run in definition order here (each job uses every core
-anyway). Each execution's record is kept by records.py.
+``Std:JsonGet`` and conditions (expressions.py), and runs each job the way SageMaker would run it:
+Processing and Training jobs under the container contract in a sandbox (jobs.py), Transform jobs
+through the model's own handler (transform.py), ``@step`` functions through the SDK's own invoker
+(functionstep.py). Condition, Fail, RegisterModel (the model package lands in the registry) and
+Model steps (createmodel.py: the model lands in SageMaker) run too. Jobs with caching enabled reuse
+an earlier run's outputs when their resolved arguments are unchanged (stepcache.py). Jobs run one at
+a time: branches that SageMaker runs in parallel run in definition order here (each job uses every
+core anyway). Each execution's record is kept by records.py.
 """
 from __future__ import annotations
 
@@ -15,18 +17,22 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
+from .createmodel import create_model
 from .expressions import Context, evaluate_condition, format_value, walk_path
 from .failures import AwsUnreachable, StepFailed, known_failure
 from .files import write_json_atomic
-from .jobs import JobRunner
+from .functionstep import is_function_step, run_function
+from .jobs import JobRunner, job_name
 from .records import records_dir, utcnow
 from .stepcache import StepCache
 from .stepgraph import StepGraph
+from .transform import run_transform
 
-JOB_TYPES = ("Processing", "Training")
+JOB_TYPES = ("Processing", "Training", "Transform")
 
 
 @dataclass
@@ -137,6 +143,11 @@ class LocalExecutor:
                 ctx.properties[name] = {"ModelPackageArn": arn}
                 entry["Metadata"]["RegisterModel"] = {"Arn": arn}
                 self.echo(f"    registered {arn}")
+            elif step["Type"] == "Model":
+                ctx.properties[name], arn = create_model(self.sagemaker, name, job_name(
+                    self.pipeline_name, name, ctx.execution_id), ctx.resolve(step["Arguments"], name))
+                entry["Metadata"]["Model"] = {"Arn": arn}
+                self.echo(f"    created model {ctx.properties[name]['ModelName']}")
             else:
                 raise StepFailed(f"{name}: step type {step['Type']} is not supported by the local executor")
         except Exception as error:
@@ -159,10 +170,9 @@ class LocalExecutor:
         if cache.get("Enabled") and self.cache.reuse(name, key, cache, ctx, entry):
             return
         arguments = ctx.resolve(step["Arguments"], name)
-        job_name = f"{self.pipeline_name}-{name}-{ctx.execution_id}"[:63].rstrip("-")
         sandbox = self.run_dir / "jobs" / name
-        run = self.jobs.run_processing if step["Type"] == "Processing" else self.jobs.run_training
-        properties = run(name, job_name, arguments, sandbox, entry, lambda: self.save(record))
+        properties = self.job_runner(step)(name, job_name(self.pipeline_name, name, ctx.execution_id), arguments,
+                                           sandbox, entry, lambda: self.save(record))
         ctx.properties[name] = properties
         files = {}
         for spec in step.get("PropertyFiles", []):
@@ -174,7 +184,15 @@ class LocalExecutor:
                 raise StepFailed(f"{name}: property file {spec['FilePath']} unreadable ({err})") from None
         for file_name, document in files.items():
             ctx.property_files[f"{name}.{file_name}"] = document
-        self.cache.store(name, key, ctx, properties, files, sandbox)
+        self.cache.store(name, key, ctx, properties, files, sandbox, entry["Metadata"])
+
+    def job_runner(self, step: dict) -> Callable[..., dict]:
+        """The job's kind: each runs (name, job name, arguments, sandbox, entry, started) and returns its properties."""
+        if step["Type"] == "Transform":
+            return partial(run_transform, self.jobs)
+        if is_function_step(step):   # the SDK's @step: a Training step that runs the remote-function invoker
+            return partial(run_function, self.jobs)
+        return self.jobs.run_processing if step["Type"] == "Processing" else self.jobs.run_training
 
     def register(self, arguments: dict) -> str:
         group = arguments["ModelPackageGroupName"]

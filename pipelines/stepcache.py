@@ -16,9 +16,11 @@ from typing import Any, Callable
 
 from .expressions import Context
 from .files import write_json_atomic
+from .functionstep import RESULTS, function_results_uri
 from .jobs import output_encryption
 from .records import utcnow
 from .s3 import prefix_exists, split_s3_uri, upload_folder
+from .transform import TRANSFORM_OUTPUT
 
 PLACEHOLDER_EXECUTION = "<execution-id>"   # stands in for the execution id in cache keys
 
@@ -54,9 +56,13 @@ class StepCache:
                       "PropertyFiles": step.get("PropertyFiles", [])}
         return hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()
 
-    def store(self, name: str, key: str, ctx: Context, properties: dict, files: dict, sandbox: Path) -> None:
+    def store(self, name: str, key: str, ctx: Context, properties: dict, files: dict, sandbox: Path,
+              metadata: dict | None = None) -> None:
+        """``metadata``: the step's record metadata; a hit shows the job it reuses (``TrainingJob: {Arn}``), as
+        SageMaker lists a cached step, which is how the SDK finds a function step's result."""
+        jobs = {kind: value for kind, value in (metadata or {}).items() if kind.endswith("Job")}
         write_json_atomic(self.path(name, key), {
-            "CreationTime": utcnow(), "SourcePipelineExecutionArn": ctx.execution_arn,
+            "CreationTime": utcnow(), "SourcePipelineExecutionArn": ctx.execution_arn, "Metadata": jobs,
             "Properties": properties, "PropertyFiles": files, "LocalCopies": local_copies(properties, sandbox)})
 
     def reuse(self, name: str, key: str, cache: dict, ctx: Context, entry: dict) -> bool:
@@ -80,18 +86,32 @@ class StepCache:
         for file_name, document in hit["PropertyFiles"].items():
             ctx.property_files[f"{name}.{file_name}"] = document
         entry["CacheHitResult"] = {"SourcePipelineExecutionArn": hit["SourcePipelineExecutionArn"]}
+        entry["Metadata"].update(hit.get("Metadata", {}))
         self.echo(f"    cache hit: reusing the outputs of {hit['SourcePipelineExecutionArn'].rsplit('/', 1)[-1]}")
         return True
 
 
-def local_copies(properties: dict, sandbox: Path) -> dict[str, dict]:
-    """Each output's S3 location → the job's own copy of it in the run folder, with each file's size."""
+def output_locations(properties: dict, sandbox: Path) -> dict[str, Path]:
+    """Each S3 location a job's outputs went to → the job's own copy of it in its sandbox: a processing
+    job's outputs, a training job's model.tar.gz, a transform's .out objects, a function step's return."""
     copies = {item["S3Output"]["S3Uri"]: sandbox / item["S3Output"]["LocalPath"].lstrip("/")
               for item in properties.get("ProcessingOutputConfig", {}).get("Outputs", [])}
     artifact = properties.get("ModelArtifacts", {}).get("S3ModelArtifacts")
     if artifact:
         copies[artifact] = sandbox / "model.tar.gz"
-    return {uri: {"path": str(path), "files": file_sizes(path)} for uri, path in copies.items() if path.exists()}
+    transformed = properties.get("TransformOutput", {}).get("S3OutputPath")
+    if transformed:
+        copies[transformed] = sandbox / TRANSFORM_OUTPUT
+    results = function_results_uri(properties)
+    if results:
+        copies[results] = sandbox / RESULTS
+    return copies
+
+
+def local_copies(properties: dict, sandbox: Path) -> dict[str, dict]:
+    """Each output's S3 location → the job's own copy of it in the run folder, with each file's size."""
+    return {uri: {"path": str(path), "files": file_sizes(path)}
+            for uri, path in output_locations(properties, sandbox).items() if path.exists()}
 
 
 def file_sizes(path: Path) -> dict[str, int]:
@@ -116,6 +136,4 @@ def restore_copy(s3, copy: dict, uri: str, extra_args: dict | None = None) -> No
 
 def output_uris(properties: dict) -> list[str]:
     """The S3 locations a job's outputs went to (what a cache hit needs to still exist)."""
-    uris = [item["S3Output"]["S3Uri"] for item in properties.get("ProcessingOutputConfig", {}).get("Outputs", [])]
-    artifact = properties.get("ModelArtifacts", {}).get("S3ModelArtifacts")
-    return uris + ([artifact] if artifact else [])
+    return list(output_locations(properties, Path()))
