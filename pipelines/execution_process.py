@@ -47,7 +47,7 @@ def start(arn: str, selective: dict | None) -> int:
     definition = json.loads(sagemaker.describe_pipeline_definition_for_execution(
         PipelineExecutionArn=arn)["PipelineDefinition"])
     parameters = typed_parameters(definition, sagemaker.list_pipeline_parameters_for_execution(
-        PipelineExecutionArn=arn)["PipelineParameters"] or [])
+        PipelineExecutionArn=arn).get("PipelineParameters") or [])   # moto leaves the key out when none were given
     pipeline_name = pipeline_of(arn)
     run_dir = Path.cwd()
     print(f"execution {arn}\nrun folder {run_dir}", flush=True)
