@@ -62,6 +62,34 @@ SDK_SCRIPT = textwrap.dedent('''
 ''')
 
 
+FUNCTION_SCRIPT = textwrap.dedent('''
+    import json
+    import boto3
+    from sagemaker.core.workflow.pipeline_context import PipelineSession
+    from sagemaker.mlops.workflow.function_step import step
+    from sagemaker.mlops.workflow.pipeline import Pipeline
+
+    boto = boto3.Session()
+    account = boto.client("sts").get_caller_identity()["Account"]
+    bucket = f"sdk-function-{account}"
+    boto.client("s3").create_bucket(Bucket=bucket)
+    session = PipelineSession(boto_session=boto, default_bucket=bucket)
+    role = f"arn:aws:iam::{account}:role/sdk-function"
+
+    @step(name="Add", role=role, instance_type="ml.m5.large",
+          image_uri=f"{account}.dkr.ecr.{boto.region_name}.amazonaws.com/python:3")   # never pulled
+    def add(a, b):
+        return {"sum": a + b}
+
+    pipeline = Pipeline(name="sdk-function", steps=[add(2, 3)], sagemaker_session=session)
+    pipeline.upsert(role_arn=role)
+    execution = pipeline.start()
+    execution.wait(delay=1, max_attempts=300)
+    print(json.dumps({"status": execution.describe()["PipelineExecutionStatus"], "result": execution.result("Add"),
+                      "steps": [[s["StepName"], s["StepStatus"], sorted(s["Metadata"])] for s in execution.list_steps()]}))
+''')
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     """A FLANOPS_HOME of its own with embedded AWS running; yields the environment `flanops local env` exports."""
@@ -131,6 +159,16 @@ def test_boto3_lists_executions_with_their_failure_and_refuses_what_cannot_be(em
         sagemaker.retry_pipeline_execution(PipelineExecutionArn=sdk_run[5]["arn"])
     with pytest.raises(ClientError, match="is Failed; only an Executing execution can be stopped"):
         sagemaker.stop_pipeline_execution(PipelineExecutionArn=sdk_run[1]["arn"])
+
+
+def test_the_sdk_reads_a_function_steps_result(embedded):
+    root, env = embedded
+    script = root / "sdk_function.py"
+    script.write_text(FUNCTION_SCRIPT, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"status": "Succeeded", "result": {"sum": 5}, "steps": [["Add", "Succeeded", ["TrainingJob"]]]}
 
 
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed (it is not a dependency)")
