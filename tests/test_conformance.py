@@ -1,0 +1,417 @@
+"""Conformance of the local executor: definitions built with the SageMaker SDK v3 itself, each run against moto.
+
+Each test builds a pipeline with the SDK's own classes (Pipeline, ProcessingStep over a ScriptProcessor,
+TrainingStep over a ModelTrainer, ConditionStep, FailStep, ModelStep, parameters, execution variables,
+Join, JsonGet, StepDependency, retry policies, caching) and asserts what SageMaker would make of it:
+which steps run, their properties, outcomes and record entries (PipelineExecutionStep's shape). The
+constructs the executor does not run are refused before anything starts, one test per step type.
+
+Every job is a few lines of Python run as the container contract says (well under a second each), in
+moto's in-process AWS (conftest.mocked_aws); the stop tests run an executor in a subprocess of its own
+and signal it. Times are asserted from the execution records, never from wall-clock speed.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from conftest import mocked_aws
+from flanops.pipelines.failures import DefinitionRefused
+from flanops.pipelines.local import REFUSAL_FILE, LocalExecutor
+from flanops.pipelines.records import records_dir
+from flanops.pipelines.retries import MAX_INTERVAL_ENV, retry_wait
+from flanops.pipelines.scheduler import INTERRUPTED, STOPPED_BY_API
+
+REGION = "us-east-1"
+ACCOUNT = "123456789012"   # moto's
+BUCKET = "flanops-conformance"
+ROLE = f"arn:aws:iam::{ACCOUNT}:role/flanops-conformance"
+IMAGE = f"{ACCOUNT}.dkr.ecr.{REGION}.amazonaws.com/conformance:1"   # never pulled: jobs run as local processes
+OUT = "/opt/ml/processing/output/out"
+# What every processing job's script starts with: its output folder is its first argument (the executor maps
+# container paths in arguments to the job's sandbox), the rest are ARGS.
+PREAMBLE = """\
+import json, os, signal, sys, time
+OUT, ARGS = sys.argv[1], sys.argv[2:]
+os.makedirs(OUT, exist_ok=True)
+def write(name, value):
+    with open(os.path.join(OUT, name), "w") as f:
+        json.dump(value, f)
+"""
+
+
+# ----------------------------------------------------------------------------- building with the SDK
+@dataclass
+class Sdk:
+    """The SDK's pipeline building, against moto, and the local executor to run what it builds."""
+
+    session: Any
+    pipeline_session: Any
+    folder: Path
+    pipeline: str = "conformance"
+
+    def parameters(self, **defaults) -> dict:
+        from sagemaker.core.workflow.parameters import (ParameterBoolean, ParameterFloat, ParameterInteger,
+                                                         ParameterString)
+
+        kinds = {bool: ParameterBoolean, int: ParameterInteger, float: ParameterFloat, str: ParameterString}
+        return {name: kinds[type(value)](name=name, default_value=value) for name, value in defaults.items()}
+
+    def output(self, step: str, output: str = "out"):
+        from sagemaker.core.shapes import ProcessingOutput, ProcessingS3Output
+        from sagemaker.core.workflow.execution_variables import ExecutionVariables
+        from sagemaker.core.workflow.functions import Join
+
+        uri = Join(on="/", values=[f"s3://{BUCKET}", ExecutionVariables.PIPELINE_NAME,
+                                   ExecutionVariables.PIPELINE_EXECUTION_ID, step, output])
+        return ProcessingOutput(output_name=output, s3_output=ProcessingS3Output(
+            s3_uri=uri, local_path=f"/opt/ml/processing/output/{output}", s3_upload_mode="EndOfJob"))
+
+    def input(self, name: str, uri):
+        from sagemaker.core.shapes import ProcessingInput, ProcessingS3Input
+
+        return ProcessingInput(input_name=name, s3_input=ProcessingS3Input(
+            s3_uri=uri, local_path=f"/opt/ml/processing/input/{name}", s3_data_type="S3Prefix", s3_input_mode="File"))
+
+    def job(self, name: str, body: str, arguments: list | tuple = (), inputs: list | tuple = (), **step):
+        """A ProcessingStep whose job runs PREAMBLE + ``body`` (ScriptProcessor) and publishes its ``out`` folder."""
+        from sagemaker.core.processing import ScriptProcessor
+        from sagemaker.mlops.workflow.steps import ProcessingStep
+
+        script = self.folder / uuid.uuid4().hex[:8] / f"{name.lower()}.py"
+        script.parent.mkdir(parents=True)
+        script.write_text(PREAMBLE + textwrap.dedent(body), encoding="utf-8")
+        processor = ScriptProcessor(image_uri=IMAGE, command=["python3"], role=ROLE, instance_count=1,
+                                    instance_type="ml.m5.large", sagemaker_session=self.pipeline_session)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "Running within a PipelineSession…": we only compile
+            arguments = processor.run(code=str(script), inputs=list(inputs), outputs=[self.output(name)],
+                                      arguments=[OUT, *arguments])
+        return ProcessingStep(name=name, step_args=arguments, **step)
+
+    def trainer_step(self, name: str, body: str, hyperparameters: dict, inputs: dict | None = None, **step):
+        """A TrainingStep over a ModelTrainer with source code: ``body`` runs with its hyperparameters as flags."""
+        from sagemaker.core.shapes import OutputDataConfig
+        from sagemaker.core.workflow.execution_variables import ExecutionVariables
+        from sagemaker.core.workflow.functions import Join
+        from sagemaker.mlops.workflow.steps import TrainingStep
+        from sagemaker.train import ModelTrainer
+        from sagemaker.train.configs import Compute, InputData, SourceCode
+
+        source = self.folder / uuid.uuid4().hex[:8]
+        source.mkdir()
+        (source / "train.py").write_text(textwrap.dedent(body), encoding="utf-8")
+        trainer = ModelTrainer(
+            training_image=IMAGE, role=ROLE, sagemaker_session=self.pipeline_session, base_job_name=name,
+            source_code=SourceCode(source_dir=str(source), entry_script="train.py"),
+            compute=Compute(instance_type="ml.m5.large", instance_count=1), hyperparameters=hyperparameters,
+            output_data_config=OutputDataConfig(s3_output_path=Join(on="/", values=[
+                f"s3://{BUCKET}", ExecutionVariables.PIPELINE_NAME, ExecutionVariables.PIPELINE_EXECUTION_ID, name])))
+        channels = [InputData(channel_name=channel, data_source=uri) for channel, uri in (inputs or {}).items()]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return TrainingStep(name=name, step_args=trainer.train(input_data_config=channels or None), **step)
+
+    def definition(self, steps: list, parameters: dict | None = None) -> dict:
+        from sagemaker.mlops.workflow.pipeline import Pipeline
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "Running within a PipelineSession…": we only compile
+            pipeline = Pipeline(name=self.pipeline, parameters=list((parameters or {}).values()), steps=steps,
+                                sagemaker_session=self.pipeline_session)
+            return json.loads(pipeline.definition())
+
+    def arn(self, execution: str) -> str:
+        return f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{self.pipeline}/execution/{execution}"
+
+    def run(self, root: Path, definition: dict, execution: str = "e1", values: dict | None = None,
+            **start) -> "Run":
+        lines: list[str] = []
+        run_dir = root / f"run-{execution}"
+        executor = LocalExecutor(self.session, self.pipeline, definition, root / "home", run_dir, echo=lines.append)
+        record = executor.start(values or {}, self.arn(execution), **start)
+        return Run(record, lines, run_dir, definition)
+
+    def refusal(self, root: Path, definition: dict, execution: str = "refused", **start) -> str:
+        """Start an execution that must be refused; its one-line message, once the refusal left only itself."""
+        with pytest.raises(DefinitionRefused) as refused:
+            self.run(root, definition, execution, **start)
+        message = str(refused.value)
+        assert "\n" not in message and message.endswith("Nothing was started."), message
+        run_dir = root / f"run-{execution}"
+        assert sorted(p.name for p in run_dir.iterdir()) == [REFUSAL_FILE], "the run folder holds only the refusal"
+        assert (run_dir / REFUSAL_FILE).read_text(encoding="utf-8") == message + "\n"
+        record = json.loads((records_dir(root / "home", self.pipeline) / f"{execution}.json").read_text())
+        assert record["PipelineExecutionStatus"] == "Failed" and record["Steps"] == [], record
+        assert record["FailureReason"] == message and record["Resumable"] is False
+        return message
+
+
+@dataclass
+class Run:
+    record: dict
+    lines: list[str]
+    run_dir: Path
+    definition: dict
+    steps: dict[str, dict] = field(init=False)
+
+    def __post_init__(self):
+        self.steps = {entry["StepName"]: entry for entry in self.record["Steps"]}
+
+    def output(self, step: str, name: str) -> Any:
+        """A file the step's job wrote to its ``out`` folder (its sandbox copy)."""
+        path = self.run_dir / "jobs" / step / OUT.lstrip("/") / name
+        return json.loads(path.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def aws():
+    with mocked_aws(REGION, BUCKET) as session:
+        # the SDK's modules load once here (seconds), not inside the first test that builds with them
+        import sagemaker.core.processing  # noqa: F401
+        import sagemaker.mlops.workflow.condition_step  # noqa: F401
+        import sagemaker.mlops.workflow.pipeline  # noqa: F401
+        import sagemaker.train  # noqa: F401
+
+        yield session
+
+
+@pytest.fixture
+def sdk(aws, tmp_path, request) -> Sdk:
+    """The SDK against moto, with a pipeline name of the test's own."""
+    from sagemaker.core.workflow.pipeline_context import PipelineSession
+
+    from flanops.pipelines.definition import SDK_CONFIG, quiet_sdk, validate_sdk_config_once
+
+    quiet_sdk()
+    validate_sdk_config_once()
+    name = re.sub(r"[^A-Za-z0-9]+", "-", request.node.name.removeprefix("test_"))[:40].strip("-")
+    session = PipelineSession(boto_session=aws, default_bucket=BUCKET, sagemaker_config=SDK_CONFIG)
+    return Sdk(aws, session, tmp_path / "sdk", pipeline=f"cf-{name}")
+
+
+def s3_json(session, uri: str) -> Any:
+    bucket, _, key = uri.removeprefix("s3://").partition("/")
+    return json.loads(session.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def ran_a_job(entry: dict) -> bool:
+    return "Pid" in entry["Metadata"]
+
+
+# ----------------------------------------------------------------------------- conditions
+@pytest.mark.smoke
+def test_every_condition_type_decides_as_sagemaker_does(sdk, tmp_path):
+    from sagemaker.core.workflow.conditions import (ConditionEquals, ConditionGreaterThan,
+                                                     ConditionGreaterThanOrEqualTo, ConditionIn, ConditionLessThan,
+                                                     ConditionLessThanOrEqualTo, ConditionNot, ConditionOr)
+    from sagemaker.mlops.workflow.condition_step import ConditionStep
+
+    p = sdk.parameters(Count=3, Score=0.75, Stage="prod", Enabled=True)
+    count, score, stage, enabled = p["Count"], p["Score"], p["Stage"], p["Enabled"]
+    conditions = {
+        "EqualsInteger": [ConditionEquals(left=count, right=3)],
+        "EqualsString": [ConditionEquals(left=stage, right="dev")],
+        "EqualsBoolean": [ConditionEquals(left=enabled, right=True)],
+        "GreaterThan": [ConditionGreaterThan(left=score, right=0.75)],
+        "GreaterThanOrEqualTo": [ConditionGreaterThanOrEqualTo(left=score, right=0.75)],
+        "LessThan": [ConditionLessThan(left=count, right=10)],
+        "LessThanOrEqualTo": [ConditionLessThanOrEqualTo(left=count, right=2)],
+        "In": [ConditionIn(value=stage, in_values=["dev", "prod"])],
+        "InParameters": [ConditionIn(value=3, in_values=[count, 7])],
+        "Not": [ConditionNot(expression=ConditionEquals(left=stage, right="prod"))],
+        "NotNot": [ConditionNot(expression=ConditionNot(expression=ConditionLessThan(left=count, right=10)))],
+        "Or": [ConditionOr(conditions=[ConditionEquals(left=count, right=0), ConditionLessThan(left=score, right=1.0)])],
+        "OrNone": [ConditionOr(conditions=[ConditionEquals(left=count, right=0), ConditionNot(
+            expression=ConditionIn(value=stage, in_values=["prod"]))])],
+        "AllOfTwo": [ConditionEquals(left=count, right=3), ConditionGreaterThan(left=score, right=0.9)],
+    }
+    steps = [ConditionStep(name=name, conditions=items, if_steps=[], else_steps=[]) for name, items in conditions.items()]
+    definition = sdk.definition(steps, p)
+    not_condition = next(s for s in definition["Steps"] if s["Name"] == "Not")["Arguments"]["Conditions"][0]
+    assert set(not_condition) == {"Type", "Condition"}, "the SDK writes ConditionNot's operand as 'Condition'"
+
+    defaults = sdk.run(tmp_path, definition, "defaults")
+    assert defaults.record["PipelineExecutionStatus"] == "Succeeded", defaults.record["FailureReason"]
+    outcomes = {name: entry["Metadata"]["Condition"]["Outcome"] for name, entry in defaults.steps.items()}
+    assert outcomes == {"EqualsInteger": "True", "EqualsString": "False", "EqualsBoolean": "True",
+                        "GreaterThan": "False", "GreaterThanOrEqualTo": "True", "LessThan": "True",
+                        "LessThanOrEqualTo": "False", "In": "True", "InParameters": "True", "Not": "False",
+                        "NotNot": "True", "Or": "True", "OrNone": "False", "AllOfTwo": "False"}
+    # the same definition with other parameter values, as StartPipelineExecution's PipelineParameters give them
+    other = sdk.run(tmp_path, definition, "other", values={"Count": 0, "Score": 0.95, "Stage": "dev"})
+    outcomes = {name: entry["Metadata"]["Condition"]["Outcome"] for name, entry in other.steps.items()}
+    assert outcomes == {"EqualsInteger": "False", "EqualsString": "True", "EqualsBoolean": "True",
+                        "GreaterThan": "True", "GreaterThanOrEqualTo": "True", "LessThan": "True",
+                        "LessThanOrEqualTo": "True", "In": "True", "InParameters": "False", "Not": "True",
+                        "NotNot": "True", "Or": "True", "OrNone": "True", "AllOfTwo": "False"}
+    assert other.record["Parameters"] == {"Count": 0, "Score": 0.95, "Stage": "dev", "Enabled": True}
+
+
+def test_condition_steps_nest_to_any_depth(sdk, tmp_path):
+    """Outer (true) → IfSteps: Middle (false) → ElseSteps: Inner (true) → IfSteps: the Deep job. Jobs on every
+    branch not taken must not run, and SageMaker does not list them."""
+    from sagemaker.core.workflow.conditions import ConditionEquals, ConditionNot
+    from sagemaker.mlops.workflow.condition_step import ConditionStep
+    from sagemaker.mlops.workflow.fail_step import FailStep
+
+    p = sdk.parameters(Depth=3)
+    deep = sdk.job("Deep", "write('deep.json', {'reached': True})")
+    inner = ConditionStep(name="Inner", conditions=[ConditionNot(expression=ConditionEquals(left=p["Depth"], right=0))],
+                          if_steps=[deep], else_steps=[sdk.job("InnerElse", "")])
+    middle = ConditionStep(name="Middle", conditions=[ConditionEquals(left=p["Depth"], right=2)],
+                           if_steps=[FailStep(name="MiddleIf", error_message="wrong branch")], else_steps=[inner])
+    outer = ConditionStep(name="Outer", conditions=[ConditionEquals(left=p["Depth"], right=3)],
+                          if_steps=[middle], else_steps=[sdk.job("OuterElse", "")])
+    run = sdk.run(tmp_path, sdk.definition([outer], p))
+    assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
+    assert list(run.steps) == ["Outer", "Middle", "Inner", "Deep"]
+    assert [run.steps[n]["Metadata"]["Condition"]["Outcome"] for n in ("Outer", "Middle", "Inner")] == \
+        ["True", "False", "True"]
+    assert ran_a_job(run.steps["Deep"]) and run.output("Deep", "deep.json") == {"reached": True}
+    assert sorted(p.name for p in (run.run_dir / "jobs").iterdir()) == ["Deep"]
+
+
+# ----------------------------------------------------------------------------- expressions
+def test_every_execution_variable_resolves_as_sagemaker_does(sdk, tmp_path):
+    """All eight ExecutionVariables; StartDateTime is the execution's start (its record's CreationTime), the same
+    for a step that reads it seconds later, while CurrentDateTime is the time of reading."""
+    from sagemaker.core.workflow.execution_variables import ExecutionVariables as V
+
+    everyone = [V.START_DATETIME, V.CURRENT_DATETIME, V.PIPELINE_NAME, V.PIPELINE_ARN, V.PIPELINE_EXECUTION_ID,
+                V.PIPELINE_EXECUTION_ARN]
+    first = sdk.job("First", "write('seen.json', ARGS); time.sleep(1.2)", arguments=[*everyone, V.PROCESSING_JOB_NAME])
+    later = sdk.job("Later", "write('seen.json', ARGS)", arguments=[V.START_DATETIME, V.CURRENT_DATETIME],
+                    depends_on=[first])
+    train = sdk.trainer_step("Train", """\
+        import argparse, os
+        parser = argparse.ArgumentParser()
+        parser.add_argument("--job")
+        job = parser.parse_args().job
+        print(f"training job name: {job}")
+        open(os.path.join(os.environ["SM_MODEL_DIR"], "job.txt"), "w").write(job)
+        """, hyperparameters={"job": V.TRAINING_JOB_NAME}, depends_on=[later])
+    run = sdk.run(tmp_path, sdk.definition([first, later, train]))
+    assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
+    start, current, name, pipeline_arn, execution_id, execution_arn, job_name = run.output("First", "seen.json")
+    assert start == run.record["CreationTime"] and current >= start
+    assert (name, execution_id, execution_arn) == (sdk.pipeline, "e1", sdk.arn("e1"))
+    assert pipeline_arn == f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/{sdk.pipeline}"
+    assert job_name == run.record["Properties"]["First"]["ProcessingJobName"]
+    later_start, later_current = run.output("Later", "seen.json")
+    assert later_start == start, "StartDateTime is the execution's start, not the time a step reads it"
+    assert later_current > start   # First took more than a second
+    training_job = run.record["Properties"]["Train"]["TrainingJobName"]
+    assert f"training job name: {training_job}" in "\n".join(run.lines)
+    assert training_job.startswith(f"{sdk.pipeline}-Train")
+
+
+def test_join_and_jsonget_read_property_files_and_s3_objects(sdk, tmp_path):
+    """JsonGet from a PropertyFile and from an S3 URI (what @step functions and newer property files use), with
+    JsonPath keys in brackets; Join of parameters, execution variables and JsonGet."""
+    from sagemaker.core.workflow.conditions import ConditionEquals, ConditionGreaterThanOrEqualTo
+    from sagemaker.core.workflow.execution_variables import ExecutionVariables
+    from sagemaker.core.workflow.functions import Join, JsonGet
+    from sagemaker.core.workflow.properties import PropertyFile
+    from sagemaker.mlops.workflow.condition_step import ConditionStep
+
+    p = sdk.parameters(Stage="beta")
+    report = PropertyFile(name="Report", output_name="out", path="report.json")
+    measure = sdk.job("Measure", "write('report.json', {'metrics': {'score': 0.9}, 'names': ['a', 'b'], "
+                                 "'odd key': {'x': 7}})", property_files=[report])
+    from_file = JsonGet(step_name="Measure", property_file=report, json_path="metrics.score")
+    from_s3 = JsonGet(s3_uri=Join(on="/", values=[measure.properties.ProcessingOutputConfig.Outputs["out"].S3Output.S3Uri,
+                                                 "report.json"]), json_path="names[1]")
+    bracketed = JsonGet(step_name="Measure", property_file=report, json_path="['odd key'].x")
+    use = sdk.job("Use", "write('args.json', ARGS)", arguments=[
+        Join(on=":", values=[p["Stage"], ExecutionVariables.PIPELINE_EXECUTION_ID, from_file]), from_s3, bracketed])
+    gate = ConditionStep(name="Gate", conditions=[ConditionGreaterThanOrEqualTo(left=from_file, right=0.8),
+                                                  ConditionEquals(left=from_s3, right="b"),
+                                                  ConditionEquals(left=bracketed, right=7)],
+                         if_steps=[use], else_steps=[])
+    definition = sdk.definition([measure, gate], p)
+    s3_get = next(s for s in definition["Steps"] if s["Name"] == "Gate")["Arguments"]["Conditions"][1]["LeftValue"]
+    assert set(s3_get["Std:JsonGet"]) == {"S3Uri", "Path"}, "the SDK's JsonGet with an s3_uri"
+    run = sdk.run(tmp_path, definition)
+    assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
+    assert run.steps["Gate"]["Metadata"]["Condition"] == {"Outcome": "True"}
+    assert run.output("Use", "args.json") == ["beta:e1:0.9", "b", "7"]
+    assert run.record["PropertyFiles"]["Measure.Report"]["metrics"] == {"score": 0.9}
+
+
+def test_jsonget_of_a_missing_s3_object_fails_the_step_in_one_line(sdk, tmp_path):
+    from sagemaker.core.workflow.conditions import ConditionEquals
+    from sagemaker.core.workflow.functions import Join, JsonGet
+    from sagemaker.mlops.workflow.condition_step import ConditionStep
+
+    measure = sdk.job("Measure", "")
+    missing = JsonGet(s3_uri=Join(on="/", values=[measure.properties.ProcessingOutputConfig.Outputs["out"].S3Output.S3Uri,
+                                                 "absent.json"]), json_path="x")
+    gate = ConditionStep(name="Gate", conditions=[ConditionEquals(left=missing, right=1)], if_steps=[], else_steps=[])
+    run = sdk.run(tmp_path, sdk.definition([measure, gate]))
+    assert run.record["PipelineExecutionStatus"] == "Failed"
+    reason = run.steps["Gate"]["FailureReason"]
+    assert "absent.json" in reason and "NoSuchKey" in reason and "\n" not in reason, reason
+
+
+def test_step_properties_of_each_job_kind(sdk, tmp_path):
+    """Processing → Training → RegisterModel, and a job reading the properties of each, as the API describes them."""
+    from sagemaker.mlops.workflow.model_step import ModelStep
+    from sagemaker.serve.model_builder import ModelBuilder
+
+    prepare = sdk.job("Prepare", "open(os.path.join(OUT, 'data.txt'), 'w').write('hello')")
+    data_uri = prepare.properties.ProcessingOutputConfig.Outputs["out"].S3Output.S3Uri
+    train = sdk.trainer_step("Train", """\
+        import os, shutil
+        data = open(os.path.join(os.environ["SM_CHANNEL_DATA"], "data.txt")).read()
+        open(os.path.join(os.environ["SM_MODEL_DIR"], "model.txt"), "w").write(data.upper())
+        """, hyperparameters={}, inputs={"data": data_uri})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        builder = ModelBuilder(image_uri=IMAGE, s3_model_data_url=train.properties.ModelArtifacts.S3ModelArtifacts,
+                               role_arn=ROLE, sagemaker_session=sdk.pipeline_session)
+        register = ModelStep(name="Register", step_args=builder.register(
+            model_package_group_name=f"{sdk.pipeline}-models", approval_status="PendingManualApproval",
+            content_types=["text/plain"], response_types=["text/plain"], inference_instances=["ml.m5.large"],
+            transform_instances=["ml.m5.large"]))
+    read = sdk.job("Read", "write('properties.json', ARGS)", arguments=[
+        prepare.properties.ProcessingJobName, data_uri, prepare.properties.ProcessingJobStatus,
+        train.properties.TrainingJobName, train.properties.ModelArtifacts.S3ModelArtifacts,
+        train.properties.TrainingJobStatus, register.properties.ModelPackageArn])
+    definition = sdk.definition([prepare, train, register, read])
+    assert [(s["Name"], s["Type"]) for s in definition["Steps"]] == [
+        ("Prepare", "Processing"), ("Train", "Training"), ("Register", "RegisterModel"), ("Read", "Processing")]
+    run = sdk.run(tmp_path, definition)
+    assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
+    properties = run.record["Properties"]
+    package_arn = run.steps["Register"]["Metadata"]["RegisterModel"]["Arn"]
+    assert run.output("Read", "properties.json") == [
+        properties["Prepare"]["ProcessingJobName"], f"s3://{BUCKET}/{sdk.pipeline}/e1/Prepare/out", "Completed",
+        properties["Train"]["TrainingJobName"], properties["Train"]["ModelArtifacts"]["S3ModelArtifacts"],
+        "Completed", package_arn]
+    assert run.steps["Prepare"]["Metadata"]["ProcessingJob"]["Arn"] == properties["Prepare"]["ProcessingJobArn"]
+    assert run.steps["Train"]["Metadata"]["TrainingJob"]["Arn"] == properties["Train"]["TrainingJobArn"]
+    package = sdk.session.client("sagemaker").describe_model_package(ModelPackageName=package_arn)
+    artifact = package["InferenceSpecification"]["Containers"][0]["ModelDataUrl"]
+    assert artifact == properties["Train"]["ModelArtifacts"]["S3ModelArtifacts"]
+    bucket, _, key = artifact.removeprefix("s3://").partition("/")
+    local = tmp_path / "model.tar.gz"
+    sdk.session.client("s3").download_file(bucket, key, str(local))
+    with tarfile.open(local) as tar:
+        assert tar.extractfile("model.txt").read() == b"HELLO"
