@@ -26,7 +26,6 @@ import uuid
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -415,3 +414,232 @@ def test_step_properties_of_each_job_kind(sdk, tmp_path):
     sdk.session.client("s3").download_file(bucket, key, str(local))
     with tarfile.open(local) as tar:
         assert tar.extractfile("model.txt").read() == b"HELLO"
+
+
+# ----------------------------------------------------------------------------- run conditions, retries
+def test_run_conditions_on_dependencies(sdk, tmp_path):
+    """StepDependency triggers: a step that runs when its upstream fails, one on any outcome, one only on success;
+    an execution whose failure a run condition handled ends CompletedWithFailures, as on SageMaker."""
+    from sagemaker.mlops.workflow.step_dependency import StepDependency, TriggerCondition
+
+    p = sdk.parameters(ExitCode=1)
+    flaky = sdk.job("Flaky", "print('error: flaky exits', ARGS[0]); sys.exit(int(ARGS[0]))", arguments=[p["ExitCode"]])
+    on_failure = sdk.job("OnFailure", "", depends_on=[StepDependency(flaky, TriggerCondition.FAILED)])
+    on_success = sdk.job("OnSuccess", "", depends_on=[flaky])
+    always = sdk.job("Always", "", depends_on=[StepDependency(flaky, TriggerCondition.ANY)])
+    after_handler = sdk.job("AfterHandler", "", depends_on=[on_failure])
+    definition = sdk.definition([flaky, on_failure, on_success, always, after_handler], p)
+    depends = {s["Name"]: s.get("DependsOn") for s in definition["Steps"]}
+    assert depends["OnFailure"] == [{"Step": "Flaky", "Trigger": "Failed"}] and depends["OnSuccess"] == ["Flaky"]
+    assert depends["Always"] == [{"Step": "Flaky", "Trigger": "Any"}]
+
+    failed = sdk.run(tmp_path, definition, "fails")
+    assert failed.record["PipelineExecutionStatus"] == "CompletedWithFailures", failed.record["FailureReason"]
+    assert {n: e["StepStatus"] for n, e in failed.steps.items()} == {
+        "Flaky": "Failed", "OnFailure": "Succeeded", "Always": "Succeeded", "AfterHandler": "Succeeded"}
+    assert "exit code 1" in failed.steps["Flaky"]["FailureReason"] and "Flaky" in failed.record["FailureReason"]
+
+    succeeded = sdk.run(tmp_path, definition, "succeeds", values={"ExitCode": 0})
+    assert succeeded.record["PipelineExecutionStatus"] == "Succeeded", succeeded.record["FailureReason"]
+    assert sorted(succeeded.steps) == ["Always", "Flaky", "OnSuccess"]
+
+
+def test_an_unhandled_failure_ends_the_execution_and_nothing_new_starts(sdk, tmp_path):
+    flaky = sdk.job("Flaky", "print('error: no good'); sys.exit(3)")
+    independent = sdk.job("Independent", "")
+    run = sdk.run(tmp_path, sdk.definition([flaky, independent]))
+    assert run.record["PipelineExecutionStatus"] == "Failed" and run.record["Resumable"] is True
+    assert list(run.steps) == ["Flaky"], "one step at a time: the failure came first and nothing started after it"
+    assert run.record["FailureReason"] == run.steps["Flaky"]["FailureReason"]
+    assert "exit code 3" in run.record["FailureReason"] and "error: no good" in run.record["FailureReason"]
+
+
+KILLED_ONCE = """\
+marker = ARGS[0]
+if not os.path.exists(marker):
+    open(marker, "w").write("attempted")
+    os.kill(os.getpid(), signal.SIGKILL)   # as the OOM killer would: SageMaker.JOB_INTERNAL_ERROR
+write("done.json", True)
+"""
+
+
+def test_retry_policies_retry_a_killed_job_with_capped_backoff(sdk, tmp_path, monkeypatch):
+    from sagemaker.mlops.workflow.retry import (SageMakerJobExceptionTypeEnum, SageMakerJobStepRetryPolicy,
+                                                 StepExceptionTypeEnum, StepRetryPolicy)
+
+    monkeypatch.setenv(MAX_INTERVAL_ENV, "0.2")   # the policy says 30 s, then 60 s: capped here
+    internal = SageMakerJobStepRetryPolicy(failure_reason_types=[SageMakerJobExceptionTypeEnum.INTERNAL_ERROR],
+                                           interval_seconds=30, backoff_rate=2.0, max_attempts=2)
+    service = StepRetryPolicy(exception_types=[StepExceptionTypeEnum.SERVICE_FAULT, StepExceptionTypeEnum.THROTTLING],
+                              interval_seconds=1, max_attempts=5)
+    once = sdk.job("KilledOnce", KILLED_ONCE, arguments=[str(tmp_path / "once.marker")], retry_policies=[service, internal])
+    always = sdk.job("KilledAlways", "os.kill(os.getpid(), signal.SIGKILL)", retry_policies=[internal])
+    broken = sdk.job("ScriptError", "print('error: a bug in the script'); sys.exit(1)", retry_policies=[internal])
+    unmatched = sdk.job("NoPolicyMatches", "os.kill(os.getpid(), signal.SIGKILL)", retry_policies=[service])
+    definition = sdk.definition([once])
+    assert definition["Steps"][0]["RetryPolicies"][1] == {"BackoffRate": 2.0, "IntervalSeconds": 30, "MaxAttempts": 2,
+                                                          "ExceptionType": ["SageMaker.JOB_INTERNAL_ERROR"]}
+
+    run = sdk.run(tmp_path, definition, "once")
+    entry = run.steps["KilledOnce"]
+    assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
+    assert entry["StepStatus"] == "Succeeded" and entry["AttemptCount"] == 2 and entry["FailureReason"] is None
+    assert run.output("KilledOnce", "done.json") is True
+    text = "\n".join(run.lines)
+    assert "attempt 1 failed (SageMaker.JOB_INTERNAL_ERROR)" in text and "retrying in 0.2 s" in text
+
+    for step, attempts, why in ((always, 3, "killed by signal 9"), (broken, 1, "exit code 1"),
+                                (unmatched, 1, "killed by signal 9")):
+        run = sdk.run(tmp_path, sdk.definition([step]), step.name)
+        entry = run.steps[step.name]
+        assert entry["StepStatus"] == "Failed" and entry["AttemptCount"] == attempts, (step.name, entry)
+        assert why in entry["FailureReason"] and run.record["PipelineExecutionStatus"] == "Failed"
+        assert "\n".join(run.lines).count("retrying in 0.2 s") == attempts - 1
+
+
+@pytest.mark.smoke
+def test_retry_waits_follow_the_policy_up_to_the_local_cap(monkeypatch):
+    policy = {"ExceptionType": ["SageMaker.CAPACITY_ERROR"], "IntervalSeconds": 3, "BackoffRate": 2.0, "MaxAttempts": 4}
+    monkeypatch.setenv(MAX_INTERVAL_ENV, "100")
+    assert [retry_wait(policy, attempts, 0) for attempts in (1, 2, 3, 4, 5)] == [3, 6, 12, 24, None]
+    monkeypatch.delenv(MAX_INTERVAL_ENV)
+    assert [retry_wait(policy, attempts, 0) for attempts in (1, 2, 3)] == [3, 5, 5], "capped at 5 s by default"
+    expiring = {"ExceptionType": ["Step.THROTTLING"], "IntervalSeconds": 1, "BackoffRate": 1.0, "ExpireAfterMin": 2}
+    assert retry_wait(expiring, 7, 119) == 1 and retry_wait(expiring, 7, 120) is None
+
+
+# ----------------------------------------------------------------------------- parallelism
+BARRIER = """\
+mine, other = ARGS
+open(mine, "w").write("started")
+deadline = time.time() + 60
+while not os.path.exists(other):   # only when both branches run at once does the other one start meanwhile
+    if time.time() > deadline:
+        print("error: the other branch never started while this one ran"); sys.exit(1)
+    time.sleep(0.05)
+print("both branches are running")
+time.sleep(1.2)   # both run on, past a whole second of the records' timestamps
+"""
+
+
+def test_independent_branches_run_side_by_side_up_to_max_parallel_execution_steps(sdk, tmp_path):
+    left = sdk.job("Left", BARRIER, arguments=[str(tmp_path / "left"), str(tmp_path / "right")])
+    right = sdk.job("Right", BARRIER, arguments=[str(tmp_path / "right"), str(tmp_path / "left")])
+    join = sdk.job("Join", "", depends_on=[left, right])
+    run = sdk.run(tmp_path, sdk.definition([left, right, join]),
+                  parallelism={"MaxParallelExecutionSteps": 2})
+    assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
+    assert run.record["ParallelismConfiguration"] == {"MaxParallelExecutionSteps": 2}
+    a, b = run.steps["Left"], run.steps["Right"]
+    assert a["StartTime"] < b["EndTime"] and b["StartTime"] < a["EndTime"], "the two jobs' times overlap"
+    assert run.steps["Join"]["StartTime"] >= max(a["EndTime"], b["EndTime"])
+    job_lines = [line for line in run.lines if "│" in line]
+    assert {line.split("]", 1)[0] for line in job_lines} == {"[Left", "[Right"}, job_lines
+    assert "[Left]     │ both branches are running" in run.lines and "[Right]     │ both branches are running" in run.lines
+    for step in ("Left", "Right"):   # each job's own log holds its lines only, unlabelled
+        assert (run.run_dir / "jobs" / step / "job.log").read_text() == "both branches are running\n"
+
+
+def test_without_a_parallelism_configuration_steps_run_one_at_a_time_and_say_why(sdk, tmp_path):
+    definition = sdk.definition([sdk.job(name, "") for name in ("First", "Second")])
+    run = sdk.run(tmp_path, definition)
+    assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
+    first, second = run.steps["First"], run.steps["Second"]
+    assert first["EndTime"] <= second["StartTime"]
+    said = [line for line in run.lines if "could run side by side" in line]
+    assert len(said) == 1 and "no ParallelismConfiguration" in said[0] and "SageMaker's default is 50" in said[0]
+    assert not any(line.startswith("[") for line in run.lines), "one at a time: lines are not labelled"
+
+    # the execution's configuration wins over the pipeline's, as StartPipelineExecution's does on SageMaker
+    lines: list[str] = []
+    executor = LocalExecutor(sdk.session, sdk.pipeline, definition, tmp_path / "home", tmp_path / "run-e2",
+                             echo=lines.append, pipeline_parallelism={"MaxParallelExecutionSteps": 2})
+    record = executor.start({}, sdk.arn("e2"), parallelism={"MaxParallelExecutionSteps": 1})
+    assert record["PipelineExecutionStatus"] == "Succeeded" and not any("side by side" in line for line in lines)
+    assert not any("steps at once" in line for line in lines)
+
+
+# ----------------------------------------------------------------------------- selective execution, caching
+CHAIN_LINK = """\
+upstream = ARGS[1]
+seen = json.load(open(os.path.join(upstream, "value.json"))) if os.path.isdir(upstream) else []
+if int(ARGS[2]):
+    print("error: asked to fail"); sys.exit(1)
+write("value.json", seen + [ARGS[0]])
+"""
+
+
+def chain(sdk: Sdk):
+    """A → B → C, each reading its upstream's value.json (B and C through an input) and adding its own mark."""
+    from sagemaker.core.workflow.execution_variables import ExecutionVariables
+    from sagemaker.core.workflow.functions import Join
+
+    p = sdk.parameters(FailA=0)
+    steps, upstream = [], None
+    for name in "ABC":
+        inputs = [sdk.input("upstream", upstream.properties.ProcessingOutputConfig.Outputs["out"].S3Output.S3Uri)] \
+            if upstream else []
+        mark = Join(on="@", values=[name, ExecutionVariables.PIPELINE_EXECUTION_ID])
+        upstream = sdk.job(name, CHAIN_LINK, arguments=[mark, "/opt/ml/processing/input/upstream",
+                                                        p["FailA"] if name == "A" else 0], inputs=inputs)
+        steps.append(upstream)
+    return sdk.definition(steps, p)
+
+
+def test_selective_execution_runs_the_selected_steps_on_the_source_executions_outputs(sdk, tmp_path):
+    definition = chain(sdk)
+    source = sdk.run(tmp_path, definition, "source")
+    assert source.output("C", "value.json") == ["A@source", "B@source", "C@source"]
+
+    config = {"SourcePipelineExecutionArn": sdk.arn("source"), "SelectedSteps": [{"StepName": "C"}]}
+    run = sdk.run(tmp_path, definition, "selected", selective=config)
+    assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
+    assert run.record["SelectiveExecutionConfig"] == config
+    assert run.output("C", "value.json") == ["A@source", "B@source", "C@selected"], "C read B's output of the source"
+    for name in "AB":   # listed as SageMaker lists them: the source's entry, with where it came from
+        entry = run.steps[name]
+        assert entry["SelectiveExecutionResult"] == {"SourcePipelineExecutionArn": sdk.arn("source")}
+        assert {k: v for k, v in entry.items() if k != "SelectiveExecutionResult"} == source.steps[name]
+    assert "SelectiveExecutionResult" not in run.steps["C"] and ran_a_job(run.steps["C"])
+    assert sorted(p.name for p in (run.run_dir / "jobs").iterdir()) == ["C"]
+    assert run.record["Properties"]["B"] == source.record["Properties"]["B"]
+
+
+def test_selective_execution_is_refused_when_its_source_cannot_provide_the_outputs(sdk, tmp_path):
+    definition = chain(sdk)
+    failed = sdk.run(tmp_path, definition, "failed", values={"FailA": 1})
+    assert failed.record["PipelineExecutionStatus"] == "Failed" and list(failed.steps) == ["A"]
+
+    def refusal(execution: str, source: str, *selected: str) -> str:
+        config = {"SourcePipelineExecutionArn": source, "SelectedSteps": [{"StepName": s} for s in selected]}
+        message = sdk.refusal(tmp_path, definition, execution, selective=config)
+        assert message.startswith("SelectiveExecutionConfig: "), message
+        return message
+
+    assert "needs step 'B', which did not succeed in source execution failed; select 'B' too" in \
+        refusal("r1", sdk.arn("failed"), "C")
+    succeeded = sdk.run(tmp_path, definition, "succeeded")
+    assert succeeded.record["PipelineExecutionStatus"] == "Succeeded"
+    assert "step 'B' lies between selected steps" in refusal("r2", sdk.arn("succeeded"), "A", "C")
+    other = f"arn:aws:sagemaker:{REGION}:{ACCOUNT}:pipeline/another-pipeline/execution/succeeded"
+    assert f"is not an execution of pipeline {sdk.pipeline}" in refusal("r3", other, "C")
+    assert "no execution 'nothing'" in refusal("r4", sdk.arn("nothing"), "C")
+    assert "['D'] are not steps of" in refusal("r5", sdk.arn("succeeded"), "D")
+
+
+def test_caching_reuses_a_step_until_its_expire_after_has_passed(sdk, tmp_path):
+    from sagemaker.mlops.workflow.steps import CacheConfig
+
+    kept = sdk.job("Kept", "write('id.json', time.time_ns())", cache_config=CacheConfig(enable_caching=True,
+                                                                                       expire_after="PT1H"))
+    expired = sdk.job("Expired", "write('id.json', time.time_ns())",
+                      cache_config=CacheConfig(enable_caching=True, expire_after="PT0S"))
+    definition = sdk.definition([kept, expired])
+    assert definition["Steps"][0]["CacheConfig"] == {"Enabled": True, "ExpireAfter": "PT1H"}
+    first = sdk.run(tmp_path, definition, "first")
+    second = sdk.run(tmp_path, definition, "second")
+    assert second.steps["Kept"]["CacheHitResult"] == {"SourcePipelineExecutionArn": sdk.arn("first")}
+    assert not ran_a_job(second.steps["Kept"]) and ran_a_job(second.steps["Expired"])
+    assert second.steps["Expired"]["CacheHitResult"] is None
+    assert second.record["Properties"]["Kept"] == first.record["Properties"]["Kept"]
+    assert second.output("Expired", "id.json") != first.output("Expired", "id.json")
