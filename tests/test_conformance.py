@@ -643,3 +643,301 @@ def test_caching_reuses_a_step_until_its_expire_after_has_passed(sdk, tmp_path):
     assert second.steps["Expired"]["CacheHitResult"] is None
     assert second.record["Properties"]["Kept"] == first.record["Properties"]["Kept"]
     assert second.output("Expired", "id.json") != first.output("Expired", "id.json")
+
+
+# ----------------------------------------------------------------------------- stopping
+EXECUTOR_PROCESS = """\
+import base64, json, os, sys
+from pathlib import Path
+
+spec = json.loads(Path(sys.argv[1]).read_text())
+from moto import mock_aws
+import boto3
+
+with mock_aws():
+    session = boto3.Session(region_name=spec["region"])
+    s3 = session.client("s3")
+    s3.create_bucket(Bucket=spec["bucket"])
+    for key, body in spec["objects"].items():
+        s3.put_object(Bucket=spec["bucket"], Key=key, Body=base64.b64decode(body))
+    from flanops.pipelines.local import LocalExecutor
+
+    executor = LocalExecutor(session, spec["pipeline"], spec["definition"], Path(spec["home"]), Path(spec["run_dir"]))
+    try:
+        record = executor.start({}, spec["arn"], parallelism=spec["parallelism"])
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+        sys.exit(130)
+    print("status", record["PipelineExecutionStatus"], flush=True)
+    sys.exit(0 if record["PipelineExecutionStatus"] == "Succeeded" else 1)
+"""
+
+
+@dataclass
+class ExecutorProcess:
+    process: subprocess.Popen
+    record_path: Path
+
+    def record(self) -> dict | None:
+        try:
+            return json.loads(self.record_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+
+    def wait_until_executing(self, steps: list[str]) -> list[int]:
+        """The pids of these steps' jobs, once all of them run."""
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()
+            entries = {s["StepName"]: s for s in (self.record() or {}).get("Steps", [])}
+            pids = [entries.get(step, {}).get("Metadata", {}).get("Pid") for step in steps]
+            if all(pids) and all(entries[step]["StepStatus"] == "Executing" for step in steps):
+                return pids
+            time.sleep(0.1)
+        raise AssertionError(f"{steps} did not all start: {self.record()}")
+
+
+def start_executor_process(sdk: Sdk, tmp_path: Path, definition: dict, parallelism: dict | None) -> ExecutorProcess:
+    """The executor in a process of its own (moto in it, holding this pipeline's code objects), as `flanops run` is."""
+    s3 = sdk.session.client("s3")
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket=BUCKET, Prefix=f"{sdk.pipeline}/").get("Contents", [])]
+    spec = {"region": REGION, "bucket": BUCKET, "pipeline": sdk.pipeline, "definition": definition,
+            "home": str(tmp_path / "home"), "run_dir": str(tmp_path / "run"), "arn": sdk.arn("e1"),
+            "parallelism": parallelism, "objects": {key: base64.b64encode(
+                s3.get_object(Bucket=BUCKET, Key=key)["Body"].read()).decode() for key in keys}}
+    (tmp_path / "spec.json").write_text(json.dumps(spec), encoding="utf-8")
+    (tmp_path / "executor.py").write_text(EXECUTOR_PROCESS, encoding="utf-8")
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen([sys.executable, str(tmp_path / "executor.py"), str(tmp_path / "spec.json")], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return ExecutorProcess(process, records_dir(tmp_path / "home", sdk.pipeline) / "e1.json")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+
+
+def stop_and_collect(executor: ExecutorProcess, signum: int) -> tuple[int, str, str, dict]:
+    try:
+        executor.process.send_signal(signum)
+        stdout, stderr = executor.process.communicate(timeout=60)
+    finally:
+        if executor.process.poll() is None:
+            os.killpg(executor.process.pid, signal.SIGKILL)
+            executor.process.wait()
+    return executor.process.returncode, stdout, stderr, executor.record()
+
+
+def test_sigterm_stops_an_execution_and_its_parallel_jobs_cleanly(sdk, tmp_path):
+    """StopPipelineExecution's SIGTERM: both running branches' jobs are killed, their steps and the execution are
+    Stopped, the record is saved, nothing after them starts and nothing prints a traceback."""
+    left, right = (sdk.job(name, "print('sleeping', flush=True); time.sleep(300)") for name in ("Left", "Right"))
+    after = sdk.job("After", "", depends_on=[left, right])
+    executor = start_executor_process(sdk, tmp_path, sdk.definition([left, right, after]),
+                                      {"MaxParallelExecutionSteps": 2})
+    pids = executor.wait_until_executing(["Left", "Right"])
+    code, stdout, stderr, record = stop_and_collect(executor, signal.SIGTERM)
+    assert code == 1 and "status Stopped" in stdout, (code, stdout, stderr)
+    assert "Traceback" not in stderr + stdout, stderr
+    assert record["PipelineExecutionStatus"] == "Stopped" and record["FailureReason"] == STOPPED_BY_API
+    steps = {s["StepName"]: s for s in record["Steps"]}
+    assert sorted(steps) == ["Left", "Right"], "nothing starts after a stop"
+    for name in ("Left", "Right"):
+        assert steps[name]["StepStatus"] == "Stopped" and steps[name]["FailureReason"] == STOPPED_BY_API
+        assert steps[name]["EndTime"] is not None
+    assert not any(alive(pid) for pid in pids), "the stopped jobs' processes are gone"
+
+
+def test_ctrl_c_stops_an_execution_with_the_interrupted_reason(sdk, tmp_path):
+    sleeper = sdk.job("Sleeper", "print('sleeping', flush=True); time.sleep(300)")
+    executor = start_executor_process(sdk, tmp_path, sdk.definition([sleeper]), None)
+    [pid] = executor.wait_until_executing(["Sleeper"])
+    code, stdout, stderr, record = stop_and_collect(executor, signal.SIGINT)
+    assert code == 130 and "interrupted" in stdout and "Traceback" not in stderr, (code, stdout, stderr)
+    assert record["PipelineExecutionStatus"] == "Stopped" and record["FailureReason"] == INTERRUPTED
+    [entry] = record["Steps"]
+    assert entry["StepStatus"] == "Stopped" and entry["FailureReason"] == INTERRUPTED
+    assert not alive(pid)
+
+
+# ----------------------------------------------------------------------------- refused before anything starts
+def lambda_step(sdk: Sdk):
+    from sagemaker.core.lambda_helper import Lambda
+    from sagemaker.mlops.workflow.lambda_step import LambdaOutput, LambdaOutputTypeEnum, LambdaStep
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        function = Lambda(function_arn=f"arn:aws:lambda:{REGION}:{ACCOUNT}:function:notify",
+                          session=sdk.pipeline_session)
+    return LambdaStep(name="Notify", lambda_func=function, inputs={"stage": "beta"},
+                      outputs=[LambdaOutput(output_name="answer", output_type=LambdaOutputTypeEnum.String)])
+
+
+def emr_step(sdk: Sdk):
+    from sagemaker.mlops.workflow.emr_step import EMRStep, EMRStepConfig
+
+    return EMRStep(name="Spark", display_name="Spark", description="a Spark job", cluster_id="j-0123456789ABC",
+                   step_config=EMRStepConfig(jar=f"s3://{BUCKET}/spark.jar"))
+
+
+def tuning_step(sdk: Sdk):
+    from sagemaker.core.parameter import ContinuousParameter
+    from sagemaker.mlops.workflow.steps import TuningStep
+    from sagemaker.train import ModelTrainer
+    from sagemaker.train.configs import Compute, SourceCode
+    from sagemaker.train.tuner import HyperparameterTuner
+
+    source = sdk.folder / "tuning"
+    source.mkdir(parents=True)
+    (source / "train.py").write_text("print('loss=0.5')\n")
+    trainer = ModelTrainer(training_image=IMAGE, role=ROLE, sagemaker_session=sdk.pipeline_session,
+                           source_code=SourceCode(source_dir=str(source), entry_script="train.py"),
+                           compute=Compute(instance_type="ml.m5.large", instance_count=1), hyperparameters={"lr": 0.1})
+    tuner = HyperparameterTuner(model_trainer=trainer, objective_metric_name="loss", objective_type="Minimize",
+                                hyperparameter_ranges={"lr": ContinuousParameter(0.01, 0.2)},
+                                metric_definitions=[{"Name": "loss", "Regex": "loss=(.*)"}], max_jobs=2,
+                                max_parallel_jobs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TuningStep(name="Tune", step_args=tuner.tune())
+
+
+def automl_step(sdk: Sdk):
+    """sagemaker 3.27's AutoMLStep cannot be constructed (it checks its step_args against ``Session.auto_ml``, which
+    v3's Session no longer has), so the SDK's own step class is given what ``AutoML.fit()`` gave it in v2."""
+    from sagemaker.mlops.workflow.automl_step import AutoMLStep
+    from sagemaker.mlops.workflow.steps import ConfigurableRetryStep, StepTypeEnum
+
+    class FittedAutoMLStep(AutoMLStep):
+        def __init__(self, name: str):
+            ConfigurableRetryStep.__init__(self, name, StepTypeEnum.AUTOML)
+            self.cache_config = None
+
+        @property
+        def arguments(self):
+            return {"AutoMLJobConfig": {"Mode": "ENSEMBLING"}, "RoleArn": ROLE,
+                    "InputDataConfig": [{"DataSource": {"S3DataSource": {"S3DataType": "S3Prefix",
+                                                                         "S3Uri": f"s3://{BUCKET}/train.csv"}},
+                                         "TargetAttributeName": "y"}],
+                    "OutputDataConfig": {"S3OutputPath": f"s3://{BUCKET}/automl"}}
+
+    return FittedAutoMLStep("AutoPilot")
+
+
+def check_job_config(sdk: Sdk):
+    from sagemaker.mlops.workflow.check_job_config import CheckJobConfig
+
+    return CheckJobConfig(role=ROLE, instance_count=1, instance_type="ml.m5.large", sagemaker_session=sdk.pipeline_session)
+
+
+def clarify_check_step(sdk: Sdk):
+    from sagemaker.core.clarify import BiasConfig, DataConfig
+    from sagemaker.mlops.workflow.clarify_check_step import ClarifyCheckStep, DataBiasCheckConfig
+
+    data = DataConfig(s3_data_input_path=f"s3://{BUCKET}/data.csv", s3_output_path=f"s3://{BUCKET}/bias", label="y",
+                      headers=["y", "x"], dataset_type="text/csv")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ClarifyCheckStep(name="Bias", check_job_config=check_job_config(sdk), clarify_check_config=
+                                DataBiasCheckConfig(data_config=data, data_bias_config=BiasConfig(
+                                    label_values_or_threshold=[1], facet_name="x")))
+
+
+def quality_check_step(sdk: Sdk):
+    from sagemaker.core.model_monitor.dataset_format import DatasetFormat
+    from sagemaker.mlops.workflow.quality_check_step import DataQualityCheckConfig, QualityCheckStep
+
+    config = DataQualityCheckConfig(baseline_dataset=f"s3://{BUCKET}/data.csv", dataset_format=DatasetFormat.csv(),
+                                    output_s3_uri=f"s3://{BUCKET}/quality")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return QualityCheckStep(name="Quality", quality_check_config=config, check_job_config=check_job_config(sdk))
+
+
+def callback_step(sdk: Sdk):
+    from sagemaker.mlops.workflow.callback_step import CallbackOutput, CallbackStep
+
+    return CallbackStep(name="Approval", sqs_queue_url=f"https://sqs.{REGION}.amazonaws.com/{ACCOUNT}/approvals",
+                        inputs={"model": "candidate"}, outputs=[CallbackOutput(output_name="approved")])
+
+
+def notebook_job_step(sdk: Sdk):
+    from sagemaker.mlops.workflow.notebook_job_step import NotebookJobStep
+
+    notebook = sdk.folder / "report.ipynb"
+    notebook.parent.mkdir(parents=True, exist_ok=True)
+    notebook.write_text(json.dumps({"cells": [], "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return NotebookJobStep(name="Report", input_notebook=str(notebook), image_uri=IMAGE, kernel_name="python3",
+                           role=ROLE, s3_root_uri=f"s3://{BUCKET}/notebooks")
+
+
+# each step the executor refuses → how the SDK builds one, its name, the Type the SDK writes, what the refusal says
+REFUSED_STEPS = {
+    "Lambda": (lambda_step, "Notify", "Lambda", "a Lambda step invokes an AWS Lambda function"),
+    "EMR": (emr_step, "Spark", "EMR", "an EMR step submits work to an Amazon EMR cluster"),
+    "Tuning": (tuning_step, "Tune", "Tuning", "a Tuning step starts a hyperparameter tuning job"),
+    "AutoML": (automl_step, "AutoPilot", "AutoML", "an AutoML step starts an Autopilot job"),
+    "ClarifyCheck": (clarify_check_step, "Bias", "ClarifyCheck", "a ClarifyCheck step runs SageMaker Clarify's"),
+    "QualityCheck": (quality_check_step, "Quality", "QualityCheck", "a QualityCheck step runs SageMaker Model Monitor"),
+    "Callback": (callback_step, "Approval", "Callback", "a Callback step waits for an outside system"),
+    "NotebookJob": (notebook_job_step, "Report", "Training", "a NotebookJobStep runs a notebook"),
+}
+
+
+@pytest.mark.smoke
+@pytest.mark.parametrize("kind", sorted(REFUSED_STEPS))
+def test_a_step_type_the_executor_does_not_run_is_refused_before_anything_starts(sdk, tmp_path, kind):
+    build, name, step_type, why = REFUSED_STEPS[kind]
+    first = sdk.job("First", "write('ran.json', True)")
+    refused = build(sdk)
+    refused.add_depends_on([first])
+    definition = sdk.definition([first, refused])
+    assert {s["Name"]: s["Type"] for s in definition["Steps"]} == {"First": "Processing", name: step_type}
+    message = sdk.refusal(tmp_path, definition)
+    assert message.startswith(f"step {name!r}: {why}"), message
+    assert "`flanops run --aws`" in message, "the refusal says what to do"
+
+
+def test_references_to_nothing_and_cycles_are_refused_before_anything_starts(sdk, tmp_path):
+    """Definitions the SDK wrote, edited by hand afterwards: each broken reference is refused in one line that names
+    the step and the construct; so is a pipeline parameter the definition does not declare."""
+    from sagemaker.core.workflow.conditions import ConditionEquals
+    from sagemaker.core.workflow.functions import JsonGet
+    from sagemaker.core.workflow.properties import PropertyFile
+    from sagemaker.mlops.workflow.condition_step import ConditionStep
+
+    p = sdk.parameters(Stage="beta")
+    report = PropertyFile(name="Report", output_name="out", path="report.json")
+    first = sdk.job("First", "", arguments=[p["Stage"]], property_files=[report])
+    second = sdk.job("Second", "", depends_on=[first])
+    gate = ConditionStep(name="Gate", conditions=[ConditionEquals(
+        left=JsonGet(step_name="First", property_file=report, json_path="x"), right=1)], if_steps=[], else_steps=[])
+    built = sdk.definition([first, second, gate], p)
+
+    def edited(change) -> dict:
+        definition = json.loads(json.dumps(built))
+        change({s["Name"]: s for s in definition["Steps"]})
+        return definition
+
+    cases = {
+        "parameter": (lambda s: s["First"]["Arguments"]["AppSpecification"]["ContainerArguments"].__setitem__(
+            1, {"Get": "Parameters.Stag"}), "step 'First': Get Parameters.Stag names a parameter the definition "
+                                            "does not declare"),
+        "step": (lambda s: s["Second"].__setitem__("DependsOn", ["Frist"]),
+                 "step 'Second': DependsOn names 'Frist', which is not a step of this pipeline"),
+        "property file": (lambda s: s["First"].__setitem__("PropertyFiles", []),
+                          "step 'Gate': JsonGet reads property file 'Report' of step 'First', which declares none"),
+        "execution variable": (lambda s: s["Second"]["Arguments"]["AppSpecification"]["ContainerArguments"].append(
+            {"Get": "Execution.TrainingJobName"}), "step 'Second': Get Execution.TrainingJobName has a value only in "
+                                                   "a Training step's arguments"),
+        "cycle": (lambda s: s["First"].__setitem__("DependsOn", ["Second"]),
+                  "DependsOn and property references form a cycle (First → Second → First)"),
+    }
+    for case, (change, expected) in cases.items():
+        message = sdk.refusal(tmp_path, edited(change), case.replace(" ", "-"))
+        assert expected in message, (case, message)
+    message = sdk.refusal(tmp_path, built, "unknown-parameter", values={"Stages": "prod"})
+    assert "pipeline parameter(s) ['Stages'] are not in the definition, which has ['Stage']" in message
