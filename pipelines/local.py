@@ -57,6 +57,7 @@ class LocalExecutor:
 
     def __post_init__(self) -> None:
         self.lock = threading.RLock()   # the record: steps run in threads of their own
+        self.echo_lock = threading.Lock()
         self.print = self.echo
         self.echo = self.say
         self.sagemaker = self.session.client("sagemaker")
@@ -74,7 +75,7 @@ class LocalExecutor:
         """Echo one line whole; with steps side by side, labelled with the step it is about."""
         thread = threading.current_thread().name
         label = f"[{thread.removeprefix(STEP_THREAD)}] " if self.jobs.labelled and thread.startswith(STEP_THREAD) else ""
-        with self.lock:
+        with self.echo_lock:
             self.print(label + line)
 
     # -- executions
@@ -140,8 +141,11 @@ class LocalExecutor:
         with self.lock:
             failed = sorted(name for name, status in outcomes.items() if status == FAILED)
             if scheduler.error is not None:
-                record.update(PipelineExecutionStatus="Failed", Resumable=True,
-                              FailureReason=f"the local executor failed in step {scheduler.halted}: {scheduler.error!r}")
+                reason = f"the local executor failed in step {scheduler.halted}: {scheduler.error!r}"
+                record.update(PipelineExecutionStatus="Failed", Resumable=True, FailureReason=reason)
+                for entry in record["Steps"]:
+                    if entry["StepStatus"] == "Executing":
+                        entry.update(StepStatus="Failed", EndTime=utcnow(), FailureReason=reason)
             elif scheduler.stop_reason:
                 record.update(PipelineExecutionStatus="Stopped", FailureReason=scheduler.stop_reason)
             elif scheduler.halted:

@@ -128,7 +128,7 @@ class Scheduler:
         ready = [name for name in pending if self.readiness(name, outcomes) == "ready"]
         if len(ready) + len(running) > 1 and not self.configured and not self.told_parallelism:
             self.told_parallelism = True
-            self.echo(f"    {', '.join(list(running) + ready)} could run side by side; running one step at a time "
+            self.echo(f"note: {', '.join(list(running) + ready)} could run side by side; running one step at a time "
                       "because no ParallelismConfiguration sets MaxParallelExecutionSteps (each local job uses every "
                       "core of this machine; SageMaker's default is 50)")
         for name in ready[:max(0, self.max_parallel - len(running))]:
