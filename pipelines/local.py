@@ -82,7 +82,8 @@ class LocalExecutor:
     def start(self, parameters: dict[str, Any], execution_arn: str, selective: dict | None = None,
               parallelism: dict | None = None) -> dict:
         """Run a new execution. ``selective`` is StartPipelineExecution's SelectiveExecutionConfig and
-        ``parallelism`` its ParallelismConfiguration (which wins over the pipeline's)."""
+        ``parallelism`` its ParallelismConfiguration (which wins over the pipeline's); without one, the
+        execution's as the SageMaker API it runs against describes it."""
         execution_id = execution_arn.rsplit("/", 1)[-1]
         defaults = {p["Name"]: p.get("DefaultValue") for p in self.definition.get("Parameters", [])}
         record = {
@@ -91,6 +92,7 @@ class LocalExecutor:
             "FailureReason": None, "Parameters": {**defaults, **parameters}, "RunDir": str(self.run_dir),
             "ExecutorPid": os.getpid(), "Steps": [], "Properties": {}, "PropertyFiles": {},
         }
+        parallelism = parallelism or self.described_parallelism(execution_arn)
         if parallelism:
             record["ParallelismConfiguration"] = parallelism
         try:
@@ -165,6 +167,16 @@ class LocalExecutor:
         if scheduler.stop_signal == signal.SIGINT:
             raise KeyboardInterrupt   # after the record is saved: the CLI says "interrupted", as for any Ctrl-C
         return record
+
+    def described_parallelism(self, execution_arn: str) -> dict | None:
+        """DescribePipelineExecution's ParallelismConfiguration (the pipeline's when the execution set none)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            described = self.sagemaker.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
+        except (ClientError, BotoCoreError):
+            return None   # an execution the API does not know: the executor was started on its own
+        return described.get("ParallelismConfiguration") or None
 
     def stop(self, reason: str) -> None:
         """Stop the running execution from another thread (as SIGTERM does in the main one)."""

@@ -10,6 +10,8 @@ stall a laptop.
 """
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 
 from .errors import FlanopsError
@@ -20,16 +22,11 @@ DEFAULT_MAX_INTERVAL = 5.0
 
 def max_interval() -> float:
     """The cap on each wait between attempts, in seconds."""
-    text = os.environ.get(MAX_INTERVAL_ENV, "").strip()
-    if not text:
-        return DEFAULT_MAX_INTERVAL
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 <= value < float("inf"):
-        raise FlanopsError(f"{MAX_INTERVAL_ENV}={text!r} is not a number of seconds; set it to e.g. 5, or unset it")
-    return value
+    text = os.environ.get(MAX_INTERVAL_ENV, "").strip() or str(DEFAULT_MAX_INTERVAL)
+    with contextlib.suppress(ValueError):
+        if 0 <= float(text) < math.inf:
+            return float(text)
+    raise FlanopsError(f"{MAX_INTERVAL_ENV}={text!r} is not a number of seconds; set it to e.g. 5, or unset it")
 
 
 def matching_policy(step: dict, exception_type: str | None) -> dict | None:

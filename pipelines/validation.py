@@ -9,9 +9,11 @@ from __future__ import annotations
 
 from typing import Iterable
 
+from .errors import FlanopsError
 from .expressions import EXECUTION_VARIABLES, JOB_NAME_VARIABLES, gets, nodes
 from .failures import DefinitionRefused
 from .jobs import processing_problem, training_problem
+from .retries import max_interval
 from .stepcache import parse_duration
 from .stepgraph import TRIGGERS, StepGraph, own_arguments
 
@@ -175,6 +177,11 @@ def check_step_reference(where: str, reference: str, graph: StepGraph) -> None:
 
 
 def check_retry_policies(name: str, step: dict) -> None:
+    if step.get("RetryPolicies"):
+        try:
+            max_interval()
+        except FlanopsError as err:
+            refuse(f"step {name!r} has retry policies, and {err}")
     for policy in step.get("RetryPolicies", []):
         unknown = sorted(set(policy.get("ExceptionType", [])) - EXCEPTION_TYPES)
         if unknown:

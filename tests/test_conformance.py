@@ -523,11 +523,17 @@ time.sleep(1.2)   # both run on, past a whole second of the records' timestamps
 
 
 def test_independent_branches_run_side_by_side_up_to_max_parallel_execution_steps(sdk, tmp_path):
+    """The pipeline's ParallelismConfiguration (CreatePipeline's), as DescribePipelineExecution gives it."""
     left = sdk.job("Left", BARRIER, arguments=[str(tmp_path / "left"), str(tmp_path / "right")])
     right = sdk.job("Right", BARRIER, arguments=[str(tmp_path / "right"), str(tmp_path / "left")])
     join = sdk.job("Join", "", depends_on=[left, right])
-    run = sdk.run(tmp_path, sdk.definition([left, right, join]),
-                  parallelism={"MaxParallelExecutionSteps": 2})
+    definition = sdk.definition([left, right, join])
+    sagemaker = sdk.session.client("sagemaker")
+    sagemaker.create_pipeline(PipelineName=sdk.pipeline, PipelineDefinition=json.dumps(definition), RoleArn=ROLE,
+                              ParallelismConfiguration={"MaxParallelExecutionSteps": 2})
+    arn = sagemaker.start_pipeline_execution(PipelineName=sdk.pipeline)["PipelineExecutionArn"]
+    run = sdk.run(tmp_path, definition, arn.rsplit("/", 1)[-1])
+    assert run.record["PipelineExecutionArn"] == arn
     assert run.record["PipelineExecutionStatus"] == "Succeeded", run.record["FailureReason"]
     assert run.record["ParallelismConfiguration"] == {"MaxParallelExecutionSteps": 2}
     a, b = run.steps["Left"], run.steps["Right"]
