@@ -681,7 +681,7 @@ with mock_aws():
 
 @dataclass
 class ExecutorProcess:
-    process: subprocess.Popen
+    process: subprocess.Popen | None   # None: the executor runs in this process
     record_path: Path
 
     def record(self) -> dict | None:
@@ -694,7 +694,7 @@ class ExecutorProcess:
         """The pids of these steps' jobs, once all of them run."""
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            assert self.process.poll() is None, self.process.communicate()
+            assert self.process is None or self.process.poll() is None, self.process.communicate()
             entries = {s["StepName"]: s for s in (self.record() or {}).get("Steps", [])}
             pids = [entries.get(step, {}).get("Metadata", {}).get("Pid") for step in steps]
             if all(pids) and all(entries[step]["StepStatus"] == "Executing" for step in steps):
@@ -768,6 +768,38 @@ def test_ctrl_c_stops_an_execution_with_the_interrupted_reason(sdk, tmp_path):
     assert entry["StepStatus"] == "Stopped" and entry["FailureReason"] == INTERRUPTED
     assert not alive(pid)
 
+
+
+def test_a_stop_from_another_thread_kills_a_job_that_ignores_sigterm(sdk, tmp_path, monkeypatch):
+    """Where the executor does not run in the main thread (no signal handlers there), ``stop`` stops it; a job that
+    ignores SIGTERM is killed when the grace period ends."""
+    import threading
+
+    from flanops.pipelines import scheduler
+
+    monkeypatch.setattr(scheduler, "KILL_AFTER_SECONDS", 0.5)
+    stubborn = sdk.job("Stubborn", "signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ignoring SIGTERM', "
+                                   "flush=True); time.sleep(300)")
+    executor = LocalExecutor(sdk.session, sdk.pipeline, sdk.definition([stubborn]), tmp_path / "home",
+                             tmp_path / "run", echo=lambda line: None)
+    outcome: dict = {}
+    thread = threading.Thread(target=lambda: outcome.update(record=executor.start({}, sdk.arn("e1"))))
+    thread.start()
+    watcher = ExecutorProcess(None, records_dir(tmp_path / "home", sdk.pipeline) / "e1.json")
+    try:
+        [pid] = watcher.wait_until_executing(["Stubborn"])
+        log = tmp_path / "run" / "jobs" / "Stubborn" / "job.log"
+        deadline = time.monotonic() + 30
+        while "ignoring SIGTERM" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.05)   # its handler is set once it has printed
+    finally:
+        executor.stop("stopped by the test")
+        thread.join(timeout=60)
+    record = outcome["record"]
+    assert record["PipelineExecutionStatus"] == "Stopped" and record["FailureReason"] == "stopped by the test"
+    [entry] = record["Steps"]
+    assert entry["StepStatus"] == "Stopped" and entry["FailureReason"] == "stopped by the test"
+    assert not alive(pid), "SIGKILL after the grace period"
 
 # ----------------------------------------------------------------------------- refused before anything starts
 def lambda_step(sdk: Sdk):
