@@ -35,17 +35,11 @@ from stepkit.threads import usable_cpus
 
 from .checkpoints import synced_checkpoints
 from .expressions import format_value
-from .failures import StepFailed
+from .failures import JOB_INTERNAL_ERROR, StepFailed
 from .files import write_json_atomic
 from .s3 import download_prefix, split_s3_uri, upload_folder
 
 CONTAINER_ROOT = "/opt/ml"
-
-
-def job_name(pipeline_name: str, step_name: str, execution_id: str) -> str:
-    """The name of a step's job (or model) in an execution: unique per step and execution, and one that
-    SageMaker accepts (letters, digits and hyphens, at most 63)."""
-    return re.sub(r"[^a-zA-Z0-9-]+", "-", f"{pipeline_name}-{step_name}-{execution_id}")[:63].strip("-")
 
 
 def output_encryption(arguments: dict) -> dict | None:
@@ -54,6 +48,31 @@ def output_encryption(arguments: dict) -> dict | None:
            or arguments.get("OutputDataConfig", {}).get("KmsKeyId")
            or arguments.get("TransformOutput", {}).get("KmsKeyId"))
     return {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": key} if key else None
+
+
+def is_python(command: str) -> bool:
+    """``python``, ``python3``, ``python3.12``, ``/usr/bin/python3``: the container's Python, which is ours here."""
+    return re.fullmatch(r"python[0-9.]*", Path(command).name) is not None
+
+
+def processing_problem(app: dict, input_names: set[str]) -> str | None:
+    """Why a processing job cannot run here (its image's own entrypoint is not ours to run); None when it can."""
+    entrypoint = [format_value(p) for p in app.get("ContainerEntrypoint") or []]
+    if "code" in input_names and any(p.endswith(".sh") for p in entrypoint):
+        return None   # FrameworkProcessor: runproc.sh runs the code bundle's script
+    if "code" in input_names and entrypoint and is_python(entrypoint[0]):
+        return None   # ScriptProcessor: python3 /opt/ml/processing/input/code/<script>
+    return ("only FrameworkProcessor and ScriptProcessor jobs with a Python script (a code input) run locally; "
+            f"this one runs its image's entrypoint {entrypoint or app.get('ImageUri')}")
+
+
+def training_problem(arguments: dict) -> str | None:
+    """Why a training job cannot run here; None when it can (a ModelTrainer job with source code)."""
+    channels = {channel.get("ChannelName") for channel in arguments.get("InputDataConfig", [])}
+    if {"sm_drivers", "code"} <= channels:
+        return None
+    return ("only ModelTrainer jobs with source code (sm_drivers + code channels) run locally; this one runs "
+            f"its image's own training program ({arguments.get('AlgorithmSpecification', {}).get('TrainingImage')})")
 
 
 def extract_archives(folder: Path) -> None:
@@ -95,14 +114,29 @@ def requirements_refusal(name: str, what: str, missing: list[str]) -> StepFailed
 
 @dataclass
 class JobRunner:
-    """Runs one job at a time for the executor; ``session`` is a boto3 Session on the target AWS."""
+    """Runs jobs for the executor (several at once from its threads); ``session`` is a boto3 Session on the target AWS."""
 
     session: Any
     echo: Callable[[str], None] = print
     job_env: dict[str, str] = field(default_factory=dict)
+    labelled: bool = False   # prefix each echoed line of a job's output with its step's name
 
     def __post_init__(self) -> None:
         self.s3 = self.session.client("s3")
+        self.lock = threading.Lock()
+        self.running: dict[int, str] = {}   # each running job's process group → its FLANOPS_JOB_NAME marker
+        self.stopped: str | None = None     # why no job may start any more (the execution is stopping)
+
+    def stop_all(self, reason: str, force: bool = False) -> None:
+        """Stop every running job (its whole process group: SIGTERM, or SIGKILL with ``force``) and start no more."""
+        with self.lock:
+            self.stopped = reason
+            running = dict(self.running)
+        for pid, marker in running.items():
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pid, signal.SIGKILL if force else signal.SIGTERM)
+            if force:
+                kill_job_processes(marker)
 
     def sandbox_path(self, sandbox: Path, container_path: str) -> Path:
         return sandbox / container_path.lstrip("/")
@@ -128,7 +162,7 @@ class JobRunner:
         for item in outputs:
             self.sandbox_path(sandbox, item["S3Output"]["LocalPath"]).mkdir(parents=True, exist_ok=True)
         app = arguments["AppSpecification"]
-        code_dir, command = self.processing_command(name, app, local_inputs)
+        code_dir, command = self.processing_command(name, app, local_inputs, sandbox)
         argv = command + [self.map_argument(sandbox, a) for a in app.get("ContainerArguments", [])]
         env = self.container_env(sandbox, job_name, arguments.get("Environment", {}))
         self.run_process(name, argv, code_dir, env, sandbox, entry, started)
@@ -139,16 +173,22 @@ class JobRunner:
         return {**arguments, "ProcessingJobName": job_name, "ProcessingJobStatus": "Completed",
                 "ProcessingJobArn": self.job_arn("processing-job", job_name)}
 
-    def processing_command(self, name: str, app: dict, inputs: dict[str, Path]) -> tuple[Path, list[str]]:
-        """Do what the SDK's runproc.sh does: unpack the code, check requirements, run the script."""
-        entrypoint = app.get("ContainerEntrypoint") or []
+    def processing_command(self, name: str, app: dict, inputs: dict[str, Path],
+                           sandbox: Path) -> tuple[Path, list[str]]:
+        """FrameworkProcessor: do what the SDK's runproc.sh does (unpack the code, check requirements, run the
+        script). ScriptProcessor: run its entrypoint (``python3 /opt/ml/processing/input/code/x.py``) here."""
+        problem = processing_problem(app, set(inputs))
+        if problem:
+            raise StepFailed(f"{name}: {problem}")
+        entrypoint = [format_value(p) for p in app.get("ContainerEntrypoint") or []]
         script = next((Path(p) for p in entrypoint if p.endswith(".sh")), None)
-        if script is None or "code" not in inputs:
-            raise StepFailed(f"{name}: only FrameworkProcessor jobs (runproc.sh + code input) run locally")
+        code_dir = inputs["code"]
+        if script is None:   # ScriptProcessor
+            command = [self.map_argument(sandbox, part) for part in entrypoint]
+            return code_dir, [sys.executable, "-u", *command[1:]] if is_python(command[0]) else command
         runproc = next((p for p in inputs.values() if (p / script.name).is_file()), None)
         if runproc is None:
             raise StepFailed(f"{name}: {script.name} was not among the staged inputs")
-        code_dir = inputs["code"]
         extract_archives(code_dir)
         lines = [line.strip() for line in (runproc / script.name).read_text(encoding="utf-8").splitlines()]
         run_line = next((line for line in reversed(lines) if '"$@"' in line), None)
@@ -173,8 +213,9 @@ class JobRunner:
             folder = data_root / channel["ChannelName"]
             download_prefix(self.s3, channel["DataSource"]["S3DataSource"]["S3Uri"], folder)
             channels[channel["ChannelName"]] = folder
-        if "sm_drivers" not in channels or "code" not in channels:
-            raise StepFailed(f"{name}: only ModelTrainer jobs with source code (sm_drivers + code channels) run locally")
+        problem = training_problem(arguments)
+        if problem:
+            raise StepFailed(f"{name}: {problem}")
         model_dir = self.sandbox_path(sandbox, f"{CONTAINER_ROOT}/model")
         output_data = self.sandbox_path(sandbox, f"{CONTAINER_ROOT}/output/data")
         config_dir = self.sandbox_path(sandbox, f"{CONTAINER_ROOT}/input/config")
@@ -240,7 +281,7 @@ class JobRunner:
             raise StepFailed(f"{name}: the SDK driver {driver.name} could not build the command: "
                              f"{result.stderr.strip().splitlines()[-1] if result.stderr.strip() else result.returncode}")
         command = json.loads(result.stdout.strip().splitlines()[-1])
-        if command and command[0] in ("python", "python3"):
+        if command and is_python(command[0]):
             command[0] = sys.executable
         return command
 
@@ -259,16 +300,21 @@ class JobRunner:
         env = {**env}
         env.setdefault("FLANOPS_JOB_NAME", f"{name}-{os.getpid()}-{time.time_ns()}")   # marks every process of the job
         tail: list[str] = []
+        label = f"[{name}] " if self.labelled else ""   # jobs running side by side: whose line this is
         with open(log_path, "w", encoding="utf-8", buffering=1) as log:   # line-buffered: readable while it runs
-            process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                       text=True, bufsize=1, start_new_session=True)
+            with self.lock:   # a stop either sees this job among the running ones or keeps it from starting
+                if self.stopped:
+                    raise StepFailed(f"{name}: {self.stopped} before its job started")
+                process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                           text=True, bufsize=1, start_new_session=True)
+                self.running[process.pid] = env["FLANOPS_JOB_NAME"]
             entry["Metadata"].update(Pid=process.pid, Command=argv)
             started()
 
             def relay() -> None:
                 for line in process.stdout:
                     log.write(line)
-                    self.echo(f"    │ {line.rstrip()}")
+                    self.echo(f"{label}    │ {line.rstrip()}")
                     tail[:] = (tail + [line.rstrip()])[-20:]
 
             reader = threading.Thread(target=relay, daemon=True)
@@ -285,11 +331,15 @@ class JobRunner:
                 # dies they would keep running and keep our pipe open. They carry the job's name.
                 kill_job_processes(env["FLANOPS_JOB_NAME"])
                 reader.join(timeout=10)
+                with self.lock:
+                    self.running.pop(process.pid, None)
         if code != 0:
             reason = next((line for line in reversed(tail) if "error:" in line.lower()), None)
             how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+            # Killed by a signal (the OOM killer's SIGKILL, a crash; 137 is SIGKILL through a shell) is what SageMaker
+            # calls an internal error of the job: worth a retry. A script's own error exit is not.
             raise StepFailed(f"{name}: the job failed ({how})" + (f": {reason}" if reason else "")
-                             + f"; log: {log_path}")
+                             + f"; log: {log_path}", JOB_INTERNAL_ERROR if code < 0 or code == 137 else None)
 
     def job_arn(self, kind: str, job_name: str) -> str:
         region = self.session.region_name

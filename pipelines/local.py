@@ -1,20 +1,25 @@
 """Run a SageMaker pipeline definition on this machine, against embedded (or any) S3 and SageMaker APIs.
 
-The executor keeps no list of steps of its own: it reads the definition JSON (stepgraph.py orders
-its steps, condition branches included), resolves parameters, ``Get``, ``Std:Join``,
-``Std:JsonGet`` and conditions (expressions.py), and runs each job the way SageMaker would run it:
+The executor keeps no list of steps of its own: it reads the definition JSON, refuses before anything
+starts what it cannot run (validation.py: one line naming the step, the construct and what to do), and
+runs the rest: scheduler.py decides when each step runs and how many at once (ParallelismConfiguration)
+and stops the execution on SIGTERM or Ctrl-C; expressions.py resolves parameters, execution variables,
+``Get``, ``Std:Join``, ``Std:JsonGet`` and conditions; each job runs the way SageMaker would run it:
 Processing and Training jobs under the container contract in a sandbox (jobs.py), Transform jobs
 through the model's own handler (transform.py), ``@step`` functions through the SDK's own invoker
-(functionstep.py). Condition, Fail, RegisterModel (the model package lands in the registry) and
-Model steps (createmodel.py: the model lands in SageMaker) run too. Jobs with caching enabled reuse
-an earlier run's outputs when their resolved arguments are unchanged (stepcache.py). Jobs run one at
-a time: branches that SageMaker runs in parallel run in definition order here (each job uses every
-core anyway). Each execution's record is kept by records.py.
+(functionstep.py). Condition, Fail, RegisterModel (the model package lands in the registry) and Model
+steps (createmodel.py: the model lands in SageMaker) run too. A step is attempted again as its
+RetryPolicies allow (retries.py). Steps with caching enabled reuse an earlier run's outputs when their
+resolved arguments are unchanged (stepcache.py). ``selective`` runs only some steps, the others'
+outputs from a source execution (selective.py). Each execution's record is kept by records.py; its
+step entries have the shape of ListPipelineExecutionSteps' PipelineExecutionStep.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import partial
@@ -22,22 +27,31 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .createmodel import create_model
-from .expressions import Context, evaluate_condition, format_value, walk_path
-from .failures import AwsUnreachable, StepFailed, known_failure
-from .files import write_json_atomic
+from .expressions import Context, evaluate_condition, format_value, job_name, walk_path
+from .failures import AwsUnreachable, DefinitionRefused, StepFailed, known_failure
+from .files import write_json_atomic, write_text_atomic
 from .functionstep import is_function_step, run_function
-from .jobs import JobRunner, job_name
+from .jobs import JobRunner
 from .records import records_dir, utcnow
+from .retries import matching_policy, max_interval, retry_wait
+from .s3 import split_s3_uri
+from .scheduler import FAILED, STEP_THREAD, STOPPED, SUCCEEDED, Scheduler, max_parallel_steps
+from .selective import selective_plan
 from .stepcache import StepCache
 from .stepgraph import StepGraph
 from .transform import run_transform
+from .validation import check_definition
 
 JOB_TYPES = ("Processing", "Training", "Transform")
+# what run_step runs ("Function": the SDK's @step, a Training step run by its invoker); validation refuses the rest
+STEP_TYPES = (*JOB_TYPES, "Condition", "Fail", "RegisterModel", "Model", "Function")
+REFUSAL_FILE = "refused.txt"   # a refused execution's run folder holds only this
 
 
 @dataclass
 class LocalExecutor:
-    """Executes one pipeline's definition; ``session`` is a boto3 Session on the target AWS."""
+    """Executes one pipeline's definition; ``session`` is a boto3 Session on the target AWS.
+    ``pipeline_parallelism`` is the pipeline's own ParallelismConfiguration (CreatePipeline's), if any."""
 
     session: Any
     pipeline_name: str
@@ -46,28 +60,59 @@ class LocalExecutor:
     run_dir: Path
     echo: Callable[[str], None] = print
     job_env: dict[str, str] = field(default_factory=dict)
+    pipeline_parallelism: dict | None = None
 
     def __post_init__(self) -> None:
+        self.lock = threading.RLock()   # the record: steps run in threads of their own
+        self.echo_lock = threading.Lock()
+        self.print = self.echo
+        self.echo = self.say
         self.sagemaker = self.session.client("sagemaker")
         self.jobs = JobRunner(self.session, self.echo, self.job_env)
         self.cache = StepCache(self.home / "cache" / self.pipeline_name, self.jobs.s3, self.echo)
         self.graph = StepGraph.of(self.definition)
         self.steps = self.graph.steps
         self.branch_of = self.graph.branch_of
+        self.failures: dict[str, StepFailed] = {}
+        self.stopping = threading.Event()
+        self.stop_reason: str | None = None
+        self.scheduler: Scheduler | None = None
+
+    def say(self, line: str) -> None:
+        """Echo one line whole; with steps side by side, labelled with the step it is about."""
+        thread = threading.current_thread().name
+        label = f"[{thread.removeprefix(STEP_THREAD)}] " if self.jobs.labelled and thread.startswith(STEP_THREAD) else ""
+        with self.echo_lock:
+            self.print(label + line)
 
     # -- executions
-    def start(self, parameters: dict[str, Any], execution_arn: str) -> dict:
+    def start(self, parameters: dict[str, Any], execution_arn: str, selective: dict | None = None,
+              parallelism: dict | None = None) -> dict:
+        """Run a new execution. ``selective`` is StartPipelineExecution's SelectiveExecutionConfig and
+        ``parallelism`` its ParallelismConfiguration (which wins over the pipeline's); without one, the
+        execution's as the SageMaker API it runs against describes it."""
         execution_id = execution_arn.rsplit("/", 1)[-1]
         defaults = {p["Name"]: p.get("DefaultValue") for p in self.definition.get("Parameters", [])}
-        unknown = set(parameters) - set(defaults)
-        if unknown:
-            raise StepFailed(f"unknown pipeline parameter(s) {sorted(unknown)}; the definition has {sorted(defaults)}")
         record = {
             "PipelineName": self.pipeline_name, "PipelineExecutionArn": execution_arn, "ExecutionId": execution_id,
             "PipelineExecutionStatus": "Executing", "CreationTime": utcnow(), "LastModifiedTime": utcnow(),
             "FailureReason": None, "Parameters": {**defaults, **parameters}, "RunDir": str(self.run_dir),
             "ExecutorPid": os.getpid(), "Steps": [], "Properties": {}, "PropertyFiles": {},
         }
+        parallelism = parallelism or self.described_parallelism(execution_arn)
+        if parallelism:
+            record["ParallelismConfiguration"] = parallelism
+        try:
+            check_definition(self.definition, STEP_TYPES, parameters)
+            if selective is not None:
+                plan = selective_plan(selective, self.graph, self.home, self.pipeline_name)
+                record.update(SelectiveExecutionConfig=plan.config, Steps=plan.entries, Properties=plan.properties,
+                              PropertyFiles=plan.property_files)
+        except DefinitionRefused as refusal:
+            record.update(PipelineExecutionStatus="Failed", FailureReason=str(refusal), Resumable=False)
+            self.save(record)
+            write_text_atomic(self.run_dir / REFUSAL_FILE, f"{refusal}\n")
+            raise
         write_json_atomic(self.run_dir / "definition.json", self.definition)
         return self.execute(record)
 
@@ -83,47 +128,117 @@ class LocalExecutor:
 
     def execute(self, record: dict) -> dict:
         ctx = Context(record["ExecutionId"], record["PipelineExecutionArn"], self.pipeline_name,
-                      record["Parameters"], record["Properties"], record["PropertyFiles"])
-        done = {s["StepName"] for s in record["Steps"] if s["StepStatus"] == "Succeeded"}
+                      record["Parameters"], record["Properties"], record["PropertyFiles"],
+                      start_time=record["CreationTime"], read_s3=self.read_s3)
+        outcomes = {s["StepName"]: SUCCEEDED for s in record["Steps"] if s["StepStatus"] == SUCCEEDED}
         decisions = {s["StepName"]: s["Metadata"].get("Condition", {}).get("Outcome") == "True"
-                     for s in record["Steps"] if s["StepType"] == "Condition" and s["StepName"] in done}
+                     for s in record["Steps"] if s["StepType"] == "Condition" and s["StepName"] in outcomes}
+        selected = record.get("SelectiveExecutionConfig", {}).get("SelectedSteps")
+        runnable = {s["StepName"] for s in selected} if selected else set(self.steps)
+        parallel, configured = max_parallel_steps([record.get("ParallelismConfiguration"),
+                                                   self.definition.get("ParallelismConfiguration"),
+                                                   self.pipeline_parallelism])
+        self.jobs.labelled = parallel > 1
+        if parallel > 1:
+            self.echo(f"running up to {parallel} steps at once (MaxParallelExecutionSteps); each line of a step's "
+                      "output is labelled with its name")
+        self.scheduler = Scheduler(self.graph, lambda name: self.run_step(name, ctx, record, decisions), decisions,
+                                   self.stop_jobs, self.echo, parallel, configured)
         self.save(record)
-        try:
-            for name in self.graph.order():
-                if name in done:
-                    continue
-                if name in self.branch_of:
-                    condition, branch = self.branch_of[name]
-                    if decisions.get(condition) != branch:
-                        continue   # the other branch was taken: SageMaker does not list this step
-                self.run_step(name, ctx, record, decisions)
-            record["PipelineExecutionStatus"] = "Succeeded"
-        except StepFailed as failure:
-            record["PipelineExecutionStatus"] = "Failed"
-            record["FailureReason"] = str(failure)
-            record["Resumable"] = not isinstance(failure, AwsUnreachable)
-        except KeyboardInterrupt:
-            record["PipelineExecutionStatus"] = "Stopped"
-            record["FailureReason"] = "interrupted (Ctrl-C); `flanops run --resume` continues it"
-            for step in record["Steps"]:
-                if step["StepStatus"] in ("Starting", "Executing"):
-                    step.update(StepStatus="Stopped", EndTime=utcnow(), FailureReason="interrupted")
+        scheduler = self.scheduler
+        scheduler.execute(outcomes, runnable)
+        with self.lock:
+            failed = sorted(name for name, status in outcomes.items() if status == FAILED)
+            if scheduler.error is not None:
+                reason = f"the local executor failed in step {scheduler.halted}: {scheduler.error!r}"
+                record.update(PipelineExecutionStatus="Failed", Resumable=True, FailureReason=reason)
+                for entry in record["Steps"]:
+                    if entry["StepStatus"] == "Executing":
+                        entry.update(StepStatus="Failed", EndTime=utcnow(), FailureReason=reason)
+            elif scheduler.stop_reason:
+                record.update(PipelineExecutionStatus="Stopped", FailureReason=scheduler.stop_reason)
+            elif scheduler.halted:
+                failure = self.failures[scheduler.halted]
+                record.update(PipelineExecutionStatus="Failed", FailureReason=str(failure),
+                              Resumable=not isinstance(failure, AwsUnreachable))
+            elif failed:
+                record.update(PipelineExecutionStatus="CompletedWithFailures",
+                              FailureReason=f"step(s) {', '.join(failed)} failed; the steps whose DependsOn run "
+                                            "conditions wait for that failure ran")
+            else:
+                record["PipelineExecutionStatus"] = "Succeeded"
+            record["LastModifiedTime"] = utcnow()
             self.save(record)
-            raise
-        record["LastModifiedTime"] = utcnow()
-        self.save(record)
+        if scheduler.error is not None:
+            raise scheduler.error
+        if scheduler.stop_signal == signal.SIGINT:
+            raise KeyboardInterrupt   # after the record is saved: the CLI says "interrupted", as for any Ctrl-C
         return record
 
-    def save(self, record: dict) -> None:
-        write_json_atomic(records_dir(self.home, self.pipeline_name) / f"{record['ExecutionId']}.json", record)
+    def described_parallelism(self, execution_arn: str) -> dict | None:
+        """DescribePipelineExecution's ParallelismConfiguration (the pipeline's when the execution set none)."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
-    def run_step(self, name: str, ctx: Context, record: dict, decisions: dict[str, bool]) -> None:
+        try:
+            described = self.sagemaker.describe_pipeline_execution(PipelineExecutionArn=execution_arn)
+        except (ClientError, BotoCoreError):
+            return None   # an execution the API does not know: the executor was started on its own
+        return described.get("ParallelismConfiguration") or None
+
+    def stop(self, reason: str) -> None:
+        """Stop the running execution from another thread (as SIGTERM does in the main one)."""
+        if self.scheduler is not None:
+            self.scheduler.request_stop(reason)
+
+    def stop_jobs(self, reason: str, force: bool) -> None:
+        self.stop_reason = self.stop_reason or reason
+        self.stopping.set()
+        self.jobs.stop_all(reason, force)
+
+    def save(self, record: dict) -> None:
+        with self.lock:
+            # one C-encoder call is a consistent snapshot while step threads update their entries
+            snapshot = json.loads(json.dumps(record, default=str))
+            write_json_atomic(records_dir(self.home, self.pipeline_name) / f"{record['ExecutionId']}.json", snapshot)
+
+    def read_s3(self, uri: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        bucket, key = split_s3_uri(uri)
+        try:
+            return self.jobs.s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as err:
+            raise StepFailed(f"cannot read {uri} ({err.response.get('Error', {}).get('Code')})") from None
+
+    # -- steps
+    def run_step(self, name: str, ctx: Context, record: dict, decisions: dict[str, bool]) -> str:
+        """Run one step, again as its retry policies allow; returns its StepStatus."""
         step = self.steps[name]
         entry = {"StepName": name, "StepType": step["Type"], "StepStatus": "Executing", "StartTime": utcnow(),
-                 "EndTime": None, "Metadata": {}, "CacheHitResult": None, "FailureReason": None}
-        record["Steps"].append(entry)
-        self.save(record)
-        started = time.perf_counter()
+                 "EndTime": None, "Metadata": {}, "CacheHitResult": None, "FailureReason": None, "AttemptCount": 1}
+        entry.update({key: step[field_name] for key, field_name in (("StepDisplayName", "DisplayName"),
+                                                                    ("StepDescription", "Description"))
+                      if step.get(field_name)})
+        with self.lock:
+            record["Steps"].append(entry)
+            self.save(record)
+        started, ctx = time.perf_counter(), ctx.for_step(name, step["Type"])
+        while True:
+            failure = self.attempt(name, step, ctx, record, entry, decisions)
+            if failure is None or not self.retry(step, entry, failure, started):
+                break
+        status = SUCCEEDED if failure is None else STOPPED if self.stopping.is_set() else FAILED
+        with self.lock:
+            entry.update(StepStatus=status, EndTime=utcnow(), DurationSeconds=round(time.perf_counter() - started, 1))
+            if failure is not None:
+                entry["FailureReason"] = self.stop_reason if status == STOPPED else str(failure)
+                self.failures[name] = failure
+            self.save(record)
+        return status
+
+    def attempt(self, name: str, step: dict, ctx: Context, record: dict, entry: dict,
+                decisions: dict[str, bool]) -> StepFailed | None:
+        """One attempt at a step: None when it succeeded, else its failure."""
         self.echo(f"==> {name} ({step['Type']})")
         try:
             if step["Type"] in JOB_TYPES:
@@ -155,12 +270,23 @@ class LocalExecutor:
                 name, error, self.job_env.get("AWS_ENDPOINT_URL"), self.run_dir)
             if failure is None:
                 raise
-            entry.update(StepStatus="Failed", FailureReason=str(failure), EndTime=utcnow(),
-                         DurationSeconds=round(time.perf_counter() - started, 1))
-            self.save(record)
-            raise failure from None
-        entry.update(StepStatus="Succeeded", EndTime=utcnow(), DurationSeconds=round(time.perf_counter() - started, 1))
-        self.save(record)
+            return failure
+        return None
+
+    def retry(self, step: dict, entry: dict, failure: StepFailed, started: float) -> bool:
+        """Wait as the step's retry policy for this failure says and return True; False when none applies."""
+        policy = matching_policy(step, failure.exception_type)
+        wait = None if policy is None else retry_wait(policy, entry["AttemptCount"], time.perf_counter() - started)
+        if wait is None or self.stopping.is_set():
+            return False
+        self.echo(f"    attempt {entry['AttemptCount']} failed ({failure.exception_type}): {failure}")
+        self.echo(f"    retrying in {wait:g} s as its RetryPolicies allow (IntervalSeconds x BackoffRate, capped at "
+                  f"{max_interval():g} s here)")
+        if self.stopping.wait(wait):
+            return False
+        with self.lock:
+            entry["AttemptCount"] += 1
+        return True
 
     # -- jobs
     def run_job(self, step: dict, ctx: Context, record: dict, entry: dict) -> None:
@@ -210,5 +336,4 @@ class LocalExecutor:
         try:
             return self.sagemaker.create_model_package(**request)["ModelPackageArn"]
         except ClientError as err:
-            raise StepFailed(f"RegisterModel: {err}") from None
-
+            raise known_failure("RegisterModel", err, None) or StepFailed(f"RegisterModel: {err}") from None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -25,14 +25,17 @@ from .transform import TRANSFORM_OUTPUT
 PLACEHOLDER_EXECUTION = "<execution-id>"   # stands in for the execution id in cache keys
 
 
-def parse_duration(text: str) -> timedelta:
-    """ISO 8601 durations as CacheConfig's ExpireAfter uses them (P30D, PT12H, P1W)."""
-    match = re.fullmatch(r"P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", text or "")
-    if not match:
-        return timedelta(days=30)
+DEFAULT_EXPIRY = timedelta(days=30)   # when CacheConfig gives no ExpireAfter
+DURATION = re.compile(r"P(?:(\d+)W)?(?:(\d+)D)?(?:T(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?)?", re.IGNORECASE)
+
+
+def parse_duration(text: str | None) -> timedelta | None:
+    """ISO 8601 durations as CacheConfig's ExpireAfter uses them (P30D, PT12H, P1W, p30d); None if not one."""
+    match = DURATION.fullmatch(text or "")
+    if not match or text.upper() in ("P", "PT") or text.upper().endswith("T"):
+        return None
     weeks, days, hours, minutes, seconds = (int(g or 0) for g in match.groups())
     return timedelta(weeks=weeks, days=days, hours=hours, minutes=minutes, seconds=seconds)
-
 
 
 @dataclass
@@ -50,8 +53,7 @@ class StepCache:
     def key(step: dict, ctx: Context) -> str:
         """What the step's outputs depend on: its type, its arguments resolved without the execution id."""
         name = step["Name"]
-        key_ctx = Context(PLACEHOLDER_EXECUTION, PLACEHOLDER_EXECUTION, ctx.pipeline_name, ctx.parameters,
-                          ctx.properties, ctx.property_files)
+        key_ctx = replace(ctx, execution_id=PLACEHOLDER_EXECUTION, execution_arn=PLACEHOLDER_EXECUTION)
         key_source = {"Type": step["Type"], "Arguments": key_ctx.resolve(step["Arguments"], name),
                       "PropertyFiles": step.get("PropertyFiles", [])}
         return hashlib.sha256(json.dumps(key_source, sort_keys=True, default=str).encode()).hexdigest()
@@ -72,7 +74,8 @@ class StepCache:
             return False
         hit = json.loads(path.read_text(encoding="utf-8"))
         age = datetime.now(timezone.utc) - datetime.fromisoformat(hit["CreationTime"])
-        if age > parse_duration(cache.get("ExpireAfter", "")):
+        expiry = parse_duration(cache.get("ExpireAfter"))
+        if age >= (DEFAULT_EXPIRY if expiry is None else expiry):   # PT0S: never reused
             return False
         missing = [uri for uri in output_uris(hit["Properties"]) if not prefix_exists(self.s3, uri)]
         if missing:   # the earlier outputs are gone (embedded AWS restarted): restore them, or run again
