@@ -45,7 +45,7 @@ from .records import mark_orphaned, pipeline_of, records_dir
 
 # An execution that no executor has recorded within this long after its start never will.
 UNRECORDED_GRACE_S = 120
-FINISHED = ("Succeeded", "Failed", "Stopped")
+FINISHED = ("Succeeded", "Failed", "Stopped", "CompletedWithFailures")
 
 
 def parse_time(text: str | None) -> datetime | None:
@@ -86,17 +86,20 @@ class Executions:
     def status(self, arn: str, started: datetime) -> tuple[str, str | None]:
         """(status, failure reason) of an execution as its executor tells, or as far as it can be known."""
         record = self.record(arn)
-        if record is not None:
-            status, reason = record["PipelineExecutionStatus"], record.get("FailureReason")
-        else:
-            child = self.children.get(arn)
-            if child and child[0].poll() is not None:
-                status, reason = "Failed", f"the local executor ended before it started the execution: " \
-                                           f"{last_line(child[1])} (log: {child[1]})"
-            elif child or time.time() - aware(started).timestamp() < UNRECORDED_GRACE_S:
+        child = self.children.get(arn)
+        if child and (record is None or record.get("ExecutorPid") != child[0].pid):
+            # the executor launched here (a start or a retry) has not taken the record over yet
+            if child[0].poll() is None:
                 status, reason = "Executing", None
             else:
-                status, reason = "Failed", "no local executor recorded this execution (its process ended early)"
+                status, reason = "Failed", f"the local executor ended before it ran the execution: " \
+                                           f"{last_line(child[1])} (log: {child[1]})"
+        elif record is not None:
+            status, reason = record["PipelineExecutionStatus"], record.get("FailureReason")
+        elif time.time() - aware(started).timestamp() < UNRECORDED_GRACE_S:
+            status, reason = "Executing", None   # flanops run writes its record as soon as its executor starts
+        else:
+            status, reason = "Failed", "no local executor recorded this execution (its process ended early)"
         if status == "Executing" and arn in self.stopping:
             status = "Stopping"
         return status, reason

@@ -90,6 +90,82 @@ FUNCTION_SCRIPT = textwrap.dedent('''
 ''')
 
 
+# Processing jobs with the SDK: a step that fails once (its marker file tells), one that sleeps when asked.
+JOBS_SCRIPT = r'''import json, sys, time, uuid, warnings
+from pathlib import Path
+
+import boto3
+from sagemaker.core.helper.session_helper import Session
+from sagemaker.core.processing import ScriptProcessor
+from sagemaker.core.workflow.parameters import ParameterInteger
+from sagemaker.core.workflow.pipeline_context import PipelineSession
+from sagemaker.mlops.workflow.pipeline import Pipeline
+from sagemaker.mlops.workflow.selective_execution_config import SelectiveExecutionConfig
+from sagemaker.mlops.workflow.steps import ProcessingStep
+
+folder, marker = Path(sys.argv[1]), sys.argv[2]
+boto = boto3.Session()
+account = boto.client("sts").get_caller_identity()["Account"]
+bucket = f"sdk-jobs-{account}"
+boto.client("s3").create_bucket(Bucket=bucket)
+session = PipelineSession(boto_session=boto, default_bucket=bucket)
+role = f"arn:aws:iam::{account}:role/sdk-jobs"
+image = f"{account}.dkr.ecr.{boto.region_name}.amazonaws.com/jobs:1"   # never pulled: jobs run as local processes
+
+def job(name, body, arguments=()):
+    script = folder / name.lower() / f"{name.lower()}.py"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text("import os, sys, time\n" + body, encoding="utf-8")
+    processor = ScriptProcessor(image_uri=image, command=["python3"], role=role, instance_count=1,
+                                instance_type="ml.m5.large", sagemaker_session=session)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return ProcessingStep(name=name, step_args=processor.run(code=str(script), arguments=list(arguments)))
+
+sleep = ParameterInteger(name="SleepSeconds", default_value=0)
+first = job("Slow", "time.sleep(int(sys.argv[1]))\n", [sleep.to_string()])
+flaky = job("Flaky", "m = sys.argv[1]\nif not os.path.exists(m):\n    open(m, 'w').close()\n    sys.exit('error: the first attempt fails')\n", [marker])
+flaky.add_depends_on([first])
+pipeline = Pipeline(name="sdk-jobs", parameters=[sleep], steps=[first, flaky], sagemaker_session=session)
+pipeline.upsert(role_arn=role)
+seen = {}
+
+def outcome(execution):
+    described = execution.describe()
+    return {"arn": execution.arn, "status": described["PipelineExecutionStatus"], "reason": described.get("FailureReason"),
+            "steps": {s["StepName"]: [s["StepStatus"], s.get("SelectiveExecutionResult"), s.get("AttemptCount")]
+                      for s in execution.list_steps()}}
+
+def settle(execution, limit=300):
+    deadline = time.time() + limit
+    while execution.describe()["PipelineExecutionStatus"] in ("Executing", "Stopping") and time.time() < deadline:
+        time.sleep(0.5)
+
+# 1. fails at Flaky; RetryPipelineExecution reruns it and the same execution succeeds
+execution = pipeline.start()
+settle(execution)
+seen["failed"] = outcome(execution)
+boto.client("sagemaker").retry_pipeline_execution(PipelineExecutionArn=execution.arn)
+execution.wait(delay=1, max_attempts=300)
+seen["retried"] = outcome(execution)
+# 2. selective: only Flaky reruns, Slow's outputs come from the succeeded execution
+again = pipeline.start(selective_execution_config=SelectiveExecutionConfig(
+    source_pipeline_execution_arn=execution.arn, selected_steps=["Flaky"]))
+again.wait(delay=1, max_attempts=300)
+seen["selective"] = outcome(again)
+# 3. stop while Slow sleeps
+slow = pipeline.start(parameters={"SleepSeconds": 600})
+deadline = time.time() + 120
+while time.time() < deadline and not any(s["StepName"] == "Slow" and s["StepStatus"] == "Executing" for s in slow.list_steps()):
+    time.sleep(0.5)
+slow.stop()
+seen["stopping"] = slow.describe()["PipelineExecutionStatus"]
+settle(slow)
+seen["stopped"] = outcome(slow)
+print(json.dumps(seen))
+'''
+
+
 @pytest.fixture(scope="module")
 def embedded(tmp_path_factory):
     """A FLANOPS_HOME of its own with embedded AWS running; yields the environment `flanops local env` exports."""
@@ -169,6 +245,30 @@ def test_the_sdk_reads_a_function_steps_result(embedded):
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen == {"status": "Succeeded", "result": {"sum": 5}, "steps": [["Add", "Succeeded", ["TrainingJob"]]]}
+
+
+def test_retry_selective_execution_and_stop_through_the_sdk(embedded):
+    """Processing jobs started with the SDK: a failed execution retried (RetryPipelineExecution) succeeds under
+    the same ARN, a selective execution reruns one step and takes the other from its source, and a stopped
+    execution says Stopping, then Stopped with its reason."""
+    root, env = embedded
+    script, folder = root / "sdk_jobs.py", root / "sdk-jobs"
+    script.write_text(JOBS_SCRIPT, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), str(folder), str(folder / "flaky-ran-once")], env=env,
+                          cwd=root, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    failed, retried, selective, stopped = seen["failed"], seen["retried"], seen["selective"], seen["stopped"]
+    assert failed["status"] == "Failed" and "the first attempt fails" in failed["reason"]
+    assert failed["steps"] == {"Slow": ["Succeeded", None, 1], "Flaky": ["Failed", None, 1]}
+    assert (retried["arn"], retried["status"]) == (failed["arn"], "Succeeded")
+    assert retried["steps"] == {"Slow": ["Succeeded", None, 1], "Flaky": ["Succeeded", None, 1]}
+    assert selective["status"] == "Succeeded"
+    assert selective["steps"] == {"Slow": ["Succeeded", {"SourcePipelineExecutionArn": failed["arn"]}, 1],
+                                  "Flaky": ["Succeeded", None, 1]}
+    assert seen["stopping"] == "Stopping"
+    assert (stopped["status"], stopped["reason"]) == ("Stopped", "stopped by StopPipelineExecution")
+    assert stopped["steps"] == {"Slow": ["Stopped", None, 1]}
 
 
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed (it is not a dependency)")
