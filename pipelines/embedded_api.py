@@ -105,14 +105,15 @@ class Executions:
         return status, reason
 
     def launch(self, action: str, arn: str, *options: str) -> None:
-        """A detached local executor for ``arn`` (execution_process.py), its output in the run folder's log."""
+        """A detached local executor for ``arn`` (execution_process.py) in its run folder, its output in ``<id>.log``."""
         execution_id = arn.rsplit("/", 1)[-1]
-        log_path = self.home / "runs" / pipeline_of(arn) / execution_id / "executor.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
+        run_dir = self.home / "runs" / pipeline_of(arn) / execution_id
+        run_dir.mkdir(parents=True, exist_ok=True)
+        log_path = run_dir.with_name(f"{execution_id}.log")   # beside the run folder: a refusal leaves it alone
         with open(log_path, "ab") as log:
             process = subprocess.Popen([sys.executable, "-m", "flanops.pipelines.execution_process", action, arn,
                                         *options], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                       cwd=log_path.parent, start_new_session=True)
+                                       cwd=run_dir, start_new_session=True)
         with self.lock:
             self.children[arn] = (process, log_path)
             self.stopping.discard(arn)

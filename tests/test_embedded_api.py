@@ -266,6 +266,43 @@ def test_retry_selective_execution_and_stop_through_the_sdk(embedded):
     assert stopped["steps"] == {"Slow": ["Stopped", None, 1]}
 
 
+REFUSED_SCRIPT = textwrap.dedent('''
+    import json, time
+    import boto3
+    from sagemaker.core.helper.session_helper import Session
+    from sagemaker.mlops.workflow.callback_step import CallbackOutput, CallbackStep
+    from sagemaker.mlops.workflow.pipeline import Pipeline
+
+    boto = boto3.Session()
+    queue = f"https://sqs.{boto.region_name}.amazonaws.com/123456789012/approvals"
+    ask = CallbackStep(name="AskOutside", sqs_queue_url=queue, inputs={"model": "m"},
+                       outputs=[CallbackOutput(output_name="answer")])
+    pipeline = Pipeline(name="sdk-refused", steps=[ask], sagemaker_session=Session(boto_session=boto))
+    pipeline.upsert(role_arn="arn:aws:iam::123456789012:role/sdk-refused")
+    execution = pipeline.start()
+    while execution.describe()["PipelineExecutionStatus"] == "Executing":
+        time.sleep(0.2)
+    described = execution.describe()
+    print(json.dumps({"arn": execution.arn, "status": described["PipelineExecutionStatus"],
+                      "reason": described.get("FailureReason"), "steps": execution.list_steps()}))
+''')
+
+
+def test_a_definition_the_executor_cannot_run_fails_through_the_api_with_its_one_line(embedded):
+    root, env = embedded
+    script = root / "sdk_refused.py"
+    script.write_text(REFUSED_SCRIPT, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["status"] == "Failed" and seen["steps"] == []
+    assert seen["reason"].startswith("step 'AskOutside': a Callback step waits for an outside system")
+    assert "\n" not in seen["reason"]
+    run_dir = Path(env["FLANOPS_HOME"]) / "runs" / "sdk-refused" / seen["arn"].rsplit("/", 1)[-1]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["refused.txt"]
+
+
 @pytest.mark.skipif(shutil.which("aws") is None, reason="the AWS CLI is not installed (it is not a dependency)")
 def test_the_aws_cli_lists_an_executions_steps(embedded, sdk_run):
     _, env = embedded
