@@ -75,7 +75,8 @@ def endpoint(tmp_path_factory):
 
     with own_flanops_home(root / "home") as env, serve_in_subprocess(
             "--model-data", str(archive), "--endpoint-name", "load-test", env=env) as url:
-        record = root / "home" / "endpoints" / "load-test.json"   # the server announces itself there
+        # the server announces itself there, one file per serving process
+        record = next((root / "home" / "endpoints").glob("load-test@*.json"))
         yield url, json.loads(record.read_text(encoding="utf-8"))["pid"]
 
 
