@@ -20,6 +20,7 @@ The SageMaker Runtime's InvokeEndpoint is answered by the local endpoint that se
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -32,6 +33,7 @@ import urllib.request
 from datetime import datetime, timezone
 from pathlib import Path
 
+import botocore.session
 from moto.core.responses import ActionResult
 from moto.sagemaker.exceptions import ValidationError
 from moto.sagemaker.responses import SageMakerResponse
@@ -128,10 +130,9 @@ def executions() -> Executions:
     return EXECUTIONS
 
 
+@functools.cache
 def step_shape_members() -> tuple[set[str], set[str]]:
     """The fields of botocore's PipelineExecutionStep and its Metadata: what a step entry may carry."""
-    import botocore.session
-
     model = botocore.session.get_session().get_service_model("sagemaker")
     return (set(model.shape_for("PipelineExecutionStep").members),
             set(model.shape_for("PipelineExecutionStepMetadata").members))
