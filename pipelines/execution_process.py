@@ -53,7 +53,7 @@ def start(arn: str, selective: dict | None) -> int:
     print(f"execution {arn}\nrun folder {run_dir}", flush=True)
     executor = LocalExecutor(target.session, pipeline_name, definition, flanops_home(), run_dir,
                              job_env=target.job_env)
-    record = executor.start(parameters, arn, selective=selective) if selective else executor.start(parameters, arn)
+    record = executor.start(parameters, arn, selective=selective)
     code = summarize_execution(record, run_dir)
     write_run_report(target, run_dir)
     return code
