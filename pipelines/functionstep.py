@@ -207,19 +207,6 @@ def run_function(jobs: JobRunner, name: str, job_name: str, arguments: dict, san
         raise
     results = arguments["OutputDataConfig"]["S3OutputPath"]
     download_prefix(jobs.s3, results, sandbox / RESULTS)
-    arn = record_job(jobs, name, job_name, arguments)
+    arn = jobs.record_job("CreateTrainingJob", name, job_name, arguments)
     entry["Metadata"]["TrainingJob"]["Arn"] = arn
     return {**arguments, "TrainingJobName": job_name, "TrainingJobArn": arn, "TrainingJobStatus": "Completed"}
-
-
-def record_job(jobs: JobRunner, name: str, job_name: str, arguments: dict) -> str:
-    """CreateTrainingJob in the target's SageMaker with the job's request, so that it can be described."""
-    from botocore.exceptions import ClientError, ParamValidationError
-
-    sagemaker = jobs.session.client("sagemaker")
-    members = sagemaker.meta.service_model.operation_model("CreateTrainingJob").input_shape.members
-    request = {key: value for key, value in arguments.items() if key in members and value not in ({}, None, [])}
-    try:
-        return sagemaker.create_training_job(**{**request, "TrainingJobName": job_name})["TrainingJobArn"]
-    except (ClientError, ParamValidationError) as err:
-        raise StepFailed(f"{name}: the function ran, but recording its job in SageMaker failed: {err}") from None

@@ -29,6 +29,8 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Callable
 
+from botocore import xform_name
+from botocore.exceptions import ClientError, ParamValidationError
 from packaging.requirements import Requirement
 from stepkit.archive import pack_folder
 from stepkit.threads import usable_cpus
@@ -345,6 +347,20 @@ class JobRunner:
         region = self.session.region_name
         account = self.account()
         return f"arn:aws:sagemaker:{region}:{account}:{kind}/{job_name.lower()}"
+
+    def record_job(self, operation: str, name: str, job_name: str, arguments: dict) -> str:
+        """The finished job created in the target's SageMaker with its own request (``operation``: CreateTrainingJob,
+        CreateTransformJob), so that Describe*Job and the SDK's readers find it; returns its ARN."""
+        sagemaker = self.session.client("sagemaker")
+        operation_model = sagemaker.meta.service_model.operation_model(operation)
+        name_member = operation.removeprefix("Create") + "Name"   # TrainingJobName, TransformJobName
+        request = {key: value for key, value in arguments.items()
+                   if key in operation_model.input_shape.members and value not in ({}, None, [])}
+        try:
+            created = getattr(sagemaker, xform_name(operation))(**{**request, name_member: job_name})
+        except (ClientError, ParamValidationError) as err:
+            raise StepFailed(f"{name}: the job ran, but recording it in SageMaker ({operation}) failed: {err}") from None
+        return created[name_member.replace("Name", "Arn")]
 
     def account(self) -> str:
         if not hasattr(self, "_account"):

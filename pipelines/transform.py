@@ -107,6 +107,8 @@ def run_transform(jobs: JobRunner, name: str, job_name: str, arguments: dict, sa
     jobs.run_process(name, [sys.executable, "-u", "-m", "flanops.pipelines.transform", str(spec)], sandbox, env,
                      sandbox, entry, started)
     upload_folder(jobs.s3, outputs, arguments["TransformOutput"]["S3OutputPath"], output_encryption(arguments))
+    arn = jobs.record_job("CreateTransformJob", name, job_name, arguments)   # DescribeTransformJob finds it
+    entry["Metadata"]["TransformJob"]["Arn"] = arn
     return {**arguments, "TransformJobName": job_name, "TransformJobArn": arn, "TransformJobStatus": "Completed"}
 
 

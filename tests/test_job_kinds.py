@@ -216,6 +216,9 @@ def test_a_model_step_creates_the_model_and_a_transform_answers_every_line_throu
     assert job["ModelName"] == properties["ModelName"] and job["TransformJobStatus"] == "Completed"
     assert steps["Transform"]["Metadata"]["TransformJob"]["Arn"] == job["TransformJobArn"]
     assert job["TransformJobArn"].startswith("arn:aws:sagemaker:us-east-1:123456789012:transform-job/")
+    # recorded in SageMaker once it ran, so DescribeTransformJob finds it as on SageMaker
+    recorded = aws.session.client("sagemaker").describe_transform_job(TransformJobName=job["TransformJobName"])
+    assert recorded["TransformJobArn"] == job["TransformJobArn"] and recorded["ModelName"] == properties["ModelName"]
     assert steps["Transform"]["Metadata"]["Pid"] > 0   # a process of its own
     log = (aws.root / "runs" / "transform1" / "jobs" / "Transform" / "job.log").read_text()
     assert "a.jsonl -> a.jsonl.out" in log and "sub/b.jsonl -> sub/b.jsonl.out" in log
