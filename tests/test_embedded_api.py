@@ -181,15 +181,20 @@ def flanops(env: dict, *args: str) -> subprocess.CompletedProcess:
                            f"pipeline_name={PIPELINE}"], env=env, capture_output=True, text=True, timeout=120)
 
 
+def run_script(embedded, name: str, text: str, *args: str, timeout: float = 600) -> dict:
+    """A user's script run against embedded AWS in a process of its own; the JSON its last line prints."""
+    root, env = embedded
+    script = root / f"{name}.py"
+    script.write_text(text, encoding="utf-8")
+    done = subprocess.run([sys.executable, str(script), *args], env=env, cwd=root, capture_output=True, text=True,
+                          timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 @pytest.fixture(scope="module")
 def sdk_run(embedded):
-    root, env = embedded
-    script = root / "sdk_check.py"
-    script.write_text(SDK_SCRIPT, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return {int(k): v for k, v in json.loads(done.stdout.strip().splitlines()[-1]).items()}
+    return {int(k): v for k, v in run_script(embedded, "sdk_check", SDK_SCRIPT).items()}
 
 
 def test_the_sdk_waits_for_and_describes_what_ran(sdk_run):
@@ -233,12 +238,7 @@ def test_boto3_lists_executions_with_their_failure_and_refuses_what_cannot_be(em
 
 
 def test_the_sdk_reads_a_function_steps_result(embedded):
-    root, env = embedded
-    script = root / "sdk_function.py"
-    script.write_text(FUNCTION_SCRIPT, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    seen = run_script(embedded, "sdk_function", FUNCTION_SCRIPT)
     assert seen == {"status": "Succeeded", "result": {"sum": 5}, "steps": [["Add", "Succeeded", ["TrainingJob"]]]}
 
 
@@ -246,13 +246,8 @@ def test_retry_selective_execution_and_stop_through_the_sdk(embedded):
     """Processing jobs started with the SDK: a failed execution retried (RetryPipelineExecution) succeeds under
     the same ARN, a selective execution reruns one step and takes the other from its source, and a stopped
     execution says Stopping, then Stopped with its reason."""
-    root, env = embedded
-    script, folder = root / "sdk_jobs.py", root / "sdk-jobs"
-    script.write_text(JOBS_SCRIPT, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(script), str(folder), str(folder / "flaky-ran-once")], env=env,
-                          cwd=root, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    folder = embedded[0] / "sdk-jobs"
+    seen = run_script(embedded, "sdk_jobs", JOBS_SCRIPT, str(folder), str(folder / "flaky-ran-once"), timeout=900)
     failed, retried, selective, stopped = seen["failed"], seen["retried"], seen["selective"], seen["stopped"]
     assert failed["status"] == "Failed" and "the first attempt fails" in failed["reason"]
     assert failed["steps"] == {"Slow": ["Succeeded", None, 1], "Flaky": ["Failed", None, 1]}
@@ -289,13 +284,8 @@ REFUSED_SCRIPT = textwrap.dedent('''
 
 
 def test_a_definition_the_executor_cannot_run_fails_through_the_api_with_its_one_line(embedded):
-    root, env = embedded
-    script = root / "sdk_refused.py"
-    script.write_text(REFUSED_SCRIPT, encoding="utf-8")
-    done = subprocess.run([sys.executable, str(script)], env=env, cwd=root, capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    _, env = embedded
+    seen = run_script(embedded, "sdk_refused", REFUSED_SCRIPT)
     assert seen["status"] == "Failed" and seen["steps"] == []
     assert seen["reason"].startswith("step 'AskOutside': a Callback step waits for an outside system")
     assert "\n" not in seen["reason"]
