@@ -89,7 +89,7 @@ CHECKED_FILES = ("model.safetensors", "tokenizer.json", "config.json")
 STANDIN_RECIPE = (
     f"python steps/select_model.py --model tiny --seed 0 --pretrain-steps {DEFAULT_PRETRAIN_STEPS} "
     "--output-dir steps/stepkit/standin --overwrite && "
-    "python -c \"import sys; sys.path.insert(0, 'steps'); from stepkit.tiny import write_checksums; write_checksums()\""
+    "python -c \"import sys; sys.path.insert(0, 'steps'); from stepkit.tiny import finish_standin; finish_standin()\""
 )
 
 
@@ -354,6 +354,25 @@ def file_sha256(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def store_half(path: Path) -> None:
+    """A model.safetensors with its float tensors stored as float16: half the bytes in the package. The
+    config keeps dtype float32, so from_pretrained loads them back as float32 (rounding below 2e-3 here)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as stored:
+        metadata = stored.metadata()
+    tensors = load_file(str(path))
+    save_file({name: tensor.half() if tensor.is_floating_point() else tensor for name, tensor in tensors.items()},
+              str(path), metadata=metadata)
+
+
+def finish_standin(folder: Path = STANDIN_DIR) -> Path:
+    """The last step of STANDIN_RECIPE: weights stored as float16, then the checksums of what ships."""
+    store_half(folder / "model.safetensors")
+    return write_checksums(folder)
 
 
 def write_checksums(folder: Path = STANDIN_DIR) -> Path:
