@@ -85,8 +85,8 @@ class Executions:
         mark_orphaned(record)
         return record
 
-    def status(self, arn: str, started: datetime) -> tuple[str, str | None]:
-        """(status, failure reason) of an execution as its executor tells, or as far as it can be known."""
+    def status(self, arn: str, started: datetime) -> tuple[str, str | None, dict | None]:
+        """(status, failure reason, record) of an execution as its executor tells, or as far as it can be known."""
         record = self.record(arn)
         child = self.children.get(arn)
         if child and (record is None or record.get("ExecutorPid") != child[0].pid):
@@ -104,7 +104,7 @@ class Executions:
             status, reason = "Failed", "no local executor recorded this execution (its process ended early)"
         if status == "Executing" and arn in self.stopping:
             status = "Stopping"
-        return status, reason
+        return status, reason, record
 
     def launch(self, action: str, arn: str, *options: str) -> None:
         """A detached local executor for ``arn`` (execution_process.py) in its run folder, its output in ``<id>.log``."""
@@ -154,9 +154,8 @@ def start_pipeline_execution(self: SageMakerResponse) -> ActionResult:
 def describe_pipeline_execution(self: SageMakerResponse) -> ActionResult:
     arn = self._get_param("PipelineExecutionArn")
     response = self.sagemaker_backend.describe_pipeline_execution(arn)
-    status, reason = executions().status(arn, response["CreationTime"])
+    status, reason, record = executions().status(arn, response["CreationTime"])
     response.update(PipelineExecutionStatus=status, FailureReason=reason or "")
-    record = executions().record(arn)
     if record:
         response["LastModifiedTime"] = parse_time(record.get("LastModifiedTime")) or response["LastModifiedTime"]
         if record.get("SelectiveExecutionConfig"):
@@ -170,7 +169,7 @@ def list_pipeline_executions(self: SageMakerResponse) -> ActionResult:
     summaries = self.sagemaker_backend.list_pipeline_executions(self._get_param("PipelineName"))
     rows = []
     for summary in summaries["PipelineExecutionSummaries"]:
-        status, reason = executions().status(summary["PipelineExecutionArn"], summary["StartTime"])
+        status, reason, _ = executions().status(summary["PipelineExecutionArn"], summary["StartTime"])
         summary.update(PipelineExecutionStatus=status)
         summary.pop("PipelineExecutionFailureReason", None)   # moto's text is "None" when there is none
         if reason:
@@ -200,10 +199,9 @@ def list_pipeline_execution_steps(self: SageMakerResponse) -> ActionResult:
 def stop_pipeline_execution(self: SageMakerResponse) -> ActionResult:
     arn = self._get_param("PipelineExecutionArn")
     response = self.sagemaker_backend.describe_pipeline_execution(arn)
-    status, _ = executions().status(arn, response["CreationTime"])
+    status, _, record = executions().status(arn, response["CreationTime"])
     if status in FINISHED:
         raise ValidationError(f"Pipeline execution {arn} is {status}; only an Executing execution can be stopped")
-    record = executions().record(arn)
     child = executions().children.get(arn)
     pid = (record or {}).get("ExecutorPid") or (child[0].pid if child else None)
     if not pid or not process_alive(int(pid)):
@@ -217,8 +215,7 @@ def stop_pipeline_execution(self: SageMakerResponse) -> ActionResult:
 def retry_pipeline_execution(self: SageMakerResponse) -> ActionResult:
     arn = self._get_param("PipelineExecutionArn")
     response = self.sagemaker_backend.describe_pipeline_execution(arn)
-    status, _ = executions().status(arn, response["CreationTime"])
-    record = executions().record(arn)
+    status, _, record = executions().status(arn, response["CreationTime"])
     if status != "Failed" or record is None:
         raise ValidationError(f"Pipeline execution {arn} is {status}; only a Failed execution can be retried")
     if record.get("Resumable") is False:
