@@ -11,7 +11,7 @@ from typing import Any
 from .definition import EVALUATION_REPORT, NAMES
 from .errors import FlanopsError
 from .stepgraph import StepGraph
-from .records import load_execution
+from .records import load_execution, pipeline_of
 from .s3 import split_s3_uri
 
 SAMPLE_PREDICTIONS = 5
@@ -53,12 +53,11 @@ def find_record(home: Path, pipeline_name: str, run_or_execution: str) -> dict:
             raise FlanopsError(f"{folder} holds no summary.json: give a run folder that `flanops run` wrote, "
                                "or an execution id or ARN (`flanops executions` lists them)")
         arn = json.loads(summary_file.read_text(encoding="utf-8"))["execution_arn"]
-        pipeline_name = arn.split(":pipeline/", 1)[1].split("/", 1)[0]
-        return load_execution(home, pipeline_name, arn)
+        return load_execution(home, pipeline_of(arn), arn)
     if "/" in run_or_execution and not run_or_execution.startswith("arn:"):
         raise FlanopsError(f"{run_or_execution} is not a folder; give a run folder, an execution id or an ARN")
     if run_or_execution.startswith("arn:") and ":pipeline/" in run_or_execution:
-        pipeline_name = run_or_execution.split(":pipeline/", 1)[1].split("/", 1)[0]
+        pipeline_name = pipeline_of(run_or_execution)
     return load_execution(home, pipeline_name, run_or_execution)
 
 
@@ -78,7 +77,7 @@ def sagemaker_record(session, execution_arn: str, run_dir: Path) -> tuple[dict, 
         raise FlanopsError(f"no pipeline execution {execution_arn} in this account and region "
                            "(`flanops executions --aws` lists them)") from None
     graph = StepGraph.of(definition)
-    record = {"PipelineName": execution_arn.split(":pipeline/", 1)[1].split("/", 1)[0],
+    record = {"PipelineName": pipeline_of(execution_arn),
               "PipelineExecutionArn": execution_arn, "ExecutionId": execution_arn.rsplit("/", 1)[-1],
               "PipelineExecutionStatus": described["PipelineExecutionStatus"],
               "FailureReason": described.get("FailureReason"), "RunDir": str(run_dir),
